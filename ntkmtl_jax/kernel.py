@@ -1,0 +1,316 @@
+"""Task Jacobians, extended NTK blocks, eigen-estimates and the NTKMTL weights.
+
+The extended NTK of k tasks over n chunks of a batch is the kn x kn matrix of blocks
+K_ij = J_i J_j^T, where row a of J_i is the gradient of task i's loss on chunk a with respect
+to the shared parameters. NTKMTL reads task i's convergence speed off the largest eigenvalue
+lambda_i of the diagonal block K_ii and weights the tasks so that they converge together.
+
+References:
+  Qin, Wang, Liao, Yan, "NTKMTL: Mitigating Task Imbalance in Multi-Task Learning from
+  Neural Tangent Kernel Perspective", NeurIPS 2025 (arXiv 2510.18258).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ntkmtl_jax import _tree
+from ntkmtl_jax._tree import PyTree, SharedSpec
+
+STRATEGIES = ("vmap", "unroll", "chunked", "streaming")
+NORMALIZATIONS = ("sum", "mean")
+EIGEN_METHODS = ("auto", "eigh", "power")
+# Relative floor on eigenvalues: a task whose kernel is (numerically) zero gets
+# lambda_i = EIGENVALUE_FLOOR * sum_j lambda_j, i.e. a large but finite weight, which
+# multiplies a zero gradient. See `weights_from_eigenvalues`.
+EIGENVALUE_FLOOR = 1e-12
+
+
+def default_strategy(backend: str | None = None) -> str:
+  """The measured default way of running the k task backward passes on a backend.
+
+  On XLA:CPU, a Python loop of VJPs unrolled inside the jitted step is the fastest (vmapped
+  and scanned convolution backward passes lower badly there, see benchmarks/step_time.py);
+  on GPU/TPU, vmapping the cotangents batches the work.
+  """
+  backend = backend or jax.default_backend()
+  return "unroll" if backend == "cpu" else "vmap"
+
+
+def _check_strategy(strategy: str) -> str:
+  if strategy == "auto":
+    return default_strategy()
+  if strategy not in STRATEGIES:
+    raise ValueError(f"Unknown strategy {strategy!r}: choose one of {STRATEGIES} or 'auto'.")
+  return strategy
+
+
+def pullback_rows(vjp_fn: Callable, num_rows: int, dtype, *, strategy: str = "unroll",
+                  chunk_size: int = 8) -> PyTree:
+  """Runs `vjp_fn` on the unit cotangents e_0..e_{m-1}; returns the rows stacked on axis 0.
+
+  `vjp_fn` maps a cotangent of shape (m,) to a pytree (the output of `jax.vjp` with a single
+  primal, already unpacked). The strategies give the same numbers and differ in speed and
+  memory: "vmap" batches the m backward passes (memory x m), "unroll" runs them one after
+  another inside the compiled function, "chunked" vmaps `chunk_size` at a time with
+  `lax.map`.
+  """
+  eye = jnp.eye(num_rows, dtype=dtype)
+  if strategy == "vmap":
+    return jax.vmap(vjp_fn)(eye)
+  if strategy == "chunked":
+    return jax.lax.map(vjp_fn, eye, batch_size=min(chunk_size, num_rows))
+  if strategy in ("unroll", "streaming"):
+    rows = [vjp_fn(eye[i]) for i in range(num_rows)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
+  raise ValueError(f"Unknown strategy {strategy!r}: choose one of {STRATEGIES}.")
+
+
+def chunk_loss_fn(apply_fn: Callable, batch: PyTree, num_chunks: int,
+                  num_tasks: int | None = None) -> Callable[[PyTree], jax.Array]:
+  """params -> (k * n,) losses of every task on every chunk, task-major (row i*n + a)."""
+  chunks = _tree.split_batch(batch, num_chunks)
+
+  def losses_on_chunks(params):
+    if num_chunks == 1:
+      per_chunk = apply_fn(params, jax.tree.map(lambda x: x[0], chunks))[None]
+    else:
+      per_chunk = jax.vmap(lambda c: apply_fn(params, c))(chunks)  # (n, k)
+    _tree.check_losses(per_chunk[0], num_tasks, where="apply_fn")
+    return per_chunk.T.reshape(-1)
+
+  return losses_on_chunks
+
+
+def task_jacobian(apply_fn: Callable, params: PyTree, batch: PyTree, *, num_chunks: int = 1,
+                  shared: SharedSpec = None, strategy: str = "vmap",
+                  chunk_size: int = 8) -> tuple[jax.Array, PyTree]:
+  """Jacobian of every task's chunk losses with respect to the shared parameters.
+
+  Args:
+    apply_fn: `apply_fn(params, batch) -> (k,)` task losses.
+    params: the parameters.
+    batch: a pytree of arrays with a common leading batch axis.
+    num_chunks: n, the number of equal chunks the batch is split into.
+    shared: which parameters are shared (None: all), a mask pytree or a function of params.
+    strategy: "vmap" (`jax.vmap(jax.jacrev(apply_fn))` over chunks, the reference),
+      "unroll" (one forward, then k*n VJPs unrolled), or "chunked" (`lax.map` of vmapped
+      VJPs).
+    chunk_size: rows per vmapped group for "chunked".
+
+  Returns:
+    (chunk_losses, jacobian): chunk_losses of shape (k, n); jacobian a pytree with the
+    structure of the shared parameters (None elsewhere) and leaves of shape (k, n, *leaf).
+  """
+  strategy = _check_strategy(strategy)
+  mask = _tree.resolve_mask(shared, params)
+  shared_params, rest = _tree.split(params, mask)
+
+  def of_shared(sp, b):
+    return apply_fn(_tree.merge(sp, rest, mask), b)
+
+  if strategy == "vmap":
+    chunks = _tree.split_batch(batch, num_chunks)
+    losses = jax.vmap(lambda c: of_shared(shared_params, c))(chunks)  # (n, k)
+    _tree.check_losses(losses[0], where="apply_fn")
+    jac = jax.vmap(jax.jacrev(of_shared), in_axes=(None, 0))(shared_params, chunks)  # (n, k, ..)
+    jac = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), jac)
+    return losses.T, jac
+  fn = chunk_loss_fn(lambda p, b: of_shared(p, b), batch, num_chunks)
+  flat, vjp_fn = jax.vjp(fn, shared_params)
+  k = flat.shape[0] // num_chunks
+  rows = pullback_rows(lambda c: vjp_fn(c)[0], flat.shape[0], flat.dtype,
+                       strategy="unroll" if strategy == "streaming" else strategy,
+                       chunk_size=chunk_size)
+  jac = jax.tree.map(lambda x: x.reshape((k, num_chunks) + x.shape[1:]), rows)
+  return flat.reshape(k, num_chunks), jac
+
+
+def jacobian_matrix(jacobian: PyTree) -> jax.Array:
+  """Flattens a task Jacobian pytree (leaves (k, n, ...)) into a (k, n, P) array."""
+  leaves = [x for x in jax.tree.leaves(jacobian)]
+  k, n = leaves[0].shape[:2]
+  return jnp.concatenate([x.reshape(k, n, -1) for x in leaves], axis=2)
+
+
+def kernel_blocks(jacobian: PyTree) -> jax.Array:
+  """All blocks K_ij = J_i J_j^T of the extended NTK, shape (k, k, n, n)."""
+  k, n = jax.tree.leaves(jacobian)[0].shape[:2]
+  blocks = jnp.zeros((k, k, n, n), jax.tree.leaves(jacobian)[0].dtype)
+  for x in jax.tree.leaves(jacobian):
+    x = x.reshape(k, n, -1)
+    blocks = blocks + jnp.einsum("iap,jbp->ijab", x, x)
+  return blocks
+
+
+def diagonal_blocks(jacobian: PyTree) -> jax.Array:
+  """The diagonal blocks K_ii = J_i J_i^T, shape (k, n, n), without forming the others."""
+  leaves = jax.tree.leaves(jacobian)
+  k, n = leaves[0].shape[:2]
+  blocks = jnp.zeros((k, n, n), leaves[0].dtype)
+  for x in leaves:
+    x = x.reshape(k, n, -1)
+    blocks = blocks + jnp.einsum("iap,ibp->iab", x, x)
+  return blocks
+
+
+def largest_eigenvalue(blocks: jax.Array, *, method: str = "auto",
+                       power_iterations: int = 64) -> jax.Array:
+  """Largest eigenvalue of each symmetric PSD block in a (k, n, n) stack.
+
+  "eigh" is exact (`jnp.linalg.eigvalsh`); "power" runs a fixed number of power iterations
+  from the all-ones vector (converges geometrically in lambda_2 / lambda_1; the estimate is
+  a lower bound, exact when the top eigenvalue is well separated). "auto" uses eigh for
+  n <= 256.
+  """
+  if method not in EIGEN_METHODS:
+    raise ValueError(f"Unknown eigen method {method!r}: choose one of {EIGEN_METHODS}.")
+  n = blocks.shape[-1]
+  if n == 1:
+    return blocks[..., 0, 0]
+  if method == "eigh" or (method == "auto" and n <= 256):
+    return jnp.linalg.eigvalsh(blocks)[..., -1]
+  return _power_iteration(lambda v: jnp.einsum("...ab,...b->...a", blocks, v),
+                          jnp.ones(blocks.shape[:-1], blocks.dtype), power_iterations)
+
+
+def _power_iteration(matvec: Callable, v0: jax.Array, iterations: int) -> jax.Array:
+  def body(_, v):
+    w = matvec(v)
+    return w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), 1e-30)
+
+  v = jax.lax.fori_loop(0, iterations, body, v0 / jnp.linalg.norm(v0, axis=-1, keepdims=True))
+  return jnp.sum(v * matvec(v), axis=-1)
+
+
+def largest_eigenvalue_matrix_free(jacobian: PyTree, *, power_iterations: int = 64) -> jax.Array:
+  """Largest eigenvalue of each K_ii = J_i J_i^T by power iteration on J_i, never forming K.
+
+  Costs 2 * iterations products with the (n, P) rows; use it when n is large.
+  """
+  mat = jacobian_matrix(jacobian)  # (k, n, P)
+
+  def matvec(v):  # (k, n) -> (k, n)
+    return jnp.einsum("kap,kp->ka", mat, jnp.einsum("kbp,kb->kp", mat, v))
+
+  return _power_iteration(matvec, jnp.ones(mat.shape[:2], mat.dtype), power_iterations)
+
+
+def weights_from_eigenvalues(eigenvalues: jax.Array, *, exponent: float = 0.5,
+                             normalization: str = "sum",
+                             floor: float = EIGENVALUE_FLOOR) -> jax.Array:
+  """NTKMTL task weights from the largest eigenvalue of each task's kernel block.
+
+  normalization="sum" (the official code, default): w_i = (sum_j l_j / l_i) ** exponent.
+  normalization="mean" (the paper): w_i = (mean_j l_j / l_i) ** exponent, exponent 0.5 gives
+  the paper's sqrt. The two differ by the constant factor k ** exponent.
+
+  Eigenvalues below `floor * sum_j lambda_j` (a task whose gradient is zero) are raised to
+  that floor, so every weight is finite: such a task gets weight (1 / floor) ** exponent,
+  which multiplies its zero gradient. If every eigenvalue is zero all weights are equal.
+  """
+  if normalization not in NORMALIZATIONS:
+    raise ValueError(f"Unknown normalization {normalization!r}: choose 'sum' (official "
+                     "code) or 'mean' (paper).")
+  lam = jnp.asarray(eigenvalues)
+  tiny = jnp.finfo(lam.dtype).tiny
+  lam = jnp.maximum(lam, floor * jnp.sum(jnp.maximum(lam, 0.0)) + tiny)
+  reference = jnp.sum(lam) if normalization == "sum" else jnp.mean(lam)
+  return (reference / lam) ** exponent
+
+
+class NTKWeights(NamedTuple):
+  """What `ntk_weights` returns.
+
+  Attributes:
+    weights: (k,) task weights.
+    eigenvalues: (k,) largest eigenvalue of each diagonal block K_ii.
+    losses: (k, n) loss of each task on each chunk.
+    blocks: (k, k, n, n) extended kernel blocks K_ij, when `return_blocks=True`.
+    jacobian: pytree of (k, n, ...) rows over the shared parameters, when asked.
+  """
+  weights: jax.Array
+  eigenvalues: jax.Array
+  losses: jax.Array
+  blocks: jax.Array | None = None
+  jacobian: PyTree | None = None
+
+
+def ntk_weights(apply_fn: Callable, params: PyTree, batch: PyTree, *, num_chunks: int = 1,
+                exponent: float = 0.5, normalization: str = "sum", shared: SharedSpec = None,
+                strategy: str = "vmap", eigen_method: str = "auto",
+                power_iterations: int = 64, return_blocks: bool = False,
+                return_jacobian: bool = False) -> NTKWeights:
+  """NTKMTL task weights from the extended NTK of a batch split into `num_chunks` chunks.
+
+  Pure and jittable. `apply_fn(params, batch)` returns the k task losses (shape (k,)).
+
+  For num_chunks = 1, K_ii is the scalar ||grad l_i||^2 (the official code's "lambda_i", a
+  loss Jacobian rather than the paper's output Jacobian).
+
+  Args:
+    apply_fn: task losses `apply_fn(params, batch) -> (k,)`.
+    params: the parameters.
+    batch: pytree of arrays sharing a leading batch axis divisible by `num_chunks`.
+    num_chunks: n, the number of chunks (rows of each J_i).
+    exponent: the weight exponent (0.5 by default; 0.75 leans harder toward slow tasks).
+    normalization: "sum" (code) or "mean" (paper), see `weights_from_eigenvalues`.
+    shared: which parameters are shared: None (all), a pytree of bools or a function.
+    strategy: how the k*n backward passes run: "vmap" (jax.vmap(jax.jacrev)), "unroll",
+      "chunked" (see `task_jacobian`) or "auto" (the backend's measured default).
+    eigen_method: "auto", "eigh" (exact) or "power" (matrix-free power iteration on J_i).
+    power_iterations: iterations of the power method.
+    return_blocks: also return all blocks K_ij (k, k, n, n).
+    return_jacobian: also return the Jacobian pytree.
+
+  Returns:
+    An `NTKWeights`.
+  """
+  losses, jac = task_jacobian(apply_fn, params, batch, num_chunks=num_chunks, shared=shared,
+                              strategy=strategy)
+  eigenvalues = eigenvalues_from_jacobian(jac, eigen_method=eigen_method,
+                                          power_iterations=power_iterations)
+  weights = weights_from_eigenvalues(eigenvalues, exponent=exponent,
+                                     normalization=normalization)
+  return NTKWeights(weights=weights, eigenvalues=eigenvalues, losses=losses,
+                    blocks=kernel_blocks(jac) if return_blocks else None,
+                    jacobian=jac if return_jacobian else None)
+
+
+def eigenvalues_from_jacobian(jacobian: PyTree, *, eigen_method: str = "auto",
+                              power_iterations: int = 64) -> jax.Array:
+  """Largest eigenvalue of each diagonal block of the kernel of a (k, n, ...) Jacobian."""
+  if eigen_method == "power":
+    return largest_eigenvalue_matrix_free(jacobian, power_iterations=power_iterations)
+  return largest_eigenvalue(diagonal_blocks(jacobian), method=eigen_method,
+                            power_iterations=power_iterations)
+
+
+def representation_eigenvalues(decode: Callable, params: PyTree, z: jax.Array, batch: PyTree,
+                               *, num_chunks: int = 4) -> tuple[jax.Array, jax.Array]:
+  """Largest eigenvalue of each task's NTK block taken at the shared representation z.
+
+  `decode(params, z, batch) -> (k,)` losses from the representation (the task heads). The
+  batch and z are split into `num_chunks` chunks; row a of J_i is d l_i(chunk a) / d z.
+  Chunks touch disjoint rows of z, so K_ii(z) is diagonal with entries ||J_ia||^2 and its
+  largest eigenvalue is their maximum. Gradients go through the heads only.
+
+  Returns:
+    (eigenvalues (k,), chunk_losses (k, n)).
+  """
+  z_chunks = _tree.split_batch(z, num_chunks)
+  b_chunks = _tree.split_batch(batch, num_chunks)
+
+  def chunk(zc, bc):
+    losses, vjp_fn = jax.vjp(lambda zz: decode(params, zz, bc), zc)
+    _tree.check_losses(losses, where="decode")
+    rows = jax.vmap(vjp_fn)(jnp.eye(losses.shape[0], dtype=losses.dtype))
+    return losses, jax.tree.map(lambda r: jnp.sum(
+        r.reshape(r.shape[0], -1) ** 2, axis=1), rows)
+
+  losses, sq = jax.vmap(chunk)(z_chunks, b_chunks)  # (n, k), pytree of (n, k)
+  diag = sum(jax.tree.leaves(sq))  # (n, k): ||J_ia||^2
+  return jnp.max(diag, axis=0), losses.T

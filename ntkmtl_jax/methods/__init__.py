@@ -1,0 +1,60 @@
+"""The registry of multi-task methods, all `TaskAggregator`s in the same optax shape.
+
+    agg = ntkmtl_jax.methods.get("ntkmtl", num_tasks=3, exponent=0.5)
+    ntkmtl_jax.methods.names()  # every registered name
+
+Each entry is a factory `factory(num_tasks, **hparams) -> TaskAggregator` whose keyword
+defaults are the published hyper-parameters.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+from ntkmtl_jax.aggregator import TaskAggregator
+
+_REGISTRY: dict[str, Callable[..., TaskAggregator]] = {}
+
+
+def register(name: str, factory: Callable[..., TaskAggregator] | None = None):
+  """Registers `factory` under `name` (usable as a decorator)."""
+
+  def do(f):
+    if name in _REGISTRY and _REGISTRY[name] is not f:
+      raise ValueError(f"A method named {name!r} is already registered.")
+    _REGISTRY[name] = f
+    return f
+
+  return do if factory is None else do(factory)
+
+
+def names() -> list[str]:
+  """Registered method names, sorted."""
+  return sorted(_REGISTRY)
+
+
+def get(name: str, num_tasks: int, **hparams) -> TaskAggregator:
+  """Builds the method `name` for `num_tasks` tasks with the given hyper-parameters."""
+  key = name.lower().replace("-", "_")
+  if key not in _REGISTRY:
+    raise ValueError(f"Unknown method {name!r}. Known methods: {', '.join(names())}.")
+  factory = _REGISTRY[key]
+  params = inspect.signature(factory).parameters
+  unknown = [h for h in hparams if h not in params]
+  if unknown and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+    raise ValueError(f"Method {name!r} has no hyper-parameter(s) {unknown}; it takes "
+                     f"{[p for p in params if p != 'num_tasks']}.")
+  return factory(num_tasks, **hparams)
+
+
+def defaults(name: str) -> dict:
+  """The published default hyper-parameters of a method."""
+  factory = _REGISTRY[name.lower().replace("-", "_")]
+  return {p.name: p.default for p in inspect.signature(factory).parameters.values()
+          if p.default is not inspect.Parameter.empty}
+
+
+# Registration happens on import of the method families.
+from ntkmtl_jax.methods import loss_based as _loss_based  # noqa: E402,F401
+from ntkmtl_jax.methods import ntk as _ntk  # noqa: E402,F401
