@@ -1,0 +1,43 @@
+"""The CelebA network of the NTKMTL/FAMO experiments: 7 conv + BN, 2 dense (512), 40 heads."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+import optax
+
+from ntkmtl_jax.models.multitask import LinearHeads, TaskFunctions, task_functions
+
+NUM_ATTRIBUTES = 40
+# (output channels, max-pool after) for the seven 3x3 convolutions.
+_CONVS = ((64, True), (128, False), (128, True), (256, False), (256, True), (512, False),
+          (512, False))
+
+
+class CelebAEncoder(nn.Module):
+  """Shared encoder: seven 3x3 convolutions with BatchNorm and ReLU (max-pool after the 1st,
+  3rd and 5th), global average pooling, then two 512-unit dense layers with BatchNorm."""
+  width: int = 512
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+    for features, pool in _CONVS:
+      x = nn.relu(norm()(nn.Conv(features, (3, 3), padding=1, use_bias=False)(x)))
+      if pool:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = jnp.mean(x, axis=(1, 2))
+    for _ in range(2):
+      x = nn.relu(norm()(nn.Dense(self.width, use_bias=False)(x)))
+    return x
+
+
+def attribute_losses(logits, batch):
+  """Mean binary cross-entropy of each attribute: (B, 40) logits, batch["y"] in {0, 1}."""
+  return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, batch["y"].astype(logits.dtype)),
+                  axis=0)
+
+
+def celeba_functions(num_tasks: int = NUM_ATTRIBUTES) -> TaskFunctions:
+  """The pure functions (loss_fn, encode, decode, ...) of the CelebA network."""
+  return task_functions(CelebAEncoder(), LinearHeads(num_tasks), attribute_losses)
