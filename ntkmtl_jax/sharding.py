@@ -10,9 +10,15 @@ from ntkmtl_jax._tree import PyTree
 
 
 def data_mesh(devices=None, axis: str = "data") -> Mesh:
-  """A one-axis mesh over `devices` (default: all local devices)."""
+  """A one-axis mesh over `devices` (default: all local devices).
+
+  The axis is of type `Auto`: XLA propagates the batch sharding through the step (the chunk
+  reshape of the extended NTK included). With an `Explicit` mesh, jax asks for the output
+  sharding of that reshape, which the step does not specify.
+  """
   devices = jax.devices() if devices is None else devices
-  return jax.make_mesh((len(devices),), (axis,), devices=devices)
+  return jax.make_mesh((len(devices),), (axis,), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def shard_batch(batch: PyTree, mesh: Mesh, axis: str = "data") -> PyTree:

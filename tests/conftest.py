@@ -1,0 +1,112 @@
+"""Shared fixtures: fresh random seeds (printed on failure) and a small multi-task MLP with a
+hand-written float64 NumPy reference of its per-task gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+
+@pytest.fixture
+def seed(request):
+  """A fresh seed per test; shown in the failure report so a failure can be replayed."""
+  value = int(np.random.SeedSequence().entropy % (2**31))
+  request.node.user_properties.append(("seed", value))
+  return value
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  outcome = yield
+  report = outcome.get_result()
+  if report.when == "call" and report.failed:
+    seeds = [v for k, v in item.user_properties if k == "seed"]
+    if seeds:
+      report.sections.append(("random seed", f"seed = {seeds[0]}"))
+
+
+class TanhMLP:
+  """h = tanh(x W1 + b1); task i predicts h @ W2[:, i]; loss_i = mean_b (pred - y_i)^2.
+
+  W1, b1 are shared; W2 (one column per task) holds the heads. `task_scales` multiplies task
+  i's targets, so the task gradients (and kernel eigenvalues) differ in size.
+  """
+
+  def __init__(self, rng: np.random.Generator, num_tasks=3, in_dim=4, hidden=6, batch=8,
+               task_scales=None):
+    self.k = num_tasks
+    self.params64 = {
+        "shared": {"w": rng.normal(size=(in_dim, hidden)) * 0.7, "b": rng.normal(size=hidden) * 0.1},
+        "heads": {"w": rng.normal(size=(hidden, num_tasks)) * 0.7},
+    }
+    scales = np.ones(num_tasks) if task_scales is None else np.asarray(task_scales)
+    self.x = rng.normal(size=(batch, in_dim))
+    self.y = rng.normal(size=(batch, num_tasks)) * scales
+
+  @property
+  def params(self):
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), self.params64)
+
+  @property
+  def batch(self):
+    return {"x": jnp.asarray(self.x, jnp.float32), "y": jnp.asarray(self.y, jnp.float32)}
+
+  @staticmethod
+  def loss_fn(params, batch):
+    h = jnp.tanh(batch["x"] @ params["shared"]["w"] + params["shared"]["b"])
+    return jnp.mean((h @ params["heads"]["w"] - batch["y"]) ** 2, axis=0)
+
+  @staticmethod
+  def shared(params):
+    return {"shared": {"w": True, "b": True}, "heads": {"w": False}}
+
+  def numpy_task_gradients(self, x=None, y=None):
+    """Float64 per-task gradients by hand: (k, P_shared) and head gradients (k, hidden, k)."""
+    x = self.x if x is None else x
+    y = self.y if y is None else y
+    p = self.params64
+    a = x @ p["shared"]["w"] + p["shared"]["b"]
+    h = np.tanh(a)
+    err = h @ p["heads"]["w"] - y  # (m, k)
+    m = x.shape[0]
+    shared_rows, head_rows = [], []
+    for i in range(self.k):
+      dh = (2.0 / m) * err[:, i:i + 1] * p["heads"]["w"][:, i][None, :]
+      da = dh * (1.0 - h ** 2)
+      shared_rows.append(np.concatenate([(x.T @ da).ravel(), da.sum(0)]))
+      head = np.zeros_like(p["heads"]["w"])
+      head[:, i] = (2.0 / m) * h.T @ err[:, i]
+      head_rows.append(head)
+    return np.stack(shared_rows), np.stack(head_rows)
+
+  def numpy_chunk_jacobian(self, num_chunks):
+    """(k, n, P_shared) rows of the per-chunk task gradients, float64."""
+    xs = np.split(self.x, num_chunks)
+    ys = np.split(self.y, num_chunks)
+    rows = [self.numpy_task_gradients(xc, yc)[0] for xc, yc in zip(xs, ys)]  # n x (k, P)
+    return np.stack(rows, axis=1)
+
+
+@pytest.fixture
+def mlp(seed):
+  rng = np.random.default_rng(seed)
+  k = int(rng.integers(2, 6))
+  return TanhMLP(rng, num_tasks=k, task_scales=rng.uniform(0.2, 5.0, k))
+
+
+def flat_shared(tree):
+  """(P,) or (..., P) concatenation of the shared leaves in the order w, b (matching numpy)."""
+  w, b = tree["shared"]["w"], tree["shared"]["b"]
+  lead = w.shape[:-2]
+  return np.concatenate([np.asarray(w).reshape(lead + (-1,)), np.asarray(b).reshape(lead + (-1,))],
+                        axis=-1)
+
+
+def assert_close(actual, desired, rtol=2e-4, err_msg=""):
+  """Float32 vs float64 comparison: relative to each entry and to the largest entry."""
+  desired = np.asarray(desired, np.float64)
+  scale = float(np.abs(desired).max()) if desired.size else 0.0
+  np.testing.assert_allclose(np.asarray(actual, np.float64), desired, rtol=rtol,
+                             atol=rtol * scale, err_msg=err_msg)

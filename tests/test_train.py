@@ -1,0 +1,209 @@
+"""make_train_step: strategies agree, flax models with BatchNorm, bad input, sharding."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+import optax
+import flax.linen as nn
+
+import ntkmtl_jax as nm
+from ntkmtl_jax.models.multitask import LinearHeads, task_functions
+from conftest import TanhMLP, assert_close, flat_shared
+
+
+def _run(model, agg, strategy, steps=2, optimizer=None, jit=True):
+  step = nm.make_train_step(model.loss_fn, agg, optimizer or optax.sgd(0.05), strategy=strategy,
+                            jit=jit)
+  state = step.init(model.params)
+  history = []
+  for _ in range(steps):
+    state, metrics = step(state, model.batch)
+    history.append(metrics)
+  return state, history
+
+
+@pytest.mark.parametrize("aggregator", ["ntkmtl", "ntkmtl_n2", "ls", "official"])
+def test_strategies_agree(seed, aggregator):
+  rng = np.random.default_rng(seed)
+  model = TanhMLP(rng, num_tasks=3, batch=8, task_scales=rng.uniform(0.2, 5.0, 3))
+  make = {
+      "ntkmtl": lambda: nm.ntkmtl(3, shared=model.shared),
+      "ntkmtl_n2": lambda: nm.ntkmtl(3, num_chunks=2, shared=model.shared),
+      "ls": lambda: nm.methods.get("ls", 3, shared=model.shared),
+      "official": lambda: nm.official_ntkmtl(3, model.shared)[0],
+  }[aggregator]
+  reference, _ = _run(model, make(), "vmap")
+  for strategy in ("unroll", "chunked", "streaming"):
+    state, history = _run(model, make(), strategy)
+    jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-4, err_msg=f"{strategy} seed={seed}"),
+                 state.params, reference.params)
+    assert bool(history[-1]["finite"])
+
+
+def test_step_equals_transform_on_task_gradients(seed):
+  """One jitted step == jacrev task gradients -> official preset -> Adam, by hand."""
+  rng = np.random.default_rng(seed)
+  model = TanhMLP(rng, num_tasks=4, task_scales=rng.uniform(0.2, 5.0, 4))
+  agg, clip = nm.official_ntkmtl(4, model.shared)
+  opt = optax.chain(clip, optax.adam(1e-2))
+  step = nm.make_train_step(model.loss_fn, agg, opt)
+  state, metrics = step(step.init(model.params), model.batch)
+
+  grads = jax.jacrev(model.loss_fn)(model.params, model.batch)
+  tx = optax.chain(agg, clip, optax.adam(1e-2))
+  updates, _ = tx.update(grads, tx.init(model.params), model.params)
+  expected = optax.apply_updates(model.params, updates)
+  jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-5), state.params, expected)
+  g, _ = model.numpy_task_gradients()
+  norms2 = np.sum(g ** 2, axis=1)
+  assert_close(metrics["eigenvalues"], norms2)
+  assert_close(metrics["weights"], 4 * np.sqrt(norms2.sum() / norms2))
+  assert_close(metrics["losses"], np.mean((np.tanh(model.x @ model.params64["shared"]["w"]
+                                                   + model.params64["shared"]["b"])
+                                           @ model.params64["heads"]["w"] - model.y) ** 2, 0))
+
+
+def test_jit_and_eager_agree(seed):
+  model = TanhMLP(np.random.default_rng(seed), num_tasks=3)
+  for make in (lambda: nm.ntkmtl(3, shared=model.shared),
+               lambda: nm.ntkmtl(3, num_chunks=4, shared=model.shared)):
+    jitted, _ = _run(model, make(), "unroll", jit=True)
+    eager, _ = _run(model, make(), "unroll", jit=False)
+    jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-5), jitted.params, eager.params)
+
+
+def test_non_finite_losses_skip_the_step(seed):
+  model = TanhMLP(np.random.default_rng(seed), num_tasks=3)
+  step = nm.make_train_step(model.loss_fn, nm.ntkmtl(3, shared=model.shared), optax.adam(1e-2))
+  state = step.init(model.params)
+  state, m = step(state, model.batch)
+  assert bool(m["finite"]) and int(m["skipped"]) == 0
+  bad = dict(model.batch, y=model.batch["y"].at[0, 1].set(jnp.nan))
+  new_state, m = step(state, bad)
+  assert not bool(m["finite"]) and int(m["skipped"]) == 1
+  for new, old in ((new_state.params, state.params), (new_state.optimizer_state,
+                                                      state.optimizer_state),
+                   (new_state.aggregator_state, state.aggregator_state)):
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new, old)
+  assert int(new_state.step) == int(state.step) + 1
+  new_state, m = step(new_state, model.batch)
+  assert bool(m["finite"]) and int(m["skipped"]) == 1
+
+
+def test_infinite_gradient_skips_the_step():
+  model = TanhMLP(np.random.default_rng(0), num_tasks=2)
+  sqrt_loss = lambda p, b: jnp.sqrt(model.loss_fn(p, b) * jnp.array([1.0, 0.0]))
+  step = nm.make_train_step(sqrt_loss, nm.methods.get("ls", 2), optax.sgd(0.1))
+  state = step.init(model.params)
+  new_state, m = step(state, model.batch)  # d sqrt(x)/dx at 0 is inf
+  assert not bool(m["finite"]) and int(m["skipped"]) == 1
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new_state.params, state.params)
+
+
+def test_wrong_loss_shape_and_chunks_are_reported():
+  model = TanhMLP(np.random.default_rng(0), num_tasks=3, batch=6)
+  bad = lambda p, b: model.loss_fn(p, b)[None]
+  step = nm.make_train_step(bad, nm.ntkmtl(3), optax.sgd(0.1))
+  with pytest.raises(ValueError, match=r"shape \(num_tasks,\)"):
+    step(step.init(model.params), model.batch)
+  step = nm.make_train_step(model.loss_fn, nm.ntkmtl(3, num_chunks=4), optax.sgd(0.1))
+  with pytest.raises(ValueError, match=r"Batch size 6 .*num_chunks=4"):
+    step(step.init(model.params), model.batch)
+  with pytest.raises(ValueError, match="encode=.*decode="):
+    nm.make_train_step(model.loss_fn, nm.ntkmtl_sr(3), optax.sgd(0.1))
+  with pytest.raises(ValueError, match="Unknown strategy"):
+    nm.make_train_step(model.loss_fn, nm.ntkmtl(3), optax.sgd(0.1), strategy="fast")
+
+
+class _BNEncoder(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = nn.Dense(8)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.5)(x)
+    return nn.relu(x)
+
+
+def _bn_model(k):
+  return task_functions(_BNEncoder(), LinearHeads(k),
+                        lambda out, b: jnp.mean((out - b["y"]) ** 2, axis=0))
+
+
+@pytest.mark.parametrize("method", ["ntkmtl", "ntkmtl_n2", "ntkmtl_sr", "ls"])
+def test_flax_model_with_batchnorm(seed, method):
+  rng = np.random.default_rng(seed)
+  k = 3
+  fns = _bn_model(k)
+  batch = {"x": jnp.asarray(rng.normal(size=(8, 4)) + 2.0, jnp.float32),
+           "y": jnp.asarray(rng.normal(size=(8, k)), jnp.float32)}
+  params, model_state = fns.init(jax.random.key(seed), batch)
+  agg = {"ntkmtl": lambda: nm.ntkmtl(k, shared=fns.shared),
+         "ntkmtl_n2": lambda: nm.ntkmtl(k, num_chunks=2, shared=fns.shared),
+         "ntkmtl_sr": lambda: nm.ntkmtl_sr(k, num_chunks=2, shared=fns.shared),
+         "ls": lambda: nm.methods.get("ls", k, shared=fns.shared)}[method]()
+  step = nm.make_train_step(fns.loss_fn, agg, optax.adam(1e-2), has_state=True,
+                            encode=fns.encode, decode=fns.decode)
+  state = step.init(params, model_state)
+  for _ in range(3):
+    state, metrics = step(state, batch)
+  assert bool(metrics["finite"])
+  mean = state.model_state["batch_stats"]["BatchNorm_0"]["mean"]
+  assert float(jnp.abs(mean).max()) > 0.0  # running statistics moved from their zero init
+  preds = fns.predict(state.params, state.model_state, batch)
+  assert preds.shape == (8, k)
+
+
+def test_sharded_step_matches_single_device(tmp_path):
+  """The jitted step on a batch sharded over 8 CPU devices == the same step on one device."""
+  script = textwrap.dedent("""
+      import os, sys, numpy as np, jax, optax
+      sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+      import ntkmtl_jax as nm
+      from ntkmtl_jax.sharding import data_mesh
+      from conftest import TanhMLP
+      assert jax.device_count() == 8, jax.devices()
+      model = TanhMLP(np.random.default_rng(int(sys.argv[1])), num_tasks=3, batch=16)
+      results = []
+      for sharded in (False, True):
+        for agg in (nm.ntkmtl(3, shared=model.shared),
+                    nm.ntkmtl(3, num_chunks=2, shared=model.shared)):
+          step = nm.make_train_step(model.loss_fn, agg, optax.adam(1e-2))
+          state, batch = step.init(model.params), model.batch
+          if sharded:
+            mesh = data_mesh()
+            state, batch = nm.replicate(state, mesh), nm.shard_batch(batch, mesh)
+            assert len(batch["x"].sharding.device_set) == 8
+          for _ in range(3):
+            state, metrics = step(state, batch)
+          results.append(np.concatenate([np.ravel(x) for x in jax.tree.leaves(state.params)]))
+      for a, b in zip(results[:2], results[2:]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+      print("sharded == single")
+  """)
+  path = tmp_path / "sharded.py"
+  path.write_text(script)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+  seed = int(np.random.SeedSequence().entropy % 2**31)
+  out = subprocess.run([sys.executable, str(path), str(seed)], env=env, capture_output=True,
+                       text=True, cwd=root, timeout=600)
+  assert out.returncode == 0, f"seed={seed}\n{out.stdout}\n{out.stderr[-3000:]}"
+  assert "sharded == single" in out.stdout
+
+
+def test_shard_batch_rejects_indivisible_batch():
+  from ntkmtl_jax.sharding import data_mesh
+
+  class TwoDeviceMesh:  # only the axis size is read before placing anything
+    shape = {"data": 2}
+
+  nm.shard_batch({"x": jnp.ones((3, 2))}, data_mesh(jax.devices()[:1]))
+  with pytest.raises(ValueError, match=r"Batch size 3 is not divisible by the 2 devices"):
+    nm.shard_batch({"x": jnp.ones((3, 2))}, TwoDeviceMesh())
