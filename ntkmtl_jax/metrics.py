@@ -48,3 +48,47 @@ def mean_rank(table: Mapping[str, Sequence[float]],
       ties = np.sum(col == col[m])
       ranks[m, s] = less + (ties + 1) / 2.0
   return {n: float(r) for n, r in zip(names, ranks.mean(axis=1))}
+
+
+# Per-task metrics (NumPy, on a whole evaluation split).
+
+
+def accuracy(logits, labels) -> float:
+  """Share of rows whose arg-max class equals the integer label (higher is better)."""
+  logits, labels = np.asarray(logits), np.asarray(labels)
+  if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+    raise ValueError(f"accuracy needs logits (N, classes) and labels (N,), got {logits.shape} "
+                     f"and {labels.shape}.")
+  return float(np.mean(np.argmax(logits, axis=1) == labels))
+
+
+def mean_absolute_error(predictions, targets) -> float:
+  """Mean of |prediction - target| over every entry (lower is better)."""
+  predictions, targets = np.asarray(predictions, np.float64), np.asarray(targets, np.float64)
+  if predictions.shape != targets.shape:
+    raise ValueError(f"mean_absolute_error: shapes {predictions.shape} and {targets.shape} "
+                     "differ.")
+  return float(np.mean(np.abs(predictions - targets)))
+
+
+def mean_squared_error(predictions, targets) -> float:
+  """Mean of (prediction - target)^2 over every entry (lower is better)."""
+  predictions, targets = np.asarray(predictions, np.float64), np.asarray(targets, np.float64)
+  if predictions.shape != targets.shape:
+    raise ValueError(f"mean_squared_error: shapes {predictions.shape} and {targets.shape} "
+                     "differ.")
+  return float(np.mean((predictions - targets) ** 2))
+
+
+def f1_score(predicted, targets) -> float:
+  """F1 of binary predictions (booleans or 0/1) against binary targets (higher is better).
+
+  2 TP / (2 TP + FP + FN); 0 when there is no positive in either (as scikit-learn's
+  `zero_division=0`).
+  """
+  predicted, targets = np.asarray(predicted).astype(bool), np.asarray(targets).astype(bool)
+  if predicted.shape != targets.shape:
+    raise ValueError(f"f1_score: shapes {predicted.shape} and {targets.shape} differ.")
+  tp = np.sum(predicted & targets)
+  denominator = 2 * tp + np.sum(predicted & ~targets) + np.sum(~predicted & targets)
+  return float(2 * tp / denominator) if denominator else 0.0
