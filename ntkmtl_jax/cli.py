@@ -1,0 +1,416 @@
+"""The `ntkmtl` command: train, compare and inspect multi-task methods on a benchmark.
+
+    ntkmtl compare                      # the demo: STL, LS, NTKMTL, NTKMTL-SR and baselines
+    ntkmtl train --method ntkmtl        # one method, one seed
+    ntkmtl spectrum                     # NTK eigenvalues of each task on one batch
+    ntkmtl list                         # benchmarks and methods
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import textwrap
+import time
+
+DESCRIPTION = """\
+Multi-task learning with NTKMTL in JAX.
+
+When several tasks share one network, the task whose gradient is largest (the largest
+eigenvalue lambda_i of its neural tangent kernel) is learned first and the others lag.
+NTKMTL weights each task by (sum_j lambda_j / lambda_i) ** 0.5 so all tasks are learned at
+the same pace. These commands run it, and the methods it is compared with, on built-in
+benchmarks that need no download, and write tables and plots.
+
+Start with:
+  ntkmtl compare          compare STL, LS, NTKMTL, NTKMTL-SR and baselines (3 seeds,
+                          a few minutes on a laptop CPU), print the table, write plots
+  ntkmtl list             the benchmarks and methods available
+"""
+
+EPILOG = """\
+Glossary: STL = each task trained alone (the baseline); LS = plain sum of the task losses;
+Delta m % = mean relative change of every metric against STL, signed so that lower is
+better; MR = mean rank of a method over the metrics (lower is better).
+
+Examples:
+  ntkmtl compare --methods stl,ls,ntkmtl --seeds 1 --steps 200
+  ntkmtl compare --benchmark sines --option imbalance=100
+  ntkmtl train --method ntkmtl --hp exponent=0.75 --out runs/mine
+  ntkmtl spectrum --chunks 4 --train-steps 100
+"""
+
+PREFERRED_BASELINES = ("famo", "fairgrad", "mgda", "nash_mtl", "pcgrad", "cagrad", "imtl_g",
+                       "imgrad", "dwa", "uw", "rlw", "si")
+CORE_METHODS = ("stl", "ls", "ntkmtl", "ntkmtl_sr")
+MAX_DEFAULT_BASELINES = 4  # Keeps the default comparison within minutes on 2 CPU cores.
+
+
+class UsageError(Exception):
+  """A bad command line: reported on one line with exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse with one-line errors (exit status 2)."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _formatter(prog):
+  return argparse.RawDescriptionHelpFormatter(prog, max_help_position=30, width=92)
+
+
+def _key_values(items: list[str] | None, what: str) -> dict:
+  out = {}
+  for item in items or []:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise UsageError(f"{what} must look like NAME=VALUE, got {item!r}")
+    try:
+      parsed = json.loads(value)
+    except json.JSONDecodeError:
+      parsed = value
+    out[key.strip().replace("-", "_")] = tuple(parsed) if isinstance(parsed, list) else parsed
+  return out
+
+
+def _add_common(p: argparse.ArgumentParser, *, out: bool = True):
+  from ntkmtl_jax import benchmarks
+  p.add_argument("--benchmark", "-b", default="multidigits", metavar="NAME",
+                 help="benchmark to run (default: multidigits; choices: "
+                      f"{', '.join(benchmarks.benchmark_names())})")
+  p.add_argument("--option", "-O", action="append", metavar="NAME=VALUE",
+                 help="benchmark option, repeatable (e.g. ink_scale=0.3 for multidigits, "
+                      "imbalance=100 for sines)")
+  p.add_argument("--steps", type=int, help="train steps per run (default: the benchmark's)")
+  p.add_argument("--batch-size", type=int, help="mini-batch size (default: the benchmark's)")
+  p.add_argument("--lr", type=float, help="Adam learning rate (default: the benchmark's)")
+  p.add_argument("--optimizer", default="adam", choices=("adam", "adamw", "sgd"),
+                 help="optimiser after the task aggregation (default: adam)")
+  p.add_argument("--max-grad-norm", type=float, default=None,
+                 help="clip the shared update's global norm to this before the optimiser "
+                      "(default: no clipping)")
+  if out:
+    p.add_argument("--out", "-o", metavar="DIR",
+                   help="output directory (default: runs/<benchmark>-<command>-<time>)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+  p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The `ntkmtl` argument parser."""
+  parser = _Parser(prog="ntkmtl", description=DESCRIPTION, epilog=EPILOG,
+                   formatter_class=_formatter)
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+  p = sub.add_parser(
+      "compare", formatter_class=_formatter,
+      help="compare several methods over several seeds; print the table, write reports",
+      description=textwrap.dedent("""\
+        Train every method on the benchmark for each seed, then print a table laid out like
+        the NTKMTL paper's (per-metric seed means, mean rank MR, Delta m % against STL) and
+        write results.json, results.csv and PNG plots (training curves per task, task
+        weights, NTK eigenvalues lambda_i for LS vs NTKMTL) to the output directory.
+        STL runs one model per task. Ctrl-C stops early and keeps the finished runs."""))
+  _add_common(p)
+  p.add_argument("--methods", "-m", metavar="LIST",
+                 help="comma-separated method names (default: stl,ls,ntkmtl,ntkmtl_sr and up "
+                      f"to {MAX_DEFAULT_BASELINES} registered baselines among "
+                      f"{','.join(PREFERRED_BASELINES)}); see `ntkmtl list`")
+  p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default: 3)")
+  p.add_argument("--hp", action="append", metavar="METHOD.NAME=VALUE",
+                 help="method hyper-parameter, repeatable (e.g. ntkmtl.exponent=0.75)")
+
+  p = sub.add_parser(
+      "train", formatter_class=_formatter, help="train one method on one benchmark",
+      description=textwrap.dedent("""\
+        Train one method for one seed, print its metrics and write results.json, results.csv
+        and plots. `--method stl` trains one model per task."""))
+  _add_common(p)
+  p.add_argument("--method", "-m", default="ntkmtl",
+                 help="method name (default: ntkmtl); see `ntkmtl list`")
+  p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+  p.add_argument("--hp", action="append", metavar="NAME=VALUE",
+                 help="method hyper-parameter, repeatable (e.g. exponent=0.75)")
+
+  p = sub.add_parser(
+      "spectrum", formatter_class=_formatter,
+      help="NTK eigenvalues lambda_i of each task on one batch (the imbalance)",
+      description=textwrap.dedent("""\
+        Build the extended NTK of the benchmark's model on one batch split into --chunks
+        chunks and print, per task, lambda_i (largest eigenvalue of its kernel block K_ii),
+        the NTKMTL weight, and the cosine between task gradients. With --train-steps N the
+        model is first trained N steps with --method (default ls)."""))
+  _add_common(p, out=False)
+  p.add_argument("--chunks", "-n", type=int, default=1,
+                 help="n, chunks of the batch (rows of each task's Jacobian; default 1)")
+  p.add_argument("--train-steps", type=int, default=0,
+                 help="train this many steps before measuring (default: 0, at init)")
+  p.add_argument("--method", "-m", default="ls", help="method for --train-steps (default: ls)")
+  p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+  p.add_argument("--out", "-o", metavar="DIR", help="also write spectrum.json here")
+
+  sub.add_parser("list", formatter_class=_formatter,
+                 help="list the benchmarks and the methods",
+                 description="List the registered benchmarks and methods.")
+  return parser
+
+
+# Helpers.
+
+
+def _method_key(name: str) -> str:
+  return name.strip().lower().replace("-", "_")
+
+
+def _check_methods(names: list[str]) -> list[str]:
+  from ntkmtl_jax import methods
+  known = methods.names()
+  keys = [_method_key(n) for n in names if n.strip()]
+  unknown = [n for n in keys if n not in known]
+  if unknown:
+    raise UsageError(f"unknown method {unknown[0]!r} (known: {', '.join(known)})")
+  if not keys:
+    raise UsageError("no method given")
+  return list(dict.fromkeys(keys))
+
+
+def default_methods() -> list[str]:
+  """The default `compare` list: the core methods and a few registered baselines."""
+  from ntkmtl_jax import methods
+  known = set(methods.names())
+  baselines = [m for m in PREFERRED_BASELINES if m in known][:MAX_DEFAULT_BASELINES]
+  return [m for m in CORE_METHODS if m in known] + baselines
+
+
+def _benchmark(args):
+  from ntkmtl_jax import benchmarks
+  if args.benchmark.lower().replace("-", "_") not in benchmarks.benchmark_names():
+    raise UsageError(f"unknown benchmark {args.benchmark!r} (known: "
+                     f"{', '.join(benchmarks.benchmark_names())})")
+  options = _key_values(args.option, "--option")
+  try:
+    return benchmarks.get_benchmark(args.benchmark, **options)
+  except TypeError as e:
+    raise UsageError(f"bad option for benchmark {args.benchmark!r}: {e}") from e
+
+
+def _settings(args, bench):
+  from ntkmtl_jax.loop import OptimizerConfig
+  defaults = bench.defaults
+  steps = args.steps if args.steps is not None else defaults.get("steps", 500)
+  batch_size = args.batch_size if args.batch_size is not None else defaults.get("batch_size", 128)
+  lr = args.lr if args.lr is not None else defaults.get("learning_rate", 1e-3)
+  if steps < 1 or batch_size < 1 or lr <= 0:
+    raise UsageError("--steps, --batch-size and --lr must be positive")
+  optimizer = OptimizerConfig(args.optimizer, lr,
+                              args.max_grad_norm if args.max_grad_norm is not None else
+                              defaults.get("max_grad_norm"))
+  return steps, batch_size, optimizer
+
+
+def _output_dir(args, command: str) -> str:
+  out = args.out or os.path.join(
+      "runs", f"{args.benchmark}-{command}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+  try:
+    os.makedirs(out, exist_ok=True)
+    probe = os.path.join(out, ".ntkmtl-write-test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise UsageError(f"output directory {out!r} is not writable ({e.strerror or e})") from e
+  return out
+
+
+def _stl_runs(method, bench, hparams):
+  if method == "stl" and "task" not in hparams:
+    return [dict(hparams, task=i) for i in range(bench.num_tasks)]
+  return [hparams]
+
+
+def _run_all(args, bench, plan, out, config, command) -> int:
+  """Runs `plan` [(method, seed, hparams)], writing reports after each; handles Ctrl-C."""
+  from ntkmtl_jax import loop, report
+  steps, batch_size, optimizer = _settings(args, bench)
+  probe_every = bench.defaults.get("probe_every", max(1, steps // 20))
+  runs, interrupted = [], False
+  print(f"ntkmtl {command}: {bench.name} ({bench.description}); {len(plan)} runs of {steps} "
+        f"steps; writing to {out}", flush=True)
+  start = time.perf_counter()
+  try:
+    for index, (method, seed, hparams) in enumerate(plan, 1):
+      label = method + (f"[task {bench.task_names[hparams['task']]}]" if method == "stl" else "")
+      result = loop.fit(bench.functions, method, hparams=hparams, seed=seed,
+                        train_data=bench.train_data(seed, batch_size), steps=steps,
+                        optimizer=optimizer, evaluate=bench.evaluate, probe_every=probe_every,
+                        progress=not args.quiet,
+                        description=f"[{index}/{len(plan)}] {label} seed {seed}")
+      runs.append(result)
+      if result.interrupted:
+        interrupted = True
+        break
+      report.write_json(os.path.join(out, "results.json"), config=config,
+                        benchmark=dict(name=bench.name), runs=runs, summary={},
+                        interrupted=True)
+  except KeyboardInterrupt:
+    interrupted = True
+  total = time.perf_counter() - start
+  config["wall_time_total"] = total
+  try:
+    summary, paths = report.write_reports(out, runs=runs, config=config, benchmark=bench,
+                                          plots=not args.no_plots, interrupted=interrupted)
+  except KeyboardInterrupt:
+    print(f"\nInterrupted while writing the reports; results.json in {out} holds the "
+          f"finished runs.", file=sys.stderr)
+    return 130
+  print()
+  print(report.format_table(summary, bench.metric_names, bench.higher_is_better,
+                            title=f"{bench.name}: {bench.description}; seeds "
+                                  f"{sorted({r.seed for r in runs})}, {steps} steps, "
+                                  f"total {total:.0f} s"))
+  print(f"\nWrote {', '.join(os.path.basename(p) for p in paths)} to {out}")
+  if interrupted:
+    print(f"Interrupted: kept the {sum(not r.interrupted for r in runs)} finished runs in "
+          f"{out}.", file=sys.stderr)
+    return 130
+  return 0
+
+
+# Commands.
+
+
+def cmd_compare(args) -> int:
+  bench = _benchmark(args)
+  names = _check_methods(args.methods.split(",")) if args.methods else default_methods()
+  if args.seeds < 1:
+    raise UsageError("--seeds must be at least 1")
+  hp = _key_values(args.hp, "--hp")
+  per_method: dict[str, dict] = {}
+  for key, value in hp.items():
+    method, dot, name = key.partition(".")
+    if not dot:
+      raise UsageError(f"--hp for compare must look like METHOD.NAME=VALUE, got {key!r}")
+    per_method.setdefault(_method_key(method), {})[name] = value
+  steps, batch_size, optimizer = _settings(args, bench)
+  out = _output_dir(args, "compare")
+  plan = [(m, seed, h) for seed in range(args.seeds) for m in names
+          for h in _stl_runs(m, bench, per_method.get(m, {}))]
+  config = dict(command="compare", benchmark=bench.name, options=_key_values(args.option, ""),
+                methods=names, seeds=list(range(args.seeds)), steps=steps,
+                batch_size=batch_size, optimizer=vars(optimizer), hparams=per_method)
+  return _run_all(args, bench, plan, out, config, "compare")
+
+
+def cmd_train(args) -> int:
+  bench = _benchmark(args)
+  method = _check_methods([args.method])[0]
+  hp = _key_values(args.hp, "--hp")
+  steps, batch_size, optimizer = _settings(args, bench)
+  out = _output_dir(args, "train")
+  plan = [(method, args.seed, h) for h in _stl_runs(method, bench, hp)]
+  config = dict(command="train", benchmark=bench.name, options=_key_values(args.option, ""),
+                methods=[method], seeds=[args.seed], steps=steps, batch_size=batch_size,
+                optimizer=vars(optimizer), hparams={method: hp})
+  return _run_all(args, bench, plan, out, config, "train")
+
+
+def cmd_spectrum(args) -> int:
+  import jax
+  import numpy as np
+  from ntkmtl_jax import kernel, loop
+  bench = _benchmark(args)
+  method = _check_methods([args.method])[0]
+  steps, batch_size, optimizer = _settings(args, bench)
+  if args.chunks < 1 or batch_size % args.chunks:
+    raise UsageError(f"--chunks must divide the batch size ({batch_size})")
+  out = _output_dir(args, "spectrum") if args.out else None
+  data = bench.train_data(args.seed, batch_size)
+  fns = bench.functions
+  if args.train_steps > 0:
+    result = loop.fit(fns, method, train_data=data, steps=args.train_steps,
+                      optimizer=optimizer, seed=args.seed, progress=not args.quiet,
+                      hparams={"task": 0} if method == "stl" else None)
+    params, model_state = result.params, result.model_state
+  else:
+    params, model_state = fns.init(jax.random.key(args.seed), next(data))
+  batch = next(data)
+  losses = lambda p, b: fns.loss_fn(p, model_state, b)[0]
+  ntk = kernel.ntk_weights(losses, params, batch, num_chunks=args.chunks, shared=fns.shared,
+                           return_blocks=True)
+  blocks = np.asarray(ntk.blocks, np.float64)  # (k, k, n, n)
+  sums = blocks.sum(axis=(2, 3))  # <sum_a J_ia, sum_b J_jb>: Gram of the batch gradients
+  norms = np.sqrt(np.maximum(np.diag(sums), 1e-300))
+  cosine = sums / np.outer(norms, norms)
+  z, _ = fns.encode(params, model_state, batch)
+  sr_chunks = args.chunks if args.chunks > 1 else 1
+  sr_eig, _ = kernel.representation_eigenvalues(fns.decode, params, z, batch,
+                                                num_chunks=sr_chunks)
+  lam = np.asarray(ntk.eigenvalues, np.float64)
+  names = bench.task_names
+  width = max(len(n) for n in names) + 2
+  print(f"{bench.name}: batch {batch_size}, n = {args.chunks} chunks, after "
+        f"{args.train_steps} {method} steps, seed {args.seed}")
+  print(f"{'task':<{width}}{'loss':>12}{'lambda_i':>14}{'NTKMTL w_i':>13}{'lambda_i(z)':>14}")
+  for i, n in enumerate(names):
+    print(f"{n:<{width}}{float(np.mean(ntk.losses[i])):>12.4g}{lam[i]:>14.4g}"
+          f"{float(ntk.weights[i]):>13.4g}{float(sr_eig[i]):>14.4g}")
+  print(f"imbalance max/min lambda_i: {lam.max() / max(lam.min(), 1e-300):.3g}")
+  print("cosine between task gradients:")
+  print(" " * width + "".join(f"{n:>10}" for n in names))
+  for i, n in enumerate(names):
+    print(f"{n:<{width}}" + "".join(f"{cosine[i, j]:>10.3f}" for j in range(len(names))))
+  if out:
+    path = os.path.join(out, "spectrum.json")
+    with open(path, "w") as f:
+      json.dump(dict(benchmark=bench.name, task_names=list(names), chunks=args.chunks,
+                     train_steps=args.train_steps, method=method, seed=args.seed,
+                     eigenvalues=lam.tolist(), weights=np.asarray(ntk.weights).tolist(),
+                     representation_eigenvalues=np.asarray(sr_eig).tolist(),
+                     cosine=cosine.tolist(), blocks=blocks.tolist()), f, indent=1)
+    print(f"Wrote {path}")
+  return 0
+
+
+def cmd_list(args) -> int:
+  del args
+  from ntkmtl_jax import benchmarks, methods
+  print("Benchmarks (ntkmtl compare --benchmark NAME):")
+  for name in benchmarks.benchmark_names():
+    factory = benchmarks._REGISTRY[name]
+    doc = (factory if isinstance(factory, str) else (factory.__doc__ or "").strip()
+           .splitlines()[0])
+    print(f"  {name:<14}{doc}")
+  print("Methods (--methods a,b,c; --hp METHOD.NAME=VALUE):")
+  for name in methods.names():
+    hps = ", ".join(f"{k}={v!r}" for k, v in methods.defaults(name).items() if k != "shared")
+    print(f"  {name:<14}{hps}")
+  return 0
+
+
+COMMANDS = dict(compare=cmd_compare, train=cmd_train, spectrum=cmd_spectrum, list=cmd_list)
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Entry point of the `ntkmtl` console script; returns the exit status."""
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if args.command is None:
+    parser.print_help()
+    return 2
+  try:
+    return COMMANDS[args.command](args)
+  except UsageError as e:
+    sys.stderr.write(f"ntkmtl {args.command}: error: {e}\n")
+    return 2
+  except KeyboardInterrupt:
+    sys.stderr.write("\nInterrupted.\n")
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())
