@@ -417,3 +417,19 @@ def test_end_to_end_in_train_step(seed, name):
   moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), state.params,
                        model.params)
   assert max(jax.tree.leaves(moved)) > 0, f"seed={seed}"
+
+
+def test_gradnorm_streaming_matches_unrolled_step(seed):
+  rng = np.random.default_rng(seed)
+  model = TanhMLP(rng, num_tasks=3, task_scales=rng.uniform(0.2, 5.0, 3))
+  agg = methods.get("gradnorm", 3, shared=model.shared)
+  results = []
+  for strategy in ("streaming", "unroll"):
+    step = make_train_step(model.loss_fn, agg, optax.sgd(1e-2), strategy=strategy)
+    state = step.init(model.params)
+    for _ in range(3):
+      state, metrics = step(state, model.batch)
+    results.append((state.aggregator_state.loss_weights, state.params))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6,
+                                                       err_msg=f"seed={seed}"),
+               results[0], results[1])

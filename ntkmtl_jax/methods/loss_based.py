@@ -80,6 +80,10 @@ def scale_invariant(num_tasks: int, *, shared: SharedSpec = None) -> TaskAggrega
   Its gradient is sum_i g_i / l_i, so the weights are 1 / l_i with the losses taken as
   constants: a task whose loss is multiplied by a constant gets the same update.
 
+  Args:
+    num_tasks: number of tasks k.
+    shared: which parameters are shared (None: all).
+
   Returns:
     A `TaskAggregator` with state `WeightsState`.
 
