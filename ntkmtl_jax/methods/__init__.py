@@ -58,3 +58,4 @@ def defaults(name: str) -> dict:
 # Registration happens on import of the method families.
 from ntkmtl_jax.methods import loss_based as _loss_based  # noqa: E402,F401
 from ntkmtl_jax.methods import ntk as _ntk  # noqa: E402,F401
+from ntkmtl_jax.methods import gradient_based as _gradient_based  # noqa: E402,F401

@@ -1,0 +1,288 @@
+"""Small solvers on the k x k Gram matrix of task gradients, in pure jnp, jittable.
+
+Every solver runs a `lax.while_loop` with a fixed iteration bound, so a step always
+finishes in bounded time on any backend, and reports what happened in a `SolverResult`
+(the iterate, the iterations used, whether the stopping test passed, and the value of the
+stopping measure). What a method does with an unconverged result is the method's choice and
+is documented there: the Frank-Wolfe and projected-gradient iterates are always feasible
+points of the simplex, usable as they are; the Newton solver for the Nash-MTL / FairGrad
+systems may not have a solution at all (e.g. two exactly opposite gradients), and its callers
+fall back to their previous weights.
+
+The problems are small (k is the number of tasks), so each iteration costs O(k^2) (O(k^3)
+for Newton), negligible next to the k backward passes that produced the Gram matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class SolverResult(NamedTuple):
+  """What an iterative solver returns.
+
+  Attributes:
+    x: the final iterate.
+    iterations: iterations used (int32).
+    converged: whether the stopping test passed within the iteration bound.
+    residual: the solver's stopping measure at `x` (see each solver).
+  """
+  x: jax.Array
+  iterations: jax.Array
+  converged: jax.Array
+  residual: jax.Array
+
+
+def project_to_simplex(v: jax.Array, total: float = 1.0) -> jax.Array:
+  """Euclidean projection of `v` onto {x >= 0, sum(x) = total}.
+
+  The sort-based algorithm (exact, O(k log k)): with u sorted in decreasing order, the
+  projection is max(v - theta, 0) for theta = (sum_{j <= rho} u_j - total) / rho, rho the
+  largest index with u_rho > (sum_{j <= rho} u_j - total) / rho.
+
+  References:
+    Duchi, Shalev-Shwartz, Singer, Chandra, "Efficient Projections onto the l1-Ball for
+    Learning in High Dimensions", ICML 2008.
+  """
+  k = v.shape[-1]
+  u = jnp.sort(v)[::-1]
+  cumulative = jnp.cumsum(u) - total
+  index = jnp.arange(1, k + 1, dtype=v.dtype)
+  support = u - cumulative / index > 0
+  rho = jnp.max(jnp.where(support, jnp.arange(k), 0))
+  theta = cumulative[rho] / (rho + 1).astype(v.dtype)
+  return jnp.maximum(v - theta, 0.0)
+
+
+def min_norm_point(gram: jax.Array, *, max_iters: int = 500, tol: float = 1e-6,
+                   init: jax.Array | None = None) -> SolverResult:
+  """Minimum-norm point of the convex hull of k vectors, from their Gram matrix.
+
+  Finds w on the simplex minimising w^T G w = ||sum_i w_i g_i||^2 by pairwise Frank-Wolfe
+  with exact line search: each iteration moves weight from the active vertex with the
+  largest gradient (G w)_i to the vertex with the smallest one. Unlike plain Frank-Wolfe
+  (Sener & Koltun's MinNormSolver), which zig-zags at O(1/t), the pairwise steps converge
+  linearly on a polytope.
+
+  Tolerance: stops when the Frank-Wolfe duality gap w^T G w - min_i (G w)_i, an upper
+  bound on the excess squared norm over the optimum, is at most `tol * max_i G_ii`.
+  Non-convergence: after `max_iters` iterations the last iterate is returned with
+  `converged=False`; it is always a point of the simplex, its norm no larger than the
+  start's.
+
+  Args:
+    gram: (k, k) symmetric positive semi-definite matrix.
+    max_iters: iteration bound.
+    tol: relative tolerance on the duality gap.
+    init: optional starting point on the simplex (default: uniform weights).
+
+  Returns:
+    A `SolverResult` whose `x` are the weights (k,) and `residual` the final duality gap
+    divided by max_i G_ii.
+
+  References:
+    Sener, Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018;
+    Lacoste-Julien, Jaggi, "On the Global Linear Convergence of Frank-Wolfe Optimization
+    Variants", NeurIPS 2015.
+  """
+  k = gram.shape[0]
+  dtype = gram.dtype
+  scale = jnp.maximum(jnp.max(jnp.diagonal(gram)), jnp.finfo(dtype).tiny)
+  w0 = jnp.full((k,), 1.0 / k, dtype) if init is None else init.astype(dtype)
+
+  def gap_of(w):
+    grad = gram @ w
+    return (w @ grad - jnp.min(grad)) / scale
+
+  def cond(carry):
+    _, i, gap = carry
+    return (i < max_iters) & ~(gap <= tol)
+
+  def body(carry):
+    w, i, _ = carry
+    grad = gram @ w
+    toward = jnp.argmin(grad)
+    away = jnp.argmax(jnp.where(w > 0, grad, -jnp.inf))
+    curvature = gram[toward, toward] + gram[away, away] - 2.0 * gram[toward, away]
+    slope = grad[away] - grad[toward]
+    # The exact minimiser along e_toward - e_away, capped by the weight the away vertex has.
+    step = jnp.where(curvature > 0, slope / jnp.where(curvature > 0, curvature, 1.0), w[away])
+    step = jnp.clip(step, 0.0, w[away])
+    w = w.at[toward].add(step).at[away].add(-step)
+    w = jnp.maximum(w, 0.0)
+    return w, i + 1, gap_of(w)
+
+  w, iterations, gap = jax.lax.while_loop(cond, body, (w0, jnp.zeros([], jnp.int32),
+                                                       gap_of(w0)))
+  return SolverResult(w, iterations, gap <= tol, gap)
+
+
+def simplex_minimize(fun: Callable[[jax.Array], jax.Array], x0: jax.Array, *,
+                     max_iters: int = 500, tol: float = 1e-6) -> SolverResult:
+  """Minimises a smooth convex function over the probability simplex.
+
+  Accelerated projected gradient (FISTA) with backtracking on the step size and the
+  gradient-based adaptive restart; gradients by `jax.grad(fun)`, the projection by
+  `project_to_simplex`. Step sizes and restarts are decided from gradients only, never from
+  differences of objective values, which near the optimum fall below float32 precision.
+
+  Tolerance: stops when the unit-step gradient mapping ||x - P(x - grad f(x))|| (zero
+  exactly at a minimiser) is at most `tol`; scale the objective so that its gradient is of
+  order one (the callers normalise the Gram matrix by its mean diagonal). Non-convergence:
+  after `max_iters` iterations the last iterate, always a point of the simplex, is
+  returned with `converged=False`.
+
+  Args:
+    fun: the objective, jnp code of x (k,).
+    x0: a starting point on the simplex.
+    max_iters: iteration bound.
+    tol: tolerance on the gradient mapping's norm.
+
+  Returns:
+    A `SolverResult` whose `residual` is the last gradient mapping norm.
+
+  References:
+    Beck, Teboulle, "A Fast Iterative Shrinkage-Thresholding Algorithm for Linear Inverse
+    Problems", SIAM J. Imaging Sci. 2009; O'Donoghue, Candes, "Adaptive Restart for
+    Accelerated Gradient Schemes", Found. Comput. Math. 2015.
+  """
+  dtype = x0.dtype
+  grad_fn = jax.grad(fun)
+  max_lipschitz = 1.0 / jnp.finfo(dtype).eps
+
+  def backtrack(y, gy, lipschitz):
+    # Gradient-based test (the local Lipschitz estimate ||grad f(z) - grad f(y)|| / ||z - y||)
+    # instead of the function-value test: near the optimum the decrease of f falls below the
+    # float precision of f, and a function-value test then only sees noise.
+
+    def trial(lip):
+      z = project_to_simplex(y - gy / lip)
+      gz = grad_fn(z)
+      ok = jnp.linalg.norm(gz - gy) <= lip * jnp.linalg.norm(z - y)
+      return z, gz, ok | jnp.all(z == y)
+
+    def cond(c):
+      lip, _, _, ok = c
+      return ~ok & (lip < max_lipschitz)
+
+    def body(c):
+      lip = 2.0 * c[0]
+      return (lip,) + trial(lip)
+
+    lipschitz, z, gz, _ = jax.lax.while_loop(cond, body, (lipschitz,) + trial(lipschitz))
+    return z, gz, lipschitz
+
+  def cond(c):
+    *_, i, residual = c
+    return (i < max_iters) & ~(residual <= tol)
+
+  def body(c):
+    x, y, t, lipschitz, i, _ = c
+    z, gz, lipschitz = backtrack(y, grad_fn(y), lipschitz)
+    residual = jnp.linalg.norm(z - project_to_simplex(z - gz))
+    t_next = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
+    # Gradient restart: drop the momentum when it points against the last step.
+    restart = (y - z) @ (z - x) > 0
+    y_next = jnp.where(restart, z, z + ((t - 1.0) / t_next) * (z - x))
+    t_next = jnp.where(restart, jnp.ones_like(t), t_next)
+    # Let the step grow again after a cautious phase (the estimate only doubles otherwise).
+    return z, y_next, t_next, 0.9 * lipschitz, i + 1, residual
+
+  x0 = project_to_simplex(x0)
+  one = jnp.ones([], dtype)
+  carry = (x0, x0, one, one, jnp.zeros([], jnp.int32), jnp.array(jnp.inf, dtype))
+  x, _, _, _, iterations, residual = jax.lax.while_loop(cond, body, carry)
+  return SolverResult(x, iterations, residual <= tol, residual)
+
+
+def power_balance(gram: jax.Array, alpha: float = 1.0, x0: jax.Array | None = None, *,
+                  max_iters: int = 20, tol: float = 1e-4) -> SolverResult:
+  """Solves G w = w ** (-1 / alpha) for w > 0 (Nash-MTL for alpha = 1, FairGrad).
+
+  The system is the stationarity condition of the strictly convex problem
+  min_{w > 0} 1/2 w^T G w - sum_i h(w_i), with h(w) = log w (alpha = 1) or
+  w^(1 - 1/alpha) / (1 - 1/alpha), so it is solved by damped Newton steps (Armijo
+  backtracking, steps kept inside w > 0). G is first divided by its Frobenius norm s (as
+  Nash-MTL's authors do); the solution of the scaled system maps back to the original one
+  as w = s^(-alpha / (alpha + 1)) * w_scaled.
+
+  Tolerance: stops when max_i |w_i^(1/alpha) (G w)_i - 1| <= tol, the elementwise relative
+  residual of the system. Non-convergence: the system has no solution when some w >= 0,
+  w != 0 has G w = 0 (e.g. two exactly opposite gradients: the objective is unbounded
+  below), and Newton may also run out of iterations; then `converged=False` and `x` is the
+  last iterate, which callers should not use (Nash-MTL and FairGrad fall back to their
+  previous weights).
+
+  Args:
+    gram: (k, k) Gram matrix of the task gradients.
+    alpha: the exponent (alpha = 1 is Nash-MTL's G w = 1 / w).
+    x0: optional warm start (k,) in the scale of the original system (e.g. the previous
+      step's weights); ignored where not finite and positive.
+    max_iters: bound on the Newton iterations.
+    tol: tolerance on the relative residual.
+
+  Returns:
+    A `SolverResult` with `x` the weights (k,) and `residual` the final relative residual.
+
+  References:
+    Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022; Ban, Ji, "Fair
+    Resource Allocation in Multi-Task Learning", ICML 2024.
+  """
+  if alpha <= 0:
+    raise ValueError(f"alpha must be positive, got {alpha}.")
+  k = gram.shape[0]
+  dtype = gram.dtype
+  scale = jnp.maximum(jnp.linalg.norm(gram), jnp.finfo(dtype).tiny)
+  g = gram / scale
+  inv = 1.0 / alpha
+  back = scale ** (-alpha / (alpha + 1.0))
+
+  def objective(w):
+    h = jnp.log(w) if alpha == 1 else w ** (1.0 - inv) / (1.0 - inv)
+    return 0.5 * w @ (g @ w) - jnp.sum(h)
+
+  def residual_of(w):
+    return jnp.max(jnp.abs(w ** inv * (g @ w) - 1.0))
+
+  # Start on the ray t * 1, where the scalar equation has a closed form.
+  mean_gram = jnp.sum(g) / k
+  t = jnp.where(mean_gram > 0, jnp.abs(mean_gram), 1.0) ** (-alpha / (alpha + 1.0))
+  start = jnp.full((k,), t, dtype)
+  if x0 is not None:
+    warm = x0.astype(dtype) / back
+    start = jnp.where(jnp.all(jnp.isfinite(warm) & (warm > 0)), warm, start)
+
+  def cond(c):
+    _, i, residual = c
+    return (i < max_iters) & ~(residual <= tol)
+
+  def body(c):
+    w, i, _ = c
+    grad = g @ w - w ** (-inv)
+    hessian = g + jnp.diag(inv * w ** (-inv - 1.0))
+    direction = -jnp.linalg.solve(hessian, grad)
+    # Largest step keeping w > 0 (fraction to the boundary), then Armijo backtracking.
+    ratios = jnp.where(direction < 0, -w / jnp.where(direction < 0, direction, -1.0), jnp.inf)
+    step0 = jnp.minimum(1.0, 0.99 * jnp.min(ratios))
+    f0 = objective(w)
+    decrease = grad @ direction
+    # Rounding slack: near the solution the decrease falls below float precision of f.
+    slack = 16 * jnp.finfo(dtype).eps * (jnp.abs(f0) + 1.0)
+
+    def ls_cond(s):
+      step, n = s
+      bound = f0 + 0.25 * step * decrease + slack
+      return (objective(w + step * direction) > bound) & (n < 40)
+
+    step, _ = jax.lax.while_loop(ls_cond, lambda s: (0.5 * s[0], s[1] + 1),
+                                 (step0.astype(dtype), 0))
+    w = w + step * direction
+    return w, i + 1, residual_of(w)
+
+  w, iterations, residual = jax.lax.while_loop(
+      cond, body, (start, jnp.zeros([], jnp.int32), residual_of(start)))
+  converged = (residual <= tol) & jnp.all(jnp.isfinite(w) & (w > 0))
+  return SolverResult(w * back, iterations, converged, residual)
