@@ -1,0 +1,136 @@
+"""Report numbers (Delta m %, MR, mean +- std, CSV/JSON) against independent computations."""
+
+import csv
+import json
+import types
+
+import matplotlib.image
+import numpy as np
+import pytest
+from scipy import stats
+
+from ntkmtl_jax import report
+from ntkmtl_jax.loop import History, RunResult
+
+TASKS = ("a", "b", "c")
+METRICS = ("a acc", "b acc", "c MAE")
+HIGHER = (True, True, False)
+BENCH = types.SimpleNamespace(name="toy", description="toy benchmark", task_names=TASKS,
+                              metric_names=METRICS, higher_is_better=HIGHER,
+                              metric_tasks=(0, 1, 2))
+
+
+def _seed():
+  return int(np.random.SeedSequence().entropy % 2**32)
+
+
+def _history(rng, steps, with_eigen):
+  k = len(TASKS)
+  return History(steps=np.arange(1, steps + 1, dtype=float),
+                 losses=rng.uniform(0.1, 2.0, (steps, k)),
+                 weights=rng.uniform(0.5, 2.0, (steps, k)), grad_norm=rng.uniform(size=steps),
+                 eigen_steps=np.arange(1, steps + 1, 5, dtype=float) if with_eigen else np.zeros(0),
+                 eigenvalues=(rng.uniform(0.1, 1e3, (len(range(1, steps + 1, 5)), k))
+                              if with_eigen else np.zeros((0, k))),
+                 eigen_source="probe" if with_eigen else "")
+
+
+def _runs(rng, seeds=3, methods=("ls", "ntkmtl", "famo"), steps=30):
+  runs = []
+  for seed in range(seeds):
+    for task in range(len(TASKS)):
+      values = dict(zip(METRICS, rng.uniform(0.5, 1.0, 3)))
+      runs.append(RunResult("stl", seed, {"task": task}, values, float(rng.uniform(1, 2)),
+                            steps, 0, False, _history(rng, steps, True)))
+    for m in methods:
+      values = dict(zip(METRICS, rng.uniform(0.5, 1.0, 3)))
+      runs.append(RunResult(m, seed, {}, values, float(rng.uniform(1, 2)), steps, 0, False,
+                            _history(rng, steps, m in ("ls", "ntkmtl"))))
+  return runs
+
+
+def test_summary_matches_independent_computation():
+  seed = _seed()
+  rng = np.random.default_rng(seed)
+  runs = _runs(rng)
+  summary = report.summarize(runs, METRICS, HIGHER, (0, 1, 2))
+  assert list(summary) == ["stl", "ls", "ntkmtl", "famo"]
+  # STL: metric j of seed s comes from the STL run of seed s trained on task j.
+  stl = np.array([[next(r.metrics[METRICS[j]] for r in runs if r.method == "stl"
+                        and r.seed == s and r.hparams["task"] == j) for j in range(3)]
+                  for s in range(3)])
+  baseline = stl.mean(axis=0)
+  np.testing.assert_allclose(summary["stl"]["metrics_mean"], baseline, rtol=1e-12)
+  stl_time = [sum(r.wall_time for r in runs if r.method == "stl" and r.seed == s)
+              for s in range(3)]
+  assert summary["stl"]["wall_time_mean"] == pytest.approx(np.mean(stl_time)), f"seed {seed}"
+  sign = np.array([-1.0, -1.0, 1.0])
+  means = {}
+  for m in ("ls", "ntkmtl", "famo"):
+    values = np.array([[r.metrics[k] for k in METRICS] for r in runs
+                       if r.method == m])  # seeds in order
+    deltas = [100 * np.mean(sign * (v - baseline) / baseline) for v in values]
+    row = summary[m]
+    assert row["delta_m_mean"] == pytest.approx(np.mean(deltas), rel=1e-10), f"seed {seed}"
+    assert row["delta_m_std"] == pytest.approx(np.std(deltas, ddof=1), rel=1e-10)
+    np.testing.assert_allclose(row["metrics_mean"], values.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(row["metrics_std"], values.std(axis=0, ddof=1), rtol=1e-10)
+    means[m] = values.mean(axis=0)
+  names = list(means)
+  oriented = np.array([means[n] for n in names]) * sign  # smaller is better everywhere
+  ranks = np.mean([stats.rankdata(oriented[:, j]) for j in range(3)], axis=0)
+  for n, r in zip(names, ranks):
+    assert summary[n]["mean_rank"] == pytest.approx(r), f"seed {seed}"
+  assert summary["stl"]["mean_rank"] is None
+
+
+def test_interrupted_and_incomplete_runs_are_left_out():
+  seed = _seed()
+  rng = np.random.default_rng(seed)
+  runs = _runs(rng, seeds=2, methods=("ls",))
+  runs[-1].interrupted = True  # ls, seed 1
+  summary = report.summarize(runs, METRICS, HIGHER, (0, 1, 2))
+  assert summary["ls"]["seeds"] == [0]
+  no_stl = report.summarize([r for r in runs if r.method != "stl"], METRICS, HIGHER, (0, 1, 2))
+  assert "stl" not in no_stl and no_stl["ls"]["delta_m_mean"] is None
+
+
+def test_csv_json_and_table(tmp_path):
+  seed = _seed()
+  rng = np.random.default_rng(seed)
+  runs = _runs(rng)
+  summary, paths = report.write_reports(str(tmp_path), runs=runs, config={"x": 1},
+                                        benchmark=BENCH, plots=False)
+  with open(tmp_path / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["method"] for r in rows] == list(summary)
+  for r in rows:
+    s = summary[r["method"]]
+    assert float(r["delta_m_mean"]) == pytest.approx(s["delta_m_mean"], rel=1e-9)
+    assert float(r["c MAE mean"]) == pytest.approx(s["metrics_mean"][2], rel=1e-9)
+    assert int(r["seeds"]) == 3
+  document = json.loads((tmp_path / "results.json").read_text())
+  assert len(document["runs"]) == len(runs) and document["config"] == {"x": 1}
+  back = RunResult.from_dict(document["runs"][4])
+  np.testing.assert_allclose(back.history.losses, runs[4].history.losses)
+  assert back.metrics == runs[4].metrics
+  table = report.format_table(summary, METRICS, HIGHER)
+  lines = table.splitlines()
+  assert "Δm% ↓" in lines[1] and "a acc ↑" in lines[1] and "c MAE ↓" in lines[1]
+  ls_line = next(line for line in lines if line.startswith("ls "))
+  assert f"{summary['ls']['delta_m_mean']:.2f} ± {summary['ls']['delta_m_std']:.2f}" in ls_line
+  assert next(line for line in lines if line.startswith("STL"))
+
+
+def test_plots_are_written_and_readable(tmp_path):
+  seed = _seed()
+  rng = np.random.default_rng(seed)
+  runs = _runs(rng, seeds=2, steps=25)
+  _, paths = report.write_reports(str(tmp_path), runs=runs, config={}, benchmark=BENCH)
+  pngs = [p for p in paths if p.endswith(".png")]
+  assert sorted(p.split("/")[-1] for p in pngs) == ["eigenvalues.png", "task_weights.png",
+                                                    "training_curves.png"]
+  for p in pngs:
+    image = matplotlib.image.imread(p)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert image[..., :3].std() > 0.01  # not a blank canvas
