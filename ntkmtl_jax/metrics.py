@@ -92,3 +92,120 @@ def f1_score(predicted, targets) -> float:
   tp = np.sum(predicted & targets)
   denominator = 2 * tp + np.sum(predicted & ~targets) + np.sum(~predicted & targets)
   return float(2 * tp / denominator) if denominator else 0.0
+
+
+# Dense-prediction and per-attribute metrics of the paper's benchmarks, in the units of its
+# tables, built to accumulate over evaluation batches (counts and sums, never all pixels).
+
+
+def binary_counts(predicted, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Per-column true positives, false positives and false negatives of (N, k) binary arrays."""
+  predicted, targets = np.asarray(predicted).astype(bool), np.asarray(targets).astype(bool)
+  if predicted.shape != targets.shape or predicted.ndim != 2:
+    raise ValueError(f"binary_counts needs two (N, k) arrays, got {predicted.shape} and "
+                     f"{targets.shape}.")
+  return (np.sum(predicted & targets, axis=0), np.sum(predicted & ~targets, axis=0),
+          np.sum(~predicted & targets, axis=0))
+
+
+def f1_from_counts(true_positives, false_positives, false_negatives) -> np.ndarray:
+  """F1 = 2 TP / (2 TP + FP + FN) per column; 0 where the denominator is 0 (higher is better)."""
+  tp = np.asarray(true_positives, np.float64)
+  denominator = 2 * tp + np.asarray(false_positives) + np.asarray(false_negatives)
+  return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0)
+
+
+def confusion_matrix(predicted, labels, num_classes: int) -> np.ndarray:
+  """(C, C) counts, rows = true class, columns = predicted; labels outside [0, C) ignored."""
+  predicted = np.asarray(predicted).reshape(-1).astype(np.int64)
+  labels = np.asarray(labels).reshape(-1).astype(np.int64)
+  if predicted.shape != labels.shape:
+    raise ValueError(f"confusion_matrix: {predicted.size} predictions for {labels.size} labels.")
+  keep = (labels >= 0) & (labels < num_classes)
+  index = num_classes * labels[keep] + predicted[keep]
+  return np.bincount(index, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def segmentation_scores(confusion) -> tuple[float, float]:
+  """(mIoU %, pixel accuracy %) from a confusion matrix (higher is better).
+
+  IoU_c = TP_c / (TP_c + FP_c + FN_c), averaged over the classes that occur in the labels or
+  the predictions (the MTAN code averages over all classes, the same on a full test set).
+  """
+  confusion = np.asarray(confusion, np.float64)
+  tp = np.diag(confusion)
+  union = confusion.sum(0) + confusion.sum(1) - tp
+  if confusion.sum() == 0:
+    raise ValueError("segmentation_scores: the confusion matrix is empty (no labelled pixel).")
+  miou = np.mean(tp[union > 0] / union[union > 0])
+  return float(miou * 100.0), float(tp.sum() / confusion.sum() * 100.0)
+
+
+def depth_error_sums(prediction, target) -> tuple[float, float, int]:
+  """Sums of |d - d*| and |d - d*| / d* over pixels with a depth (d* != 0), and their count.
+
+  Divide by the count (after summing over batches) for the tables' abs and rel errors
+  (lower is better). prediction, target: (..., 1) or (...) arrays of the same shape.
+  """
+  prediction = np.asarray(prediction, np.float64)
+  target = np.asarray(target, np.float64)
+  if prediction.shape != target.shape:
+    raise ValueError(f"depth_error_sums: shapes {prediction.shape} and {target.shape} differ.")
+  valid = target != 0
+  error = np.abs(prediction[valid] - target[valid])
+  return float(error.sum()), float((error / np.abs(target[valid])).sum()), int(valid.sum())
+
+
+def normal_angle_errors(prediction, target) -> np.ndarray:
+  """Angles in degrees between predicted and true unit normals (..., 3), at pixels whose
+  true normal is not all zero; returns a 1-D array."""
+  prediction = np.asarray(prediction, np.float64)
+  target = np.asarray(target, np.float64)
+  if prediction.shape != target.shape or prediction.shape[-1] != 3:
+    raise ValueError(f"normal_angle_errors needs two (..., 3) arrays, got {prediction.shape} "
+                     f"and {target.shape}.")
+  valid = np.sum(target, axis=-1) != 0
+  cosine = np.clip(np.sum(prediction * target, axis=-1)[valid], -1.0, 1.0)
+  return np.degrees(np.arccos(cosine))
+
+
+NORMAL_THRESHOLDS = (11.25, 22.5, 30.0)
+
+
+def angle_histogram(angles, bin_width: float = 0.01) -> np.ndarray:
+  """Counts of angles (degrees) in bins of `bin_width` over [0, 180]: accumulate over batches,
+  then `surface_normal_scores_from_histogram`."""
+  bins = int(round(180.0 / bin_width))
+  index = np.clip(np.floor(np.asarray(angles, np.float64) / bin_width).astype(np.int64), 0,
+                  bins - 1)
+  return np.bincount(index, minlength=bins)
+
+
+def surface_normal_scores(angles) -> tuple[float, ...]:
+  """(mean, median, % < 11.25, % < 22.5, % < 30) of angle errors in degrees.
+
+  The first two are lower-is-better, the last three higher-is-better.
+  """
+  angles = np.asarray(angles, np.float64).reshape(-1)
+  if angles.size == 0:
+    raise ValueError("surface_normal_scores: no valid pixel.")
+  return (float(angles.mean()), float(np.median(angles)),
+          *(float(np.mean(angles < t) * 100.0) for t in NORMAL_THRESHOLDS))
+
+
+def surface_normal_scores_from_histogram(histogram, angle_sum: float,
+                                         bin_width: float = 0.01) -> tuple[float, ...]:
+  """`surface_normal_scores` from an `angle_histogram` and the exact sum of the angles.
+
+  The mean is exact; the median is exact to `bin_width` (the midpoint of its bin); the
+  thresholds are exact when they are multiples of `bin_width`.
+  """
+  histogram = np.asarray(histogram, np.float64)
+  total = histogram.sum()
+  if total == 0:
+    raise ValueError("surface_normal_scores_from_histogram: no valid pixel.")
+  cumulative = np.cumsum(histogram)
+  median_bin = int(np.searchsorted(cumulative, total / 2.0))
+  within = [cumulative[int(round(t / bin_width)) - 1] / total * 100.0 for t in NORMAL_THRESHOLDS]
+  return (float(angle_sum / total), float((median_bin + 0.5) * bin_width),
+          *(float(w) for w in within))

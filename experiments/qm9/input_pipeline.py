@@ -1,0 +1,123 @@
+"""QM9 from tfds `qm9` as padded dense graphs (29 atoms), 11 standardised targets.
+
+Targets, in the paper's order and units: mu (D), alpha (a0^3), e_HOMO, e_LUMO (meV),
+<R^2> (a0^2), ZPVE (meV), U0, U, H, G (atomization energies, meV), c_v (cal/mol K). tfds
+stores energies in Hartree; they are converted with 1 Ha = 27,211.386 meV. Targets are
+standardised with the mean and standard deviation of the training split (`Standardizer`);
+the loss is the MSE of the standardised targets and the reported MAE is in paper units.
+
+Split (the paper's): the 130,831 characterised molecules (tfds config "original", split
+"train") are shuffled with `split_seed`; test = the first 10,000, validation = the next
+10,000, train = the rest.
+
+Graphs: each molecule is a complete graph (no self-loops) over its atoms, as the papers'
+`Complete` transform. tfds `qm9` has no bond table (the papers' PyTorch Geometric features
+come from RDKit), so covalent bonds are inferred from geometry: atoms i, j are bonded when
+their distance is at most r_i + r_j + 0.4 A (covalent radii H 0.31, C 0.76, N 0.71, O 0.66,
+F 0.57 A). Node features (8): one-hot H/C/N/O/F, atomic number, bonded degree, bonded
+hydrogens. Edge features (2): bonded (0/1), distance (A). Arrays: `graph` = {`nodes`
+(B, 29, 8), `node_mask` (B, 29), `edges` (B, 29, 29, 2), `edge_mask` (B, 29, 29)}, `y`
+(B, 11) float32.
+
+Data: `tfds.data_source("qm9")` (array_record) from `--data-dir`; see `HOW_TO_GET`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from experiments import common
+
+HOW_TO_GET = ("on a machine with TensorFlow installed, `pip install tensorflow "
+              "tensorflow-datasets && tfds build qm9 --file_format=array_record --data_dir DIR` "
+              "(the 'original' config; it downloads the QM9 files from figshare)")
+
+MAX_ATOMS = 29
+TARGETS = ("mu", "alpha", "homo", "lumo", "r2", "zpve", "U0_atomization", "U_atomization",
+           "H_atomization", "G_atomization", "Cv")
+TARGET_NAMES = ("mu", "alpha", "eHOMO", "eLUMO", "R2", "ZPVE", "U0", "U", "H", "G", "cv")
+HARTREE_TO_MEV = 27_211.386245988
+# Paper units: meV for the energies, tfds' own units for the others.
+UNIT_SCALE = np.asarray([1, 1, HARTREE_TO_MEV, HARTREE_TO_MEV, 1, HARTREE_TO_MEV,
+                         HARTREE_TO_MEV, HARTREE_TO_MEV, HARTREE_TO_MEV, HARTREE_TO_MEV, 1],
+                        np.float64)
+ELEMENTS = (1, 6, 7, 8, 9)
+COVALENT_RADIUS = {1: 0.31, 6: 0.76, 7: 0.71, 8: 0.66, 9: 0.57}
+BOND_TOLERANCE = 0.4
+NUM_NODE_FEATURES = 8
+NUM_EDGE_FEATURES = 2
+
+
+def graph_features(charges: np.ndarray, positions: np.ndarray) -> dict:
+  """Padded dense graph arrays of a batch: charges (B, 29) int (0 = padding), positions
+  (B, 29, 3) in A."""
+  charges = np.asarray(charges, np.int64)
+  node_mask = charges > 0
+  radius = np.zeros(charges.shape, np.float32)
+  for z, r in COVALENT_RADIUS.items():
+    radius[charges == z] = r
+  distance = np.linalg.norm(positions[:, :, None, :] - positions[:, None, :, :], axis=-1)
+  n = charges.shape[1]
+  edge_mask = node_mask[:, :, None] & node_mask[:, None, :] & ~np.eye(n, dtype=bool)[None]
+  bonded = edge_mask & (distance <= radius[:, :, None] + radius[:, None, :] + BOND_TOLERANCE)
+  one_hot = np.stack([charges == z for z in ELEMENTS], axis=-1)
+  degree = bonded.sum(-1)
+  hydrogens = (bonded & (charges == 1)[:, None, :]).sum(-1)
+  nodes = np.concatenate([one_hot, charges[..., None], degree[..., None],
+                          hydrogens[..., None]], axis=-1).astype(np.float32)
+  nodes *= node_mask[..., None]
+  edges = np.stack([bonded, distance * edge_mask], axis=-1).astype(np.float32)
+  return {"nodes": nodes, "node_mask": node_mask, "edges": edges, "edge_mask": edge_mask}
+
+
+class Standardizer:
+  """Target standardisation with the training split's statistics (paper units)."""
+
+  def __init__(self, targets: np.ndarray):
+    self.mean = targets.mean(axis=0)
+    self.std = targets.std(axis=0, ddof=1) if len(targets) > 1 else np.ones(targets.shape[1])
+    self.std = np.where(self.std > 0, self.std, 1.0)
+
+  def __call__(self, targets):
+    return ((targets - self.mean) / self.std).astype(np.float32)
+
+
+def split_indices(num: int, test_size: int, val_size: int, seed: int):
+  """(train, val, test) indices: shuffle, test = first `test_size`, val = next `val_size`."""
+  if test_size + val_size >= num:
+    raise ValueError(f"QM9 split: test_size + val_size ({test_size} + {val_size}) must be "
+                     f"smaller than the {num} molecules.")
+  order = np.random.default_rng(seed).permutation(num)
+  return order[test_size + val_size:], order[test_size:test_size + val_size], order[:test_size]
+
+
+def make_split(arrays: dict, standardize: Standardizer) -> common.Split:
+
+  def take(indices, rng):
+    del rng
+    return {"graph": graph_features(arrays["charges"][indices], arrays["positions"][indices]),
+            "y": standardize(arrays["targets"][indices])}
+
+  return common.Split(len(arrays["targets"]), take)
+
+
+def load_arrays(config) -> dict:
+  """charges, positions and paper-unit targets of every molecule, in tfds order."""
+  source = common.open_tfds("qm9", "train", config.data_dir, HOW_TO_GET)
+  raw = common.read_examples(source, ("charges", "positions") + TARGETS)
+  targets = np.stack([raw[t].astype(np.float64) for t in TARGETS], axis=1) * UNIT_SCALE
+  return {"charges": raw["charges"].reshape(-1, MAX_ATOMS),
+          "positions": raw["positions"].reshape(-1, MAX_ATOMS, 3).astype(np.float32),
+          "targets": targets}
+
+
+def load_splits(config):
+  """(train, val, test, standardizer) of QM9 (see the module docstring)."""
+  arrays = load_arrays(config)
+  train_idx, val_idx, test_idx = split_indices(
+      len(arrays["targets"]), int(config.data.get("test_size", 10_000)),
+      int(config.data.get("val_size", 10_000)), int(config.data.get("split_seed", 0)))
+  pick = lambda idx: {k: v[idx] for k, v in arrays.items()}
+  standardize = Standardizer(arrays["targets"][train_idx])
+  return (make_split(pick(train_idx), standardize), make_split(pick(val_idx), standardize),
+          make_split(pick(test_idx), standardize), standardize)
