@@ -190,14 +190,15 @@ def multidigits_benchmark(*, ink_scale: float = 1.0, num_train: int = 10_000,
 @register_benchmark("sines")
 def sines_benchmark(*, num_tasks: int = 3, imbalance: float = 30.0, min_frequency: float = 1.0,
                     max_frequency: float = 3.0, input_dim: int = 4, noise: float = 0.0,
-                    data_seed: int = 0, hidden: tuple[int, ...] = (64, 64)) -> Benchmark:
+                    num_train: int = 8_192, num_test: int = 2_048, data_seed: int = 0,
+                    hidden: tuple[int, ...] = (64, 64)) -> Benchmark:
   """Sines (generated): k sine regressions whose amplitude ratio is `imbalance`.
 
   See `ntkmtl_jax.data.offline.sines` for the knobs.
   """
   dataset = offline.sines(num_tasks, imbalance=imbalance, min_frequency=min_frequency,
                           max_frequency=max_frequency, input_dim=input_dim, noise=noise,
-                          data_seed=data_seed)
+                          num_train=num_train, num_test=num_test, data_seed=data_seed)
   return _offline_benchmark(
       "sines", f"{num_tasks} generated sine regressions, amplitude ratio {imbalance:g}",
       dataset, MLPEncoder(tuple(hidden), activation="tanh"),

@@ -91,6 +91,8 @@ def _add_common(p: argparse.ArgumentParser, *, out: bool = True):
   p.add_argument("--lr", type=float, help="Adam learning rate (default: the benchmark's)")
   p.add_argument("--optimizer", default="adam", choices=("adam", "adamw", "sgd"),
                  help="optimiser after the task aggregation (default: adam)")
+  p.add_argument("--schedule", choices=("constant", "cosine"),
+                 help="learning-rate schedule (default: the benchmark's)")
   p.add_argument("--max-grad-norm", type=float, default=None,
                  help="clip the shared update's global norm to this before the optimiser "
                       "(default: no clipping)")
@@ -209,7 +211,8 @@ def _settings(args, bench):
     raise UsageError("--steps, --batch-size and --lr must be positive")
   optimizer = OptimizerConfig(args.optimizer, lr,
                               args.max_grad_norm if args.max_grad_norm is not None else
-                              defaults.get("max_grad_norm"))
+                              defaults.get("max_grad_norm"),
+                              schedule=args.schedule or defaults.get("schedule", "constant"))
   return steps, batch_size, optimizer
 
 
