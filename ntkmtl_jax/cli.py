@@ -289,7 +289,13 @@ def _run_all(args, bench, plan, out, config, command) -> int:
 
 def cmd_compare(args) -> int:
   bench = _benchmark(args)
-  names = _check_methods(args.methods.split(",")) if args.methods else default_methods()
+  if args.methods:
+    names = _check_methods(args.methods.split(","))
+  elif bench.defaults.get("methods"):
+    from ntkmtl_jax import methods
+    names = [m for m in bench.defaults["methods"] if m in methods.names()]
+  else:
+    names = default_methods()
   if args.seeds < 1:
     raise UsageError("--seeds must be at least 1")
   hp = _key_values(args.hp, "--hp")

@@ -290,8 +290,10 @@ def plot_eigenvalues(path: str, runs: Sequence[RunResult], task_names: Sequence[
                        for r in members], axis=0)
     window = max(1, length // 40)
     for i, name in enumerate(task_names):
-      axes[0, col].plot(steps, _smooth(lam[:, i], window), label=name)
-      axes[1, col].plot(steps, _smooth(weights[:, i] ** 2 * lam[:, i], window), label=name)
+      # Distinct dashes keep equal curves (NTKMTL's bottom row) visible on top of each other.
+      style = dict(label=name, linestyle=("-", "--", ":", "-.")[i % 4], linewidth=1.4)
+      axes[0, col].plot(steps, _smooth(lam[:, i], window), **style)
+      axes[1, col].plot(steps, _smooth(weights[:, i] ** 2 * lam[:, i], window), **style)
     axes[0, col].set_title(f"{label}: λ_i (largest eigenvalue of K_ii)")
     axes[1, col].set_title(f"{label}: w_i² λ_i (what the update follows)")
     for row in range(2):

@@ -65,7 +65,7 @@ def test_sines_amplitudes_frequencies_and_determinism():
   rng = np.random.default_rng(seed)
   k, imbalance = int(rng.integers(2, 5)), float(rng.uniform(2, 50))
   data = offline.sines(k, imbalance=imbalance, num_train=4096, num_test=64, data_seed=seed)
-  assert data.train.x.shape == (4096, 4) and np.abs(data.train.x).max() <= 1.0
+  assert data.train.x.shape == (4096, 2) and np.abs(data.train.x).max() <= 1.0
   peaks = np.array([np.abs(data.train.targets[f"sine{i}"]).max() for i in range(k)])
   amplitudes = imbalance ** np.linspace(0, 1, k)
   # Noiseless targets are bounded by their amplitude and come close to it on 4096 points.
@@ -95,7 +95,9 @@ def _eigenvalues(bench, seed):
   fns = bench.functions
   params, state = fns.init(jax.random.key(seed), batch)
   losses = lambda p, b: fns.loss_fn(p, state, b)[0]
-  return np.asarray(kernel.ntk_weights(losses, params, batch, shared=fns.shared).eigenvalues)
+  eigenvalues = jax.jit(lambda p, b: kernel.ntk_weights(losses, p, b, shared=fns.shared)
+                        .eigenvalues)
+  return np.asarray(eigenvalues(params, batch))
 
 
 def test_multidigits_ink_task_dominates_the_kernel():

@@ -115,8 +115,8 @@ def multidigits(num_train: int = 10_000, num_test: int = 2_000, *, ink_scale: fl
                         (8, 16))
 
 
-def sines(num_tasks: int = 3, *, imbalance: float = 30.0, min_frequency: float = 1.0,
-          max_frequency: float = 3.0, input_dim: int = 4, num_train: int = 8_192,
+def sines(num_tasks: int = 3, *, imbalance: float = 30.0, min_frequency: float = 0.5,
+          max_frequency: float = 1.5, input_dim: int = 2, num_train: int = 8_192,
           num_test: int = 2_048, noise: float = 0.0, data_seed: int = 0) -> OfflineDataset:
   """Sines: generated regression tasks whose imbalance is set by one knob.
 
