@@ -59,3 +59,4 @@ def defaults(name: str) -> dict:
 from ntkmtl_jax.methods import loss_based as _loss_based  # noqa: E402,F401
 from ntkmtl_jax.methods import ntk as _ntk  # noqa: E402,F401
 from ntkmtl_jax.methods import gradient_based as _gradient_based  # noqa: E402,F401
+from ntkmtl_jax.methods import gradient_more as _gradient_more  # noqa: E402,F401

@@ -1,0 +1,256 @@
+"""More gradient methods: UPGrad, DualProj, Aligned-MTL, ConFIG, GradVac, SDMGrad and MoCo.
+
+All but MoCo choose their update as a linear combination of the shared task gradients whose
+coefficients depend only on the k x k Gram matrix G_ij = <g_i, g_j> (`needs="gram"`), so
+the train step can run them with the "streaming" strategy, which never holds the k
+gradients at once. This holds even where the published code manipulates the gradients
+themselves: projections onto the dual cone (UPGrad, DualProj), the whitening of the
+gradient matrix (Aligned-MTL), the pseudo-inverse of the unit gradients (ConFIG) and
+GradVac's successive corrections all produce combinations of the original gradients whose
+coefficients are read off G. MoCo keeps a tracking copy of the task gradients in its state
+and needs the gradients (`needs="gradients"`).
+
+Every iterative solver is jnp code with a fixed iteration bound; each state records the
+weights applied to the shared task gradients, the number of conflicting pairs (negative
+off-diagonal entries of G) and, for the iterative methods, the iterations used and how many
+steps ended without meeting the solver's tolerance.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntkmtl_jax import _tree
+from ntkmtl_jax._tree import SharedSpec
+from ntkmtl_jax.aggregator import (TaskAggregator, TaskStats, gradient_aggregator,
+                                   weighted_aggregator)
+from ntkmtl_jax.methods import register, solvers
+from ntkmtl_jax.methods.gradient_based import (EPS, _check_num_tasks, _gram_of, _key_of,
+                                               _normalized, _zeros_int, conflicting_pairs,
+                                               pcgrad_orders)
+
+
+def _preference(pref_vector, num_tasks, default):
+  """The preference vector as a float32 array of shape (k,), checked."""
+  if pref_vector is None:
+    return np.full(num_tasks, default, np.float32)
+  pref = np.asarray(pref_vector, np.float32)
+  if pref.shape != (num_tasks,) or not np.all(np.isfinite(pref)) or np.any(pref < 0):
+    raise ValueError(f"pref_vector must be {num_tasks} finite non-negative numbers, got "
+                     f"{pref_vector!r}.")
+  return pref
+
+
+# ------------------------------------------------------------------------ dual-cone solver
+
+
+def nonnegative_qp(gram: jax.Array, linear: jax.Array, *, max_iters: int = 100,
+                   tol: float = 1e-5) -> solvers.SolverResult:
+  """Solves min_z 1/2 z^T G z + c^T z subject to z >= 0, for a positive definite G.
+
+  A primal active-set method (Lawson & Hanson's NNLS iteration written on the normal
+  equations): starting from z = 0, it frees the coordinate whose partial derivative is most
+  negative, solves the equality-constrained problem on the free coordinates exactly (one
+  k x k linear solve with the fixed coordinates masked out), and, when that solution leaves
+  the orthant, moves back along the segment to the first coordinate that hits zero and
+  fixes it. Each iteration either frees a coordinate or fixes one; on small problems (k
+  tasks) it ends after about k iterations with the exact solution, up to rounding.
+
+  Tolerance: stops when max_j |min(z_j, (G z + c)_j / max_i G_ii)| <= tol, a measure that is
+  zero exactly at the solution (KKT conditions) and has the units of z. Non-convergence:
+  after `max_iters` iterations the last iterate, always feasible (z >= 0), is returned with
+  `converged=False`.
+
+  Args:
+    gram: (k, k) symmetric positive definite matrix (add a ridge to a Gram matrix).
+    linear: (k,) linear term c.
+    max_iters: iteration bound.
+    tol: tolerance on the KKT residual.
+
+  Returns:
+    A `SolverResult` with `x` the solution z (k,) and `residual` the final KKT residual.
+
+  References:
+    Lawson, Hanson, "Solving Least Squares Problems", Prentice-Hall 1974, chapter 23.
+  """
+  k = gram.shape[0]
+  dtype = gram.dtype
+  scale = jnp.maximum(jnp.max(jnp.diagonal(gram)), jnp.finfo(dtype).tiny)
+  eye = jnp.eye(k, dtype=dtype)
+
+  def residual_of(z):
+    return jnp.max(jnp.abs(jnp.minimum(z, (gram @ z + linear) / scale)))
+
+  def free_solution(free):
+    both = free[:, None] & free[None, :]
+    system = jnp.where(both, gram, eye)
+    return jnp.where(free, jnp.linalg.solve(system, jnp.where(free, -linear, 0.0)), 0.0)
+
+  def cond(c):
+    _, _, i, residual = c
+    return (i < max_iters) & ~(residual <= tol)
+
+  def body(c):
+    z, free, i, _ = c
+    s = free_solution(free)
+    inside = jnp.all(jnp.where(free, s > 0, True))
+    # s is optimal on its face: free the coordinate with the most negative derivative.
+    candidates = jnp.where(free, -jnp.inf, -(gram @ s + linear))
+    t = jnp.argmax(candidates)
+    free_added = free.at[t].set(free[t] | (candidates[t] > 0))
+    # s left the orthant: stop at the first coordinate reaching zero and fix it.
+    blocking = free & (s <= 0)
+    ratios = jnp.where(blocking, z / jnp.where(blocking, z - s, 1.0), jnp.inf)
+    first = jnp.argmin(ratios)
+    step = jnp.clip(ratios[first], 0.0, 1.0)
+    z_back = z + step * (s - z)
+    free_back = free & (z_back > 0)
+    free_back = free_back.at[first].set(False)
+    z_back = jnp.where(free_back, z_back, 0.0)
+    z = jnp.where(inside, s, z_back)
+    free = jnp.where(inside, free_added, free_back)
+    return z, free, i + 1, residual_of(z)
+
+  z0 = jnp.zeros((k,), dtype)
+  z, _, iterations, residual = jax.lax.while_loop(
+      cond, body, (z0, jnp.zeros((k,), bool), jnp.zeros([], jnp.int32), residual_of(z0)))
+  return solvers.SolverResult(z, iterations, residual <= tol, residual)
+
+
+def dual_cone_weights(gram: jax.Array, preference: jax.Array, *, norm_eps: float = 1e-4,
+                      reg_eps: float = 1e-4, max_iters: int = 100, tol: float = 1e-5
+                      ) -> solvers.SolverResult:
+  """Weights w >= u minimising w^T G w: J^T w is the projection of J^T u onto the dual cone.
+
+  The projection of J^T u onto the dual cone {v : J v >= 0} of the task gradients (the rows
+  of J) minimises ||v - J^T u||^2 subject to J v >= 0; its dual is min_{w >= u} w^T G w, and
+  the projection is J^T w. As torchjd does, G is first divided by its trace (replaced by 0
+  when the trace is below `norm_eps`) and `reg_eps` times the identity is added so that the
+  problem is strictly convex; the dual is then solved exactly by `nonnegative_qp` on
+  z = w - u. `preference` may be (k,) or a batch (m, k) of vectors u.
+
+  Returns:
+    A `SolverResult` with `x` the weights w (shape of `preference`).
+  """
+  k = gram.shape[0]
+  trace = jnp.trace(gram)
+  normalized = jnp.where(trace < norm_eps, 0.0, gram / jnp.where(trace < norm_eps, 1.0, trace))
+  regularized = normalized + reg_eps * jnp.eye(k, dtype=gram.dtype)
+  preference = preference.astype(gram.dtype)
+  solve = lambda u: nonnegative_qp(regularized, regularized @ u, max_iters=max_iters, tol=tol)
+  result = solve(preference) if preference.ndim == 1 else jax.vmap(solve)(preference)
+  return result._replace(x=result.x + preference)
+
+
+class DualConeState(NamedTuple):
+  """State of `upgrad` and `dualproj`.
+
+  Attributes:
+    count: number of updates made.
+    weights: the last weights applied to the task gradients.
+    conflicts: conflicting pairs (G_ij < 0, i < j) at the last step.
+    iterations: active-set iterations at the last step (the most over UPGrad's k problems).
+    solver_failures: steps so far where the active-set solver reached its iteration bound
+      before its tolerance (its feasible iterate was used anyway).
+  """
+  count: jax.Array
+  weights: jax.Array
+  conflicts: jax.Array
+  iterations: jax.Array
+  solver_failures: jax.Array
+
+
+def _dual_cone_aggregator(name, num_tasks, preference, per_task, norm_eps, reg_eps,
+                          max_iters, tol, shared, head_gradients):
+  _check_num_tasks(num_tasks)
+  if norm_eps < 0 or reg_eps <= 0 or max_iters < 1 or tol <= 0:
+    raise ValueError(f"{name}: need norm_eps >= 0, reg_eps > 0, max_iters >= 1 and tol > 0; "
+                     f"got {norm_eps}, {reg_eps}, {max_iters}, {tol}.")
+  preference = jnp.asarray(np.diag(preference) if per_task else preference)
+
+  def weighting(stats: TaskStats, state: DualConeState):
+    gram = _gram_of(stats, name, num_tasks)
+    result = dual_cone_weights(gram, preference, norm_eps=norm_eps, reg_eps=reg_eps,
+                               max_iters=max_iters, tol=tol)
+    weights = jnp.sum(result.x, axis=0) if per_task else result.x
+    failed = ~jnp.all(result.converged)
+    return weights, DualConeState(state.count + 1, weights.astype(jnp.float32),
+                                  conflicting_pairs(gram), jnp.max(result.iterations),
+                                  state.solver_failures + failed.astype(jnp.int32))
+
+  init = lambda params: DualConeState(_zeros_int(), jnp.ones(num_tasks, jnp.float32),
+                                      _zeros_int(), _zeros_int(), _zeros_int())
+  return weighted_aggregator(name, "gram", weighting, init, shared=shared,
+                             head_gradients=head_gradients, norm_eps=norm_eps,
+                             reg_eps=reg_eps)
+
+
+@register("upgrad")
+def upgrad(num_tasks: int, *, pref_vector: Sequence[float] | None = None,
+           norm_eps: float = 1e-4, reg_eps: float = 1e-4, max_iters: int = 100,
+           tol: float = 1e-5, shared: SharedSpec = None,
+           head_gradients: str = "sum") -> TaskAggregator:
+  """UPGrad: the average of every task gradient's projection onto the dual cone.
+
+  Each task gradient, scaled by its preference u_i (1/k by default), is projected onto the
+  dual cone {v : <v, g_j> >= 0 for all j} of the task gradients, and the projections are
+  summed: the update conflicts with no task and weighs them by preference. Each projection
+  is the dual problem min_{w >= u_i e_i} w^T G w, solved exactly on the Gram matrix by an
+  active-set method with a fixed iteration bound (`dual_cone_weights`, where torchjd calls
+  quadprog on the CPU), all k of them at once with `vmap`.
+
+  Args:
+    num_tasks: k.
+    pref_vector: the preference weights u (default 1/k each, as torchjd: the mean of the
+      projections).
+    norm_eps: the Gram matrix is divided by its trace unless the trace is below this; below
+      it (all gradients tiny) the problem is solved as if G = 0, giving w = u, as torchjd.
+    reg_eps: ridge added to the normalised Gram matrix.
+    max_iters: bound on the active-set iterations.
+    tol: tolerance on the KKT residual (see `nonnegative_qp`); past the bound the feasible
+      iterate is used and the step counted in `DualConeState.solver_failures`.
+    shared: which parameters are shared: None (all), a pytree of bools or a function.
+    head_gradients: "sum" (task-specific parameters get their plain gradients) or
+      "weighted".
+
+  Returns:
+    A `TaskAggregator` (needs "gram") with state `DualConeState`.
+
+  References:
+    Quinton, Rey, "Jacobian Descent for Multi-Objective Optimization", arXiv 2406.16232
+    (2024).
+  """
+  preference = _preference(pref_vector, num_tasks, 1.0 / num_tasks)
+  return _dual_cone_aggregator("upgrad", num_tasks, preference, True, norm_eps, reg_eps,
+                               max_iters, tol, shared, head_gradients)
+
+
+@register("dualproj")
+def dualproj(num_tasks: int, *, pref_vector: Sequence[float] | None = None,
+             norm_eps: float = 1e-4, reg_eps: float = 1e-4, max_iters: int = 100,
+             tol: float = 1e-5, shared: SharedSpec = None,
+             head_gradients: str = "sum") -> TaskAggregator:
+  """DualProj: the projection of the mean task gradient onto the dual cone.
+
+  The weighted sum sum_i u_i g_i (the mean by default) is projected onto the dual cone of
+  the task gradients (as in GEM's Eq. 11): the nearest update that conflicts with no task.
+  Solved on the Gram matrix as `upgrad`'s problems (`dual_cone_weights`).
+
+  Args:
+    As `upgrad`.
+
+  Returns:
+    A `TaskAggregator` (needs "gram") with state `DualConeState`.
+
+  References:
+    Quinton, Rey, "Jacobian Descent for Multi-Objective Optimization", arXiv 2406.16232
+    (2024); Lopez-Paz, Ranzato, "Gradient Episodic Memory for Continual Learning", NeurIPS
+    2017.
+  """
+  preference = _preference(pref_vector, num_tasks, 1.0 / num_tasks)
+  return _dual_cone_aggregator("dualproj", num_tasks, preference, False, norm_eps, reg_eps,
+                               max_iters, tol, shared, head_gradients)
