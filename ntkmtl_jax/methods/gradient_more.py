@@ -455,3 +455,320 @@ def config(num_tasks: int, *, rcond: float | None = None, shared: SharedSpec = N
                                     _zeros_int(), jnp.ones([], jnp.float32), _zeros_int())
   return weighted_aggregator("config", "gram", weighting, init, shared=shared,
                              head_gradients=head_gradients, rcond=rcond)
+
+
+# -------------------------------------------------------------------------------- GradVac
+
+
+class GradVacState(NamedTuple):
+  """State of `gradvac`.
+
+  Attributes:
+    count: number of updates made.
+    weights: the last coefficients of the original task gradients in the update.
+    conflicts: conflicting pairs (G_ij < 0, i < j) at the last step.
+    targets: (k, k) the cosine targets phi^T_ij, an exponential moving average of the
+      cosines observed between (the partly corrected) g_i and g_j; the diagonal is unused.
+    adjusted: ordered pairs (i, j) whose cosine was raised to its target at the last step.
+  """
+  count: jax.Array
+  weights: jax.Array
+  conflicts: jax.Array
+  targets: jax.Array
+  adjusted: jax.Array
+
+
+def gradvac_coefficients(gram: jax.Array, orders: jax.Array, targets: jax.Array,
+                         beta: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """GradVac's corrected gradients as coefficients of the original ones.
+
+  Row i of the result C gives the corrected gradient of task i as sum_l C_il g_l: starting
+  from g_i, for each j != i in `orders[i]`, with phi the cosine between the current
+  gradient and g_j and phi^T = targets[i, j], whenever phi < phi^T the current gradient
+  gets w g_j added, w = ||g_i'|| (phi^T sqrt(1 - phi^2) - phi sqrt(1 - phi^T^2)) /
+  (||g_j|| sqrt(1 - phi^T^2)), which makes its cosine with g_j exactly phi^T; the target
+  then moves to (1 - beta) phi^T + beta phi. Every inner product is read off G.
+
+  Returns:
+    (coefficients (k, k), new targets (k, k), number of adjusted pairs).
+  """
+  k = gram.shape[0]
+  a = _normalized(gram)  # the coefficients do not depend on the scale of G
+  norms = jnp.sqrt(jnp.maximum(jnp.diagonal(a), 0.0))
+  rows = jnp.arange(k)
+  targets = targets.astype(a.dtype)
+
+  def step(s, carry):
+    coeffs, targets, adjusted = carry
+    j = orders[:, s]
+    other = j != rows
+    dots = jnp.sum(coeffs * a[j, :], axis=1)
+    norm_i = jnp.sqrt(jnp.maximum(jnp.sum(coeffs * (coeffs @ a), axis=1), 0.0))
+    norm_j = norms[j]
+    phi = jnp.clip(dots / (norm_i * norm_j + EPS), -1.0, 1.0)
+    target = targets[rows, j]
+    apply = other & (phi < target)
+    root_target = jnp.sqrt(jnp.maximum(1.0 - target ** 2, 0.0))
+    root_phi = jnp.sqrt(jnp.maximum(1.0 - phi ** 2, 0.0))
+    w = norm_i * (target * root_phi - phi * root_target) / (norm_j * root_target + EPS)
+    coeffs = coeffs.at[rows, j].add(jnp.where(apply, w, 0.0))
+    targets = targets.at[rows, j].set(jnp.where(other, (1.0 - beta) * target + beta * phi,
+                                                target))
+    return coeffs, targets, adjusted + jnp.sum(apply).astype(jnp.int32)
+
+  return jax.lax.fori_loop(0, orders.shape[1], step,
+                           (jnp.eye(k, dtype=a.dtype), targets, _zeros_int()))
+
+
+@register("gradvac")
+def gradvac(num_tasks: int, *, beta: float = 0.01, shared: SharedSpec = None,
+            head_gradients: str = "sum") -> TaskAggregator:
+  """GradVac: raises each pair's gradient cosine to an adaptive target (Gradient Vaccine).
+
+  Each task gradient is corrected against every other task, in a random order drawn from
+  the step's key, by adding a multiple of the other gradient whenever their cosine is below
+  its target; the targets track the observed cosines by an exponential moving average with
+  rate `beta` and start at 0 (so the first step only acts on conflicting pairs, where it
+  coincides with PCGrad). The corrected gradients are summed. The corrections are
+  combinations of the original gradients, so the update is a weighted sum computed from
+  the Gram matrix (`gradvac_coefficients`) and runs with the streaming strategy.
+
+  The paper applies GradVac per parameter group (layers or matrices) in large
+  translation models and also over the whole model; this is the whole-shared-parameter
+  form (one Gram matrix, one k x k target matrix), the default of the common
+  reimplementations. A per-group form would need one Gram matrix per group.
+
+  Args:
+    num_tasks: k.
+    beta: the moving-average rate of the targets (1e-2 in the paper; LibMTL uses 0.5).
+    shared: which parameters are shared.
+    head_gradients: "sum" (task-specific parameters get their plain gradients) or
+      "weighted".
+
+  Returns:
+    A `TaskAggregator` (needs "gram", takes `key=`) with state `GradVacState`.
+
+  References:
+    Wang, Tsvetkov, Firat, Cao, "Gradient Vaccine: Investigating and Improving Multi-task
+    Optimization in Massively Multilingual Models", ICLR 2021.
+  """
+  _check_num_tasks(num_tasks)
+  if not 0 <= beta <= 1:
+    raise ValueError(f"beta must lie in [0, 1], got {beta}.")
+
+  def weighting(stats: TaskStats, state: GradVacState):
+    gram = _gram_of(stats, "gradvac", num_tasks)
+    orders = pcgrad_orders(_key_of(stats, "gradvac"), num_tasks)
+    coeffs, targets, adjusted = gradvac_coefficients(gram, orders, state.targets, beta)
+    weights = jnp.sum(coeffs, axis=0)
+    return weights, GradVacState(state.count + 1, weights.astype(jnp.float32),
+                                 conflicting_pairs(gram), targets.astype(jnp.float32),
+                                 adjusted)
+
+  init = lambda params: GradVacState(_zeros_int(), jnp.ones(num_tasks, jnp.float32),
+                                     _zeros_int(),
+                                     jnp.zeros((num_tasks, num_tasks), jnp.float32),
+                                     _zeros_int())
+  return weighted_aggregator("gradvac", "gram", weighting, init, shared=shared,
+                             head_gradients=head_gradients, beta=beta)
+
+
+# -------------------------------------------------------------------------------- SDMGrad
+
+
+class SDMGradState(NamedTuple):
+  """State of `sdmgrad`.
+
+  Attributes:
+    count: number of updates made.
+    weights: the last coefficients of the task gradients in the update.
+    conflicts: conflicting pairs (G_ij < 0, i < j) at the last step.
+    simplex_weights: the weights w on the simplex, carried to warm-start the next step.
+  """
+  count: jax.Array
+  weights: jax.Array
+  conflicts: jax.Array
+  simplex_weights: jax.Array
+
+
+def sdmgrad_simplex_weights(gram: jax.Array, w0: jax.Array, lamda: float, *,
+                            num_iters: int = 20, learning_rate: float = 10.0,
+                            momentum: float = 0.5) -> jax.Array:
+  """SDMGrad's sub-problem min_{w in simplex} ||g_w + lamda g0||^2 by projected momentum SGD.
+
+  As the authors' code: G is divided by the squared mean of sqrt(G_ii + 1e-4), then
+  `num_iters` steps of heavy-ball gradient descent (the gradient of
+  w^T G w + 2 lamda w^T G 1/k, step `learning_rate`, momentum restarted every call) each
+  followed by the Euclidean projection onto the simplex, from the previous step's w.
+  """
+  k = gram.shape[0]
+  scale = jnp.mean(jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0) + 1e-4))
+  a = gram / scale ** 2
+  a_mean = jnp.mean(a, axis=1)
+
+  def step(_, carry):
+    w, velocity = carry
+    grad = 2.0 * (a @ w) + 2.0 * lamda * a_mean
+    velocity = momentum * velocity + grad
+    return solvers.project_to_simplex(w - learning_rate * velocity), velocity
+
+  w, _ = jax.lax.fori_loop(0, num_iters, step, (w0.astype(a.dtype), jnp.zeros((k,), a.dtype)))
+  return w
+
+
+@register("sdmgrad")
+def sdmgrad(num_tasks: int, *, lamda: float = 0.3, num_iters: int = 20,
+            learning_rate: float = 10.0, momentum: float = 0.5,
+            scale_by_num_tasks: bool = False, shared: SharedSpec = None,
+            head_gradients: str = "sum") -> TaskAggregator:
+  """SDMGrad: a direction near MGDA's, regularised toward the mean gradient.
+
+  d = (g_w + lamda g0) / (1 + lamda), g0 the mean task gradient and w on the simplex
+  minimising ||g_w + lamda g0||^2 (`sdmgrad_simplex_weights`, the authors' 20 projected
+  momentum steps, warm-started from the previous step's w). The paper estimates the two
+  factors of the objective's gradient and the final direction on independent mini-batches
+  to remove the bias of the stochastic estimates; here all three come from the step's
+  batch, as in the deterministic setting.
+
+  Args:
+    num_tasks: k.
+    lamda: the regularisation strength toward the mean gradient (0.3 in the authors'
+      NYU-v2 runs).
+    num_iters: projected steps per update.
+    learning_rate: their step size.
+    momentum: their momentum.
+    scale_by_num_tasks: multiply the update by k (off: the authors' update is on the
+      scale of the mean gradient).
+    shared: which parameters are shared.
+    head_gradients: "sum" (task-specific parameters get their plain gradients) or
+      "weighted".
+
+  Returns:
+    A `TaskAggregator` (needs "gram") with state `SDMGradState`.
+
+  References:
+    Xiao, Ban, Ji, "Direction-oriented Multi-objective Learning: Simple and Provable
+    Stochastic Algorithms", NeurIPS 2023.
+  """
+  _check_num_tasks(num_tasks)
+  if lamda < 0 or num_iters < 1 or learning_rate <= 0 or not 0 <= momentum < 1:
+    raise ValueError("sdmgrad: need lamda >= 0, num_iters >= 1, learning_rate > 0 and "
+                     f"momentum in [0, 1); got {lamda}, {num_iters}, {learning_rate}, "
+                     f"{momentum}.")
+  factor = float(num_tasks) if scale_by_num_tasks else 1.0
+
+  def weighting(stats: TaskStats, state: SDMGradState):
+    gram = _gram_of(stats, "sdmgrad", num_tasks)
+    w = sdmgrad_simplex_weights(gram, state.simplex_weights, lamda, num_iters=num_iters,
+                                learning_rate=learning_rate, momentum=momentum)
+    weights = factor * (w + lamda / num_tasks) / (1.0 + lamda)
+    return weights, SDMGradState(state.count + 1, weights.astype(jnp.float32),
+                                 conflicting_pairs(gram), w.astype(jnp.float32))
+
+  init = lambda params: SDMGradState(_zeros_int(), jnp.ones(num_tasks, jnp.float32),
+                                     _zeros_int(),
+                                     jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32))
+  return weighted_aggregator("sdmgrad", "gram", weighting, init, shared=shared,
+                             head_gradients=head_gradients, lamda=lamda,
+                             num_iters=num_iters, scale_by_num_tasks=scale_by_num_tasks)
+
+
+# ----------------------------------------------------------------------------------- MoCo
+
+_MOCO_SIMPLEX_MAPS = ("softmax", "projection")
+
+
+class MoCoState(NamedTuple):
+  """State of `moco`.
+
+  Attributes:
+    count: number of updates made.
+    weights: lambda, the weights applied to the tracked gradients at the last step.
+    conflicts: conflicting pairs (G_ij < 0, i < j) of the raw task gradients at the last
+      step.
+    tracking: (k, P) the tracking variables y_i of the (loss-scaled unit) task gradients
+      of the shared parameters, flattened in the order of the parameter leaves.
+  """
+  count: jax.Array
+  weights: jax.Array
+  conflicts: jax.Array
+  tracking: jax.Array
+
+
+@register("moco")
+def moco(num_tasks: int, *, beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
+         gamma_sigma: float = 0.5, rho: float = 0.0, simplex_map: str = "softmax",
+         shared: SharedSpec = None, head_gradients: str = "sum") -> TaskAggregator:
+  """MoCo: MGDA on tracked (momentum) gradients, with a one-step update of its weights.
+
+  At step t (from 1), each task gradient is rescaled to norm equal to its loss,
+  h_i = l_i g_i / (||g_i|| + 1e-8); the tracking variables move toward it,
+  y_i <- y_i - beta_t (y_i - h_i) with beta_t = beta / t^beta_sigma; the weights take one
+  step on the regularised MGDA objective, lambda <- S(lambda - gamma_t (Y Y^T + rho I)
+  lambda) with gamma_t = gamma / t^gamma_sigma and S the softmax (the reference
+  implementation, `simplex_map="softmax"`) or the projection onto the simplex (the paper's
+  algorithm, "projection"); the update is Y^T lambda. y starts at 0 and lambda at 1/k. The
+  tracking variables are a copy of the shared task gradients, so MoCo needs the gradients
+  and `init` needs the parameters.
+
+  Args:
+    num_tasks: k.
+    beta, beta_sigma: step size of the tracking variables and its decay exponent.
+    gamma, gamma_sigma: step size of the weights and its decay exponent.
+    rho: ridge in the weights' objective.
+    simplex_map: "softmax" or "projection".
+    shared: which parameters are shared.
+    head_gradients: "sum" (task-specific parameters get their plain gradients, as the
+      reference implementation) or "weighted" (weighted by lambda).
+
+  Returns:
+    A `TaskAggregator` (needs "gradients", takes `losses=`) with state `MoCoState`.
+
+  References:
+    Fernando, Shen, Liu, Chaudhury, Murugesan, Chen, "Mitigating Gradient Bias in
+    Multi-objective Learning: A Provably Convergent Approach", ICLR 2023. Defaults of
+    LibMTL's implementation (Lin, Zhang, "LibMTL", JMLR 2023), from the authors' code.
+  """
+  _check_num_tasks(num_tasks)
+  if simplex_map not in _MOCO_SIMPLEX_MAPS:
+    raise ValueError(f"simplex_map must be one of {_MOCO_SIMPLEX_MAPS}, got {simplex_map!r}.")
+  if beta <= 0 or gamma <= 0 or beta_sigma < 0 or gamma_sigma < 0 or rho < 0:
+    raise ValueError("moco: need beta, gamma > 0 and beta_sigma, gamma_sigma, rho >= 0; got "
+                     f"{beta}, {gamma}, {beta_sigma}, {gamma_sigma}, {rho}.")
+
+  def init(params):
+    if params is None:
+      raise ValueError("moco keeps a tracking copy of the shared task gradients: call "
+                       "init(params) with the parameters, not None.")
+    leaves = _tree.masked_leaves(params, _tree.resolve_mask(shared, params))
+    size = sum(int(np.prod(x.shape)) for x in leaves)
+    dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+    return MoCoState(_zeros_int(), jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32),
+                     _zeros_int(), jnp.zeros((num_tasks, size), dtype))
+
+  def aggregate(matrix, state: MoCoState, stats: TaskStats):
+    if matrix.shape[0] != num_tasks or state.tracking.shape != matrix.shape:
+      raise ValueError(f"moco was initialised for tracking variables of shape "
+                       f"{state.tracking.shape}, got task gradients of shape {matrix.shape} "
+                       "(init it with the same parameters and shared mask).")
+    if stats.losses is None:
+      raise ValueError("moco scales each task gradient by its loss: pass the task losses as "
+                       "update(task_grads, state, params, losses=losses).")
+    dtype = state.tracking.dtype
+    matrix = matrix.astype(dtype)
+    t = (state.count + 1).astype(dtype)
+    norms = jnp.sqrt(jnp.sum(matrix ** 2, axis=1, keepdims=True))
+    scaled = matrix / (norms + 1e-8) * stats.losses.astype(dtype)[:, None]
+    tracking = state.tracking - beta / t ** beta_sigma * (state.tracking - scaled)
+    lam = state.weights.astype(dtype)
+    objective = tracking @ tracking.T + rho * jnp.eye(num_tasks, dtype=dtype)
+    moved = lam - gamma / t ** gamma_sigma * (objective @ lam)
+    lam = (jax.nn.softmax(moved) if simplex_map == "softmax"
+           else solvers.project_to_simplex(moved))
+    direction = tracking.T @ lam
+    return direction, lam, MoCoState(state.count + 1, lam.astype(jnp.float32),
+                                     conflicting_pairs(matrix @ matrix.T), tracking)
+
+  return gradient_aggregator("moco", init, aggregate, shared=shared,
+                             head_gradients=head_gradients, beta=beta, gamma=gamma,
+                             simplex_map=simplex_map)
