@@ -23,6 +23,8 @@ from ntkmtl_jax._tree import PyTree, SharedSpec
 STRATEGIES = ("vmap", "unroll", "chunked", "streaming")
 NORMALIZATIONS = ("sum", "mean")
 EIGEN_METHODS = ("auto", "eigh", "power")
+# What NTKMTL reads off each diagonal block's spectrum; see `block_statistic`.
+STATISTICS = ("max", "trace", "top_r", "effective_rank")
 # Relative floor on eigenvalues: a task whose kernel is (numerically) zero gets
 # lambda_i = EIGENVALUE_FLOOR * sum_j lambda_j, i.e. a large but finite weight, which
 # multiplies a zero gradient. See `weights_from_eigenvalues`.
@@ -199,6 +201,86 @@ def largest_eigenvalue_matrix_free(jacobian: PyTree, *, power_iterations: int = 
   return _power_iteration(matvec, jnp.ones(mat.shape[:2], mat.dtype), power_iterations)
 
 
+def block_spectrum(blocks: jax.Array) -> jax.Array:
+  """All eigenvalues of each symmetric PSD block in a (..., n, n) stack, largest first.
+
+  Round-off can make the smallest eigenvalues of a PSD block slightly negative; they are
+  clipped at zero.
+  """
+  return jnp.maximum(jnp.linalg.eigvalsh(blocks)[..., ::-1], 0.0)
+
+
+def effective_rank(spectrum: jax.Array) -> jax.Array:
+  """Effective rank exp(H(p)) of each non-negative spectrum on the last axis.
+
+  p_a = mu_a / sum_b mu_b and H is the Shannon entropy (natural log), so the effective rank
+  runs from 1 (one direction holds all of the kernel) to n (a flat spectrum). An all-zero
+  spectrum has effective rank 1.
+
+  References:
+    Roy, Vetterli, "The effective rank: a measure of effective dimensionality", EUSIPCO 2007.
+  """
+  mu = jnp.maximum(spectrum, 0.0)
+  total = jnp.sum(mu, axis=-1, keepdims=True)
+  p = mu / jnp.where(total > 0, total, 1.0)
+  entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
+  return jnp.exp(entropy)
+
+
+def _check_statistic(statistic: str, top_r: int, eigen_method: str) -> None:
+  if statistic not in STATISTICS:
+    raise ValueError(f"Unknown statistic {statistic!r}: choose one of {STATISTICS}.")
+  if statistic == "top_r" and (int(top_r) != top_r or top_r < 1):
+    raise ValueError(f"top_r must be a positive integer, got {top_r!r}.")
+  if eigen_method == "power" and statistic in ("top_r", "effective_rank"):
+    raise ValueError(f"statistic={statistic!r} needs the whole spectrum of each block, which "
+                     "the power method does not give: use eigen_method='auto' or 'eigh'.")
+
+
+def spectrum_statistic(spectrum: jax.Array, statistic: str = "max", *,
+                       top_r: int = 3) -> jax.Array:
+  """The weighting statistic of each spectrum (last axis, largest eigenvalue first).
+
+  With mu_1 >= ... >= mu_n >= 0 the eigenvalues of a task's block K_ii:
+
+  - "max": mu_1, the paper's lambda_i.
+  - "trace": sum_a mu_a = tr K_ii = sum_a ||J_ia||^2.
+  - "top_r": (1 / r) sum_{a <= r} mu_a with r = min(top_r, n), the mean of the r largest.
+  - "effective_rank": tr K_ii / erank(K_ii), erank = exp(entropy of mu / tr K_ii) (see
+    `effective_rank`): the kernel's mass spread over its effective number of directions,
+    i.e. the typical eigenvalue among the directions that carry the kernel. It lies between
+    the mean eigenvalue tr / n (flat spectrum) and mu_1 (one dominant direction), and
+    becomes a weight exactly as mu_1 does.
+
+  For n = 1 every statistic is the block's single entry, ||g_i||^2.
+  """
+  _check_statistic(statistic, top_r, "auto")
+  mu = jnp.maximum(spectrum, 0.0)
+  if statistic == "max":
+    return mu[..., 0]
+  if statistic == "trace":
+    return jnp.sum(mu, axis=-1)
+  if statistic == "top_r":
+    return jnp.mean(mu[..., :min(int(top_r), mu.shape[-1])], axis=-1)
+  return jnp.sum(mu, axis=-1) / effective_rank(mu)
+
+
+def block_statistic(blocks: jax.Array, statistic: str = "max", *, top_r: int = 3,
+                    eigen_method: str = "auto", power_iterations: int = 64) -> jax.Array:
+  """The weighting statistic of each symmetric PSD block in a (k, n, n) stack.
+
+  "max" is `largest_eigenvalue` (with `eigen_method`); "trace" needs no eigendecomposition;
+  "top_r" and "effective_rank" take the whole spectrum (`jnp.linalg.eigvalsh`). See
+  `spectrum_statistic` for the definitions.
+  """
+  _check_statistic(statistic, top_r, eigen_method)
+  if statistic == "max":
+    return largest_eigenvalue(blocks, method=eigen_method, power_iterations=power_iterations)
+  if statistic == "trace":
+    return jnp.trace(blocks, axis1=-2, axis2=-1)
+  return spectrum_statistic(block_spectrum(blocks), statistic, top_r=top_r)
+
+
 def weights_from_eigenvalues(eigenvalues: jax.Array, *, exponent: float = 0.5,
                              normalization: str = "sum",
                              floor: float = EIGENVALUE_FLOOR) -> jax.Array:
@@ -227,7 +309,8 @@ class NTKWeights(NamedTuple):
 
   Attributes:
     weights: (k,) task weights.
-    eigenvalues: (k,) largest eigenvalue of each diagonal block K_ii.
+    eigenvalues: (k,) largest eigenvalue of each diagonal block K_ii (with another
+      `statistic`, that statistic of the block's spectrum: the numbers the weights came from).
     losses: (k, n) loss of each task on each chunk.
     blocks: (k, k, n, n) extended kernel blocks K_ij, when `return_blocks=True`.
     jacobian: pytree of (k, n, ...) rows over the shared parameters, when asked.
@@ -243,7 +326,8 @@ def ntk_weights(apply_fn: Callable, params: PyTree, batch: PyTree, *, num_chunks
                 exponent: float = 0.5, normalization: str = "sum", shared: SharedSpec = None,
                 strategy: str = "vmap", eigen_method: str = "auto",
                 power_iterations: int = 64, return_blocks: bool = False,
-                return_jacobian: bool = False) -> NTKWeights:
+                return_jacobian: bool = False, statistic: str = "max",
+                top_r: int = 3) -> NTKWeights:
   """NTKMTL task weights from the extended NTK of a batch split into `num_chunks` chunks.
 
   Pure and jittable. `apply_fn(params, batch)` returns the k task losses (shape (k,)).
@@ -265,14 +349,22 @@ def ntk_weights(apply_fn: Callable, params: PyTree, batch: PyTree, *, num_chunks
     power_iterations: iterations of the power method.
     return_blocks: also return all blocks K_ij (k, k, n, n).
     return_jacobian: also return the Jacobian pytree.
+    statistic: what each task's speed is read off its block's spectrum: "max" (the largest
+      eigenvalue, the paper), "trace", "top_r" (mean of the `top_r` largest eigenvalues) or
+      "effective_rank" (trace / effective rank); see `spectrum_statistic`. The weights are
+      `(sum_j s_j / s_i) ** exponent` for any of them. With num_chunks = 1 they all equal
+      ||g_i||^2.
+    top_r: r for statistic="top_r" (at most n are used).
 
   Returns:
     An `NTKWeights`.
   """
+  _check_statistic(statistic, top_r, eigen_method)
   losses, jac = task_jacobian(apply_fn, params, batch, num_chunks=num_chunks, shared=shared,
                               strategy=strategy)
   eigenvalues = eigenvalues_from_jacobian(jac, eigen_method=eigen_method,
-                                          power_iterations=power_iterations)
+                                          power_iterations=power_iterations,
+                                          statistic=statistic, top_r=top_r)
   weights = weights_from_eigenvalues(eigenvalues, exponent=exponent,
                                      normalization=normalization)
   return NTKWeights(weights=weights, eigenvalues=eigenvalues, losses=losses,
@@ -281,12 +373,21 @@ def ntk_weights(apply_fn: Callable, params: PyTree, batch: PyTree, *, num_chunks
 
 
 def eigenvalues_from_jacobian(jacobian: PyTree, *, eigen_method: str = "auto",
-                              power_iterations: int = 64) -> jax.Array:
-  """Largest eigenvalue of each diagonal block of the kernel of a (k, n, ...) Jacobian."""
-  if eigen_method == "power":
+                              power_iterations: int = 64, statistic: str = "max",
+                              top_r: int = 3) -> jax.Array:
+  """Largest eigenvalue of each diagonal block of the kernel of a (k, n, ...) Jacobian.
+
+  With another `statistic` ("trace", "top_r", "effective_rank"), that statistic of each
+  block's spectrum instead (see `spectrum_statistic`).
+  """
+  _check_statistic(statistic, top_r, eigen_method)
+  if statistic == "max" and eigen_method == "power":
     return largest_eigenvalue_matrix_free(jacobian, power_iterations=power_iterations)
-  return largest_eigenvalue(diagonal_blocks(jacobian), method=eigen_method,
-                            power_iterations=power_iterations)
+  if statistic == "trace":  # sum_a ||J_ia||^2, without forming the blocks
+    return sum(jnp.sum(x.reshape(x.shape[0], -1) ** 2, axis=1)
+               for x in jax.tree.leaves(jacobian))
+  return block_statistic(diagonal_blocks(jacobian), statistic, top_r=top_r,
+                         eigen_method=eigen_method, power_iterations=power_iterations)
 
 
 def representation_eigenvalues(decode: Callable, params: PyTree, z: jax.Array, batch: PyTree,

@@ -25,7 +25,8 @@ class NTKMTLState(NamedTuple):
     count: number of updates made.
     weights: the last coefficients applied to the shared task gradients (after the
       num_tasks factor, when `scale_by_num_tasks`), for diagnostics.
-    eigenvalues: the last eigenvalues used (after the EMA, when one is set).
+    eigenvalues: the last eigenvalues used (after the EMA, when one is set); with another
+      `statistic` than "max", the last values of that statistic.
   """
   count: jax.Array
   weights: jax.Array
@@ -68,7 +69,8 @@ def _init(num_tasks):
 def ntkmtl(num_tasks: int, *, exponent: float = 0.5, normalization: str = "sum",
            num_chunks: int = 1, shared: SharedSpec = None, eigenvalue_ema: float | None = None,
            scale_by_num_tasks: bool = False, head_gradients: str = "sum",
-           eigen_method: str = "auto") -> TaskAggregator:
+           eigen_method: str = "auto", statistic: str = "max",
+           top_r: int = 3) -> TaskAggregator:
   """NTKMTL: weights tasks by the largest eigenvalue of their extended-NTK block.
 
   With `num_chunks=1` the kernel block of task i is the scalar ||g_i||^2 of its shared
@@ -90,6 +92,14 @@ def ntkmtl(num_tasks: int, *, exponent: float = 0.5, normalization: str = "sum",
     head_gradients: what non-shared parameters get: "sum" (plain sum of task gradients, as
       the official step) or "weighted".
     eigen_method: "auto", "eigh" or "power" for num_chunks > 1.
+    statistic: what is read off each task's block spectrum in place of its largest
+      eigenvalue, for num_chunks > 1: "max" (the paper), "trace", "top_r" (mean of the
+      `top_r` largest eigenvalues) or "effective_rank" (trace / effective rank); see
+      `kernel.spectrum_statistic`. The train step computes it (recorded in
+      `options["statistic"]`); when calling `update` yourself, pass
+      `eigenvalues=ntk_weights(..., statistic=...).eigenvalues`. With num_chunks = 1 every
+      statistic is ||g_i||^2, so the option changes nothing there.
+    top_r: r for statistic="top_r".
 
   Returns:
     A `TaskAggregator` with state `NTKMTLState`.
@@ -97,6 +107,7 @@ def ntkmtl(num_tasks: int, *, exponent: float = 0.5, normalization: str = "sum",
   References:
     Qin et al., NTKMTL, NeurIPS 2025 (arXiv 2510.18258).
   """
+  kernel._check_statistic(statistic, top_r, eigen_method)
   if exponent <= 0:
     raise ValueError(f"exponent must be positive, got {exponent}.")
   if eigenvalue_ema is not None and not 0.0 <= eigenvalue_ema < 1.0:
@@ -108,7 +119,8 @@ def ntkmtl(num_tasks: int, *, exponent: float = 0.5, normalization: str = "sum",
                      source),
       _init(num_tasks), shared=shared, head_gradients=head_gradients, num_chunks=num_chunks,
       exponent=exponent, normalization=normalization, eigen_method=eigen_method,
-      scale_by_num_tasks=scale_by_num_tasks, eigenvalue_ema=eigenvalue_ema)
+      scale_by_num_tasks=scale_by_num_tasks, eigenvalue_ema=eigenvalue_ema,
+      statistic=statistic, top_r=top_r)
 
 
 def ntkmtl_sr(num_tasks: int, *, exponent: float = 0.5, normalization: str = "sum",
