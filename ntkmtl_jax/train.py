@@ -153,6 +153,8 @@ def make_train_step(loss_fn: Callable | None, aggregator: TaskAggregator,
                      "'streaming' strategy never holds at once; use 'unroll', 'vmap' or "
                      "'chunked'.")
   eigen_method = aggregator.options.get("eigen_method", "auto")
+  statistic = dict(statistic=aggregator.options.get("statistic", "max"),
+                   top_r=aggregator.options.get("top_r", 3))
   head_sum = aggregator.head_gradients == "sum"
 
   def weighted_pullback(vjp_fn, weights):
@@ -205,7 +207,8 @@ def make_train_step(loss_fn: Callable | None, aggregator: TaskAggregator,
           rows = [_tree.split(pull(eye[i * num_chunks + a]), mask)[0]
                   for a in range(num_chunks)]
           jac_i = jax.tree.map(lambda *xs: jnp.stack(xs)[None], *rows)
-          eig.append(kernel.eigenvalues_from_jacobian(jac_i, eigen_method=eigen_method)[0])
+          eig.append(kernel.eigenvalues_from_jacobian(jac_i, eigen_method=eigen_method,
+                                                      **statistic)[0])
         eig = jnp.stack(eig)
         weights, agg_state = aggregator.weighting(TaskStats(losses=losses, eigenvalues=eig,
                                                             key=key), agg_state)
@@ -222,7 +225,7 @@ def make_train_step(loss_fn: Callable | None, aggregator: TaskAggregator,
                                     chunk_size=chunk_size)
         jac = jax.tree.map(lambda x: x.reshape((k, num_chunks) + x.shape[1:]), rows)
         eig = kernel.eigenvalues_from_jacobian(_tree.split(jac, mask)[0],
-                                               eigen_method=eigen_method)
+                                               eigen_method=eigen_method, **statistic)
         task_grads = jax.tree.map(lambda x: jnp.mean(x, axis=1), jac)
         update, agg_state = aggregator.update(task_grads, agg_state, params, losses=losses,
                                               eigenvalues=eig, key=key)
