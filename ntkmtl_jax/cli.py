@@ -84,7 +84,7 @@ def _add_common(p: argparse.ArgumentParser, *, out: bool = True):
                  help="benchmark to run (default: multidigits; choices: "
                       f"{', '.join(benchmarks.benchmark_names())})")
   p.add_argument("--option", "-O", action="append", metavar="NAME=VALUE",
-                 help="benchmark option, repeatable (e.g. ink_scale=0.3 for multidigits, "
+                 help="benchmark option, repeatable (e.g. regression_scale=0.1 for multidigits, "
                       "imbalance=100 for sines)")
   p.add_argument("--steps", type=int, help="train steps per run (default: the benchmark's)")
   p.add_argument("--batch-size", type=int, help="mini-batch size (default: the benchmark's)")
@@ -95,7 +95,7 @@ def _add_common(p: argparse.ArgumentParser, *, out: bool = True):
                  help="learning-rate schedule (default: the benchmark's)")
   p.add_argument("--max-grad-norm", type=float, default=None,
                  help="clip the shared update's global norm to this before the optimiser "
-                      "(default: no clipping)")
+                      "(default: the benchmark's; 0 turns clipping off)")
   if out:
     p.add_argument("--out", "-o", metavar="DIR",
                    help="output directory (default: runs/<benchmark>-<command>-<time>)")
@@ -209,9 +209,9 @@ def _settings(args, bench):
   lr = args.lr if args.lr is not None else defaults.get("learning_rate", 1e-3)
   if steps < 1 or batch_size < 1 or lr <= 0:
     raise UsageError("--steps, --batch-size and --lr must be positive")
-  optimizer = OptimizerConfig(args.optimizer, lr,
-                              args.max_grad_norm if args.max_grad_norm is not None else
-                              defaults.get("max_grad_norm"),
+  clip = (args.max_grad_norm if args.max_grad_norm is not None else
+          defaults.get("max_grad_norm"))
+  optimizer = OptimizerConfig(args.optimizer, lr, clip or None,
                               schedule=args.schedule or defaults.get("schedule", "constant"))
   return steps, batch_size, optimizer
 

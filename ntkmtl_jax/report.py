@@ -226,7 +226,8 @@ def plot_training_curves(path: str, runs: Sequence[RunResult], task_names: Seque
     ax.set_xlabel("step")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-  axes[0, -1].legend(fontsize=7, ncol=2)
+  if axes[0, -1].get_legend_handles_labels()[0]:
+    axes[0, -1].legend(fontsize=7, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -255,7 +256,8 @@ def plot_task_weights(path: str, runs: Sequence[RunResult], task_names: Sequence
     ax.set_title(f"{label}: task weights w_i")
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-  axes.flat[0].legend(fontsize=8)
+  if axes.flat[0].get_legend_handles_labels()[0]:
+    axes.flat[0].legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

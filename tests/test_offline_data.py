@@ -22,7 +22,7 @@ def digits_lookup():
 def test_multidigits_shapes_ranges_and_labels(digits_lookup):
   seed = _seed()
   data = offline.multidigits(300, 120, data_seed=seed)
-  assert data.task_names == ("left", "right", "ink")
+  assert data.task_names == ("left", "right", "number")
   for split, n in ((data.train, 300), (data.test, 120)):
     assert split.x.shape == (n, 128) and split.x.dtype == np.float32
     assert split.x.min() >= 0.0 and split.x.max() <= 1.0
@@ -34,7 +34,12 @@ def test_multidigits_shapes_ranges_and_labels(digits_lookup):
       recovered = [digits_lookup[np.ascontiguousarray(img[:, side]).astype(np.float32)
                                  .tobytes()] for img in images]
       np.testing.assert_array_equal(recovered, labels, err_msg=f"seed {seed}")
-    np.testing.assert_allclose(split.targets["ink"], 100.0 * split.x.mean(axis=1), rtol=1e-5)
+    np.testing.assert_array_equal(split.targets["number"],
+                                  10 * split.targets["left"] + split.targets["right"])
+  ink = offline.multidigits(50, 20, data_seed=seed, regression="ink")
+  assert ink.task_names[2] == "ink"
+  np.testing.assert_allclose(ink.train.targets["ink"], 100.0 * ink.train.x.mean(axis=1),
+                             rtol=1e-5)
 
 
 def test_multidigits_test_images_are_disjoint_from_train():
@@ -56,8 +61,9 @@ def test_multidigits_deterministic_and_scaled():
   np.testing.assert_array_equal(a.train.x, b.train.x)
   np.testing.assert_array_equal(a.test.targets["left"], b.test.targets["left"])
   assert not np.array_equal(a.train.x, c.train.x)
-  half = offline.multidigits(64, 32, data_seed=seed, ink_scale=0.5)
-  np.testing.assert_allclose(half.train.targets["ink"], 0.5 * a.train.targets["ink"], rtol=1e-6)
+  half = offline.multidigits(64, 32, data_seed=seed, regression_scale=0.5)
+  np.testing.assert_allclose(half.train.targets["number"], 0.5 * a.train.targets["number"],
+                             rtol=1e-6)
 
 
 def test_sines_amplitudes_frequencies_and_determinism():
@@ -100,11 +106,11 @@ def _eigenvalues(bench, seed):
   return np.asarray(eigenvalues(params, batch))
 
 
-def test_multidigits_ink_task_dominates_the_kernel():
+def test_multidigits_regression_task_dominates_the_kernel():
   seed = _seed()
   lam = _eigenvalues(benchmarks.get_benchmark("multidigits", num_train=256, num_test=64,
                                               data_seed=seed), seed)
-  # The imbalance the demo is about: the ink task's lambda dwarfs the digit tasks'.
+  # The imbalance the demo is about: the number task's lambda dwarfs the digit tasks'.
   assert lam[2] > 1e3 * max(lam[0], lam[1]), f"seed {seed}: {lam}"
 
 

@@ -5,16 +5,19 @@ with the package): two digits side by side form a 8 x 16 image, and the tasks ar
 
   0. "left":   the left digit (10 classes, cross-entropy),
   1. "right":  the right digit (10 classes, cross-entropy),
-  2. "ink":    how much of the image is inked, in percent: 100 * mean pixel intensity
-               (regression, squared error; values around 15 to 50).
+  2. "number": the two-digit number they form, 10 * left + right, as a regression
+               (squared error; values 0 to 99).
 
-The regression target lives on a scale some ten times larger than the classification
-logits, so its squared-error gradient (and its NTK eigenvalue lambda_i = ||g_i||^2, about
-10^5 times the digit tasks' at initialisation with the demo's model) dwarfs the others: under plain loss
-summation (LS) the shared encoder serves the ink task first and the digit tasks converge
-slowly. This is the task imbalance NTKMTL is built to remove. `ink_scale` multiplies the
-ink target and so sets the size of that imbalance (the eigenvalue ratio grows like
-ink_scale^2; about 0.003 makes them comparable at initialisation).
+The regression target lives on a scale about a hundred times larger than the
+classification losses, so its squared-error gradient (and its NTK eigenvalue
+lambda_i = ||g_i||^2, some 10^5 times the digit tasks' at initialisation with the
+demo's model; see `ntkmtl spectrum`) dwarfs the others: under plain loss summation (LS) the shared encoder
+serves the number task, which itself weighs the left digit ten times more than the right
+one, so the digit tasks (the right one most) converge slowly. This is the task imbalance
+NTKMTL is built to remove. `regression_scale` multiplies the regression target and so sets
+the size of that imbalance (the eigenvalue ratio grows like regression_scale^2).
+`regression="ink"` swaps the number for the share of the image that is inked (100 * the
+mean pixel), a target that needs no digit recognition at all.
 
 Sines is generated: k regression tasks on one input x in [-1, 1]^d, task i being
 `y_i = a_i * sin(pi * f_i * <u_i, x>)` with a fixed random unit direction u_i. The
@@ -68,24 +71,28 @@ class OfflineDataset(NamedTuple):
   image_shape: tuple[int, int] | None
 
 
-def multidigits(num_train: int = 10_000, num_test: int = 2_000, *, ink_scale: float = 1.0,
+def multidigits(num_train: int = 10_000, num_test: int = 2_000, *,
+                regression: str = "number", regression_scale: float = 1.0,
                 data_seed: int = 0, test_fraction: float = 0.3) -> OfflineDataset:
-  """MultiDigits: two scikit-learn digits side by side; left, right and ink tasks.
+  """MultiDigits: two scikit-learn digits side by side; left, right and a regression task.
 
   The 1797 source images are split once (by `data_seed`) into disjoint train and test
   pools (`test_fraction` of them for test), so no test image was seen in training. Pixels
-  are scaled to [0, 1]; the ink target is 100 * the mean pixel, times `ink_scale`.
+  are scaled to [0, 1].
 
   Args:
     num_train: number of training pairs.
     num_test: number of test pairs.
-    ink_scale: multiplies the ink target; 1.0 gives the imbalance of the demo.
+    regression: the third task: "number" (10 * left + right) or "ink" (100 * the mean
+      pixel); it is also the task's name.
+    regression_scale: multiplies the regression target; 1.0 gives the imbalance of the
+      demo, smaller values reduce it.
     data_seed: seed of the image split and of the pairing.
     test_fraction: share of the source images reserved for the test pairs.
 
   Returns:
     An `OfflineDataset` with `x` of shape (N, 128) in [0, 1], int32 targets "left" and
-    "right" in 0..9, float32 target "ink".
+    "right" in 0..9, and the float32 regression target named by `regression`.
   """
   from sklearn.datasets import load_digits  # scikit-learn ships the images: no download.
 
@@ -93,6 +100,8 @@ def multidigits(num_train: int = 10_000, num_test: int = 2_000, *, ink_scale: fl
     raise ValueError(f"num_train and num_test must be positive, got {num_train}, {num_test}.")
   if not 0.0 < test_fraction < 1.0:
     raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
+  if regression not in ("number", "ink"):
+    raise ValueError(f"regression must be 'number' or 'ink', got {regression!r}.")
   digits = load_digits()
   images = digits.images.astype(np.float32)  # (1797, 8, 8), values 0..16
   labels = digits.target.astype(np.int32)
@@ -105,12 +114,16 @@ def multidigits(num_train: int = 10_000, num_test: int = 2_000, *, ink_scale: fl
     left, right = rng.choice(pool, size=n), rng.choice(pool, size=n)
     raw = np.concatenate([images[left], images[right]], axis=2)  # (n, 8, 16)
     x = (raw / 16.0).reshape(n, -1).astype(np.float32)
-    ink = (100.0 * x.mean(axis=1) * ink_scale).astype(np.float32)
-    return Split(x, {"left": labels[left], "right": labels[right], "ink": ink})
+    if regression == "number":
+      target = 10.0 * labels[left] + labels[right]
+    else:
+      target = 100.0 * x.mean(axis=1)
+    return Split(x, {"left": labels[left], "right": labels[right],
+                     regression: (target * regression_scale).astype(np.float32)})
 
   train = make(pools[0], num_train)
   test = make(pools[1], num_test)
-  return OfflineDataset(train, test, ("left", "right", "ink"),
+  return OfflineDataset(train, test, ("left", "right", regression),
                         ("classification", "classification", "regression"), (10, 10, 1),
                         (8, 16))
 
