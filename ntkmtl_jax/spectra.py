@@ -268,6 +268,22 @@ class SpectrumHistory(NamedTuple):
   losses: np.ndarray
 
 
+_PROBES: dict[tuple, Callable] = {}
+
+
+def _cache_key(loss_fn, num_chunks, shared, *settings) -> tuple | None:
+  """A key for the compiled probe, or None when one of the pieces is not hashable (a mask
+  pytree for `shared`)."""
+  if shared is not None and not callable(shared):
+    return None
+  key = (loss_fn, num_chunks, shared) + settings
+  try:
+    hash(key)
+  except TypeError:
+    return None
+  return key
+
+
 class SpectrumTracker:
   """Records lambda_i, task weights and task affinity over training, on a fixed probe batch.
 
@@ -311,6 +327,12 @@ class SpectrumTracker:
     self.every = every
     self._batch = probe_batch
     self._records: list[dict[str, Any]] = []
+    # Trackers with the same settings share one compiled probe (one run per method).
+    settings = _cache_key(loss_fn, num_chunks, shared, has_state, statistic, top_r, affinity,
+                          strategy)
+    if settings is not None and settings in _PROBES:
+      self._probe = _PROBES[settings]
+      return
 
     def probe(params, model_state, batch):
       if has_state:
@@ -324,6 +346,8 @@ class SpectrumTracker:
                   affinity=spec.affinity, losses=jnp.mean(spec.losses, axis=1))
 
     self._probe = jax.jit(probe)
+    if settings is not None:
+      _PROBES[settings] = self._probe
 
   def record(self, step: int, params: PyTree, model_state: PyTree = None,
              weights=None) -> None:
