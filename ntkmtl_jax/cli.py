@@ -25,6 +25,11 @@ NTKMTL weights each task by (sum_j lambda_j / lambda_i) ** 0.5 so all tasks are 
 the same pace. These commands run it, and the methods it is compared with, on built-in
 benchmarks that need no download, and write tables and plots.
 
+The default benchmark, multidigits, puts two handwritten digits (scikit-learn's own) side
+by side: two classification tasks (left digit, right digit) and a regression of the
+number they form (0 to 99), whose far larger squared-error gradient dominates a plain sum
+of the losses.
+
 Start with:
   ntkmtl compare          compare STL, LS, NTKMTL, NTKMTL-SR and baselines (3 seeds,
                           a few minutes on a laptop CPU), print the table, write plots
@@ -88,7 +93,7 @@ def _add_common(p: argparse.ArgumentParser, *, out: bool = True):
                       "imbalance=100 for sines)")
   p.add_argument("--steps", type=int, help="train steps per run (default: the benchmark's)")
   p.add_argument("--batch-size", type=int, help="mini-batch size (default: the benchmark's)")
-  p.add_argument("--lr", type=float, help="Adam learning rate (default: the benchmark's)")
+  p.add_argument("--lr", type=float, help="learning rate (default: the benchmark's)")
   p.add_argument("--optimizer", default="adam", choices=("adam", "adamw", "sgd"),
                  help="optimiser after the task aggregation (default: adam)")
   p.add_argument("--schedule", choices=("constant", "cosine"),
@@ -242,7 +247,7 @@ def _run_all(args, bench, plan, out, config, command) -> int:
   steps, batch_size, optimizer = _settings(args, bench)
   probe_every = bench.defaults.get("probe_every", max(1, steps // 20))
   runs, interrupted = [], False
-  print(f"ntkmtl {command}: {bench.name} ({bench.description}); {len(plan)} runs of {steps} "
+  print(f"ntkmtl {command}: {bench.name} ({bench.description}); {len(plan)} run(s) of {steps} "
         f"steps; writing to {out}", flush=True)
   start = time.perf_counter()
   try:
