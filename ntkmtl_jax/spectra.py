@@ -91,33 +91,35 @@ def task_affinity(blocks: jax.Array, kind: str = "cosine") -> jax.Array:
   Both have ones on the diagonal; a task whose kernel is zero gets a zero row and column.
 
   Args:
-    blocks: the extended-kernel blocks (k, k, n, n) (`kernel.kernel_blocks`, or
-      `ntk_weights(..., return_blocks=True).blocks`).
+    blocks: the extended-kernel blocks (..., k, k, n, n) (`kernel.kernel_blocks`, or
+      `ntk_weights(..., return_blocks=True).blocks`); leading axes (e.g. the records of a
+      `SpectrumHistory`) are kept.
     kind: "cosine" or "alignment".
 
   Returns:
-    (k, k) symmetric affinity.
+    (..., k, k) symmetric affinity.
 
   References:
     Cristianini et al., "On Kernel-Target Alignment", NIPS 2001 (the alignment).
   """
   if kind not in AFFINITY_KINDS:
     raise ValueError(f"Unknown affinity kind {kind!r}: choose one of {AFFINITY_KINDS}.")
-  if blocks.ndim != 4 or blocks.shape[0] != blocks.shape[1]:
+  blocks = jnp.asarray(blocks)
+  if blocks.ndim < 4 or blocks.shape[-4] != blocks.shape[-3]:
     raise ValueError("task_affinity needs all blocks K_ij, shape (k, k, n, n) "
                      f"(`kernel_blocks` or `ntk_weights(..., return_blocks=True)`); got "
                      f"{blocks.shape}.")
   if kind == "cosine":
-    cross = jnp.trace(blocks, axis1=-2, axis2=-1)  # (k, k): tr K_ij
-    scale = jnp.sqrt(jnp.maximum(jnp.diagonal(cross), 0.0))
+    cross = jnp.trace(blocks, axis1=-2, axis2=-1)  # (..., k, k): tr K_ij
+    scale = jnp.sqrt(jnp.maximum(jnp.diagonal(cross, axis1=-2, axis2=-1), 0.0))
   else:
     cross = jnp.sum(blocks ** 2, axis=(-2, -1))  # ||K_ij||_F^2
-    scale = jnp.sqrt(jnp.diagonal(cross))  # ||K_ii||_F
-  denom = scale[:, None] * scale[None, :]
+    scale = jnp.sqrt(jnp.diagonal(cross, axis1=-2, axis2=-1))  # ||K_ii||_F
+  denom = scale[..., :, None] * scale[..., None, :]
   affinity = jnp.where(denom > 0, cross / jnp.where(denom > 0, denom, 1.0), 0.0)
   # Round-off can push |A_ij| a hair past 1.
   lower = -1.0 if kind == "cosine" else 0.0
-  return jnp.clip(0.5 * (affinity + affinity.T), lower, 1.0)
+  return jnp.clip(0.5 * (affinity + jnp.swapaxes(affinity, -1, -2)), lower, 1.0)
 
 
 def imbalance(values: jax.Array) -> jax.Array:
@@ -258,6 +260,7 @@ class SpectrumHistory(NamedTuple):
     weights: (R, k) the method's task weights at that step (NaN where not given).
     affinity: (R, k, k) the task affinity on the probe batch.
     losses: (R, k) task losses on the probe batch (mean over chunks).
+    blocks: (R, k, k, n, n) the extended-kernel blocks (for another `task_affinity` kind).
   """
   steps: np.ndarray
   spectra: np.ndarray
@@ -266,6 +269,7 @@ class SpectrumHistory(NamedTuple):
   weights: np.ndarray
   affinity: np.ndarray
   losses: np.ndarray
+  blocks: np.ndarray
 
 
 _PROBES: dict[tuple, Callable] = {}
@@ -343,7 +347,8 @@ class SpectrumTracker:
                           strategy=strategy, affinity=affinity)
       return dict(spectra=spec.spectra, eigenvalues=spec.eigenvalues,
                   statistic=spectrum_statistic(spec.spectra, statistic, top_r=top_r),
-                  affinity=spec.affinity, losses=jnp.mean(spec.losses, axis=1))
+                  affinity=spec.affinity, losses=jnp.mean(spec.losses, axis=1),
+                  blocks=spec.blocks)
 
     self._probe = jax.jit(probe)
     if settings is not None:
@@ -381,4 +386,5 @@ class SpectrumTracker:
     return SpectrumHistory(steps=np.asarray([r["step"] for r in self._records], np.int64),
                            spectra=stack("spectra"), eigenvalues=stack("eigenvalues"),
                            statistic=stack("statistic"), weights=stack("weights"),
-                           affinity=stack("affinity"), losses=stack("losses"))
+                           affinity=stack("affinity"), losses=stack("losses"),
+                           blocks=stack("blocks"))

@@ -142,6 +142,13 @@ def test_spectra_and_affinity_match_numpy(seed):
                              shared=model.shared)
   gcos = g @ g.T / np.outer(np.linalg.norm(g, axis=1), np.linalg.norm(g, axis=1))
   np.testing.assert_allclose(one.affinity, gcos, atol=5e-4, err_msg=msg)
+  # Leading axes are kept: a stack of two kernels gives a stack of two affinities.
+  stacked = jnp.asarray(np.stack([blocks, 4.0 * blocks[::-1, ::-1]]), jnp.float32)
+  for kind in spectra.AFFINITY_KINDS:
+    both = spectra.task_affinity(stacked, kind)
+    np.testing.assert_allclose(both[0], spectra.task_affinity(stacked[0], kind), atol=1e-6)
+    np.testing.assert_allclose(both[1], np.asarray(both[0])[::-1, ::-1], atol=1e-5,
+                               err_msg=msg)  # scale-free, and follows the task order
   with pytest.raises(ValueError, match="kind"):
     spectra.task_affinity(jnp.asarray(blocks), "pearson")
 
@@ -222,6 +229,8 @@ def test_tracker_records_the_probe_at_the_right_steps(seed):
     np.testing.assert_allclose(history.statistic[r], ref.spectra.sum(axis=1), rtol=1e-4,
                                err_msg=msg)
     np.testing.assert_allclose(history.affinity[r], ref.affinity, atol=1e-4, err_msg=msg)
+    np.testing.assert_allclose(history.blocks[r], ref.blocks, rtol=1e-4,
+                               atol=1e-6 * float(np.abs(ref.blocks).max()), err_msg=msg)
     np.testing.assert_allclose(history.losses[r], ref.losses.mean(axis=1), rtol=1e-5,
                                err_msg=msg)
     if t:
