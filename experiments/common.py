@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -362,6 +363,12 @@ def _write_json(path: str, data: dict):
 # The loop
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted(fn):
+  """One `jax.jit` per function, so runs that share a `Pipeline` share its compilations."""
+  return jax.jit(fn)
+
+
 def fit(config: Config, pipeline: Pipeline, workdir: str | None) -> dict:
   """Trains `config.method` on the pipeline, epoch by epoch, and returns the results.
 
@@ -383,12 +390,16 @@ def fit(config: Config, pipeline: Pipeline, workdir: str | None) -> dict:
   stl_task = method_hyperparameters(config).get("task", 0) if name == "stl" else None
   sample = pipeline.train.take(np.arange(min(config.batch_size, len(pipeline.train))))
   key = jax.random.key(config.seed)
-  params, model_state = functions.init(jax.random.fold_in(key, 1), sample)
+  # Parameters are drawn with the "rbg" generator, in one jitted call: on XLA:CPU,
+  # initialising a network of a hundred layers with threefry keys, op by op, spends tens of
+  # seconds compiling random-number code.
+  params, model_state = _jitted(functions.init)(jax.random.key(config.seed, impl="rbg"),
+                                                sample)
   aggregator, optimizer = build_method(config, k, functions.shared)
   step = make_train_step(functions.loss_fn, aggregator, optimizer, strategy=config.strategy,
                          has_state=True, encode=functions.encode, decode=functions.decode)
   state = step.init(params, model_state, key=jax.random.fold_in(key, 2))
-  predict = jax.jit(functions.predict)
+  predict = _jitted(functions.predict)
 
   steps_per_epoch = len(pipeline.train) // config.batch_size
   run = dict(epoch=0, batch=0, best_score=-math.inf, best_epoch=None, val_metrics=None,

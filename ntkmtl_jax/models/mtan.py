@@ -114,7 +114,9 @@ class MTANEncoder(nn.Module):
 
   Attributes:
     num_tasks: k (3 on NYUv2, 2 on Cityscapes).
-    filters: widths of the five stages (64, 128, 256, 512, 512 in the paper's network).
+    filters: widths of the stages (64, 128, 256, 512, 512 in the paper's network: five
+      stages). Fewer entries give a shallower network of the same design (for smoke tests:
+      it compiles much faster); the image sides must be multiples of 2 ** len(filters).
   """
   num_tasks: int = 3
   filters: Sequence[int] = FILTERS
@@ -122,25 +124,27 @@ class MTANEncoder(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     f = tuple(self.filters)
-    if x.shape[1] % 32 or x.shape[2] % 32:
-      raise ValueError(f"SegNet-MTAN pools five times: image height and width must be "
-                       f"multiples of 32, got {x.shape[1:3]}.")
-    encoder_block = [ConvLayer(f[i], name=f"encoder_block_{i}") for i in range(5)]
+    s = len(f)  # stages
+    if x.shape[1] % 2 ** s or x.shape[2] % 2 ** s:
+      raise ValueError(f"SegNet-MTAN pools {s} times: image height and width must be "
+                       f"multiples of {2 ** s}, got {x.shape[1:3]}.")
+    last = s - 1
+    encoder_block = [ConvLayer(f[i], name=f"encoder_block_{i}") for i in range(s)]
     conv_block_enc = [ConvLayer(f[i], depth=1 if i < 2 else 2, name=f"conv_block_enc_{i}")
-                      for i in range(5)]
+                      for i in range(s)]
     # decoder_block[i] maps stage i+1's width down to stage i's (index 0 keeps f0).
-    decoder_block = [ConvLayer(f[max(i - 1, 0)], name=f"decoder_block_{i}") for i in range(5)]
+    decoder_block = [ConvLayer(f[max(i - 1, 0)], name=f"decoder_block_{i}") for i in range(s)]
     conv_block_dec = [ConvLayer(f[max(i - 1, 0)], depth=1 if i < 2 else 2,
-                                name=f"conv_block_dec_{i}") for i in range(5)]
-    encoder_block_att = [ConvLayer(f[min(i + 1, 4)], name=f"encoder_block_att_{i}")
-                         for i in range(5)]
-    decoder_block_att = [ConvLayer(f[4] if i == 4 else f[max(i - 1, 0)],
-                                   name=f"decoder_block_att_{i}") for i in range(5)]
+                                name=f"conv_block_dec_{i}") for i in range(s)]
+    encoder_block_att = [ConvLayer(f[min(i + 1, last)], name=f"encoder_block_att_{i}")
+                         for i in range(s)]
+    decoder_block_att = [ConvLayer(f[last] if i == last else f[max(i - 1, 0)],
+                                   name=f"decoder_block_att_{i}") for i in range(s)]
 
     # The shared SegNet.
     g_encoder, pooled, positions = [], [], []
     h = x
-    for i in range(5):
+    for i in range(s):
       first = encoder_block[i](h, train)
       second = conv_block_enc[i](first, train)
       h, one_hot = max_pool_with_argmax(second)
@@ -148,7 +152,7 @@ class MTANEncoder(nn.Module):
       pooled.append(h)
       positions.append(one_hot)
     g_upsampled, g_decoder = [], []
-    for i in range(5):
+    for i in range(s):
       up = max_unpool(h, positions[-i - 1])
       first = decoder_block[-i - 1](up, train)
       h = conv_block_dec[-i - 1](first, train)
@@ -159,15 +163,15 @@ class MTANEncoder(nn.Module):
     features = []
     for t in range(self.num_tasks):
       a = None
-      for j in range(5):
+      for j in range(s):
         hidden = f[0] if j == 0 else f[j]
         mask_in = g_encoder[j][0] if j == 0 else jnp.concatenate([g_encoder[j][0], a], -1)
         mask = AttentionLayer(hidden, f[j], name=f"encoder_att_t{t}_{j}")(mask_in, train)
         a = encoder_block_att[j](mask * g_encoder[j][1], train)
         a = nn.max_pool(a, (2, 2), strides=(2, 2))
-      for j in range(5):
+      for j in range(s):
         a = decoder_block_att[-j - 1](upsample_bilinear(a), train)
-        stage = 4 - j  # decoder_att index in the original code
+        stage = last - j  # decoder_att index in the original code
         width = f[max(stage - 1, 0)]
         mask = AttentionLayer(width, width, name=f"decoder_att_t{t}_{stage}")(
             jnp.concatenate([g_upsampled[j], a], -1), train)

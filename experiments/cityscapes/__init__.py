@@ -1,0 +1,1 @@
+"""Cityscapes: 7-class segmentation and depth with SegNet-MTAN."""
