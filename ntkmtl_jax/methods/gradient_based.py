@@ -87,8 +87,8 @@ class MGDAState(NamedTuple):
     count: number of updates made.
     weights: the last weights applied to the task gradients.
     conflicts: conflicting pairs (G_ij < 0, i < j) at the last step.
-    iterations: Frank-Wolfe iterations at the last step.
-    solver_failures: steps so far whose Frank-Wolfe run reached its iteration bound before
+    iterations: min-norm solver iterations at the last step.
+    solver_failures: steps so far whose min-norm solver reached its iteration bound before
       its tolerance (the iterate, a point of the simplex, was used anyway).
   """
   count: jax.Array
@@ -103,7 +103,8 @@ def _mgda_init(num_tasks):
                                   _zeros_int(), _zeros_int())
 
 
-def _mgda_weighting(name, num_tasks, normalization, scale_by_num_tasks, max_iters, tol):
+def _mgda_weighting(name, num_tasks, normalization, scale_by_num_tasks, solver, max_iters,
+                    tol):
 
   def weighting(stats: TaskStats, state: MGDAState):
     gram = _gram_of(stats, name, num_tasks)
@@ -120,8 +121,8 @@ def _mgda_weighting(name, num_tasks, normalization, scale_by_num_tasks, max_iter
       if normalization == "loss+":
         scale = scale * norms
     scale = scale + EPS
-    result = solvers.min_norm_point(gram / jnp.outer(scale, scale), max_iters=max_iters,
-                                    tol=tol)
+    result = solvers.min_norm_point(gram / jnp.outer(scale, scale), method=solver,
+                                    max_iters=max_iters, tol=tol)
     # As in the reference code, the weights found for the normalised gradients multiply
     # the raw task gradients (losses).
     weights = result.x * (num_tasks if scale_by_num_tasks else 1.0)
@@ -133,7 +134,9 @@ def _mgda_weighting(name, num_tasks, normalization, scale_by_num_tasks, max_iter
   return weighting
 
 
-def _check_mgda_args(normalization, max_iters, tol):
+def _check_mgda_args(normalization, solver, max_iters, tol):
+  if solver not in solvers.MIN_NORM_METHODS:
+    raise ValueError(f"solver must be one of {solvers.MIN_NORM_METHODS}, got {solver!r}.")
   if normalization not in _MGDA_NORMALIZATIONS:
     raise ValueError(f"normalization must be one of {_MGDA_NORMALIZATIONS}, got "
                      f"{normalization!r}.")
@@ -143,8 +146,8 @@ def _check_mgda_args(normalization, max_iters, tol):
 
 @register("mgda")
 def mgda(num_tasks: int, *, normalization: str = "none", scale_by_num_tasks: bool = True,
-         max_iters: int = 500, tol: float = 1e-6, shared: SharedSpec = None,
-         head_gradients: str = "weighted") -> TaskAggregator:
+         solver: str = "frank_wolfe", max_iters: int = 500, tol: float = 1e-6,
+         shared: SharedSpec = None, head_gradients: str = "weighted") -> TaskAggregator:
   """MGDA: the minimum-norm point of the convex hull of the task gradients.
 
   The weights w on the simplex minimise ||sum_i w_i g_i||^2, found from the Gram matrix by
@@ -157,10 +160,13 @@ def mgda(num_tasks: int, *, normalization: str = "none", scale_by_num_tasks: boo
     num_tasks: k.
     normalization: gradient normaliser used to choose the weights.
     scale_by_num_tasks: multiply the weights by k, as the reference code does.
-    max_iters: Frank-Wolfe iteration bound.
-    tol: tolerance on the Frank-Wolfe duality gap relative to max_i G_ii (see
-      `solvers.min_norm_point`); past the bound the iterate is used and the step counted
-      in `MGDAState.solver_failures`.
+    solver: "frank_wolfe" (pairwise Frank-Wolfe, the reference's kind of solver) or
+      "projected_gradient" (more accurate when the hull nearly contains 0); see
+      `solvers.min_norm_point`.
+    max_iters: the solver's iteration bound.
+    tol: the solver's tolerance (for Frank-Wolfe, on the duality gap relative to
+      max_i G_ii); past the bound the iterate is used and the step counted in
+      `MGDAState.solver_failures`.
     shared: which parameters are shared: None (all), a pytree of bools or a function.
     head_gradients: "weighted" (the backward of the weighted loss, as the reference code)
       or "sum".
@@ -172,18 +178,19 @@ def mgda(num_tasks: int, *, normalization: str = "none", scale_by_num_tasks: boo
     Sener, Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018.
   """
   _check_num_tasks(num_tasks)
-  _check_mgda_args(normalization, max_iters, tol)
+  _check_mgda_args(normalization, solver, max_iters, tol)
   return weighted_aggregator(
       "mgda", "gram",
-      _mgda_weighting("mgda", num_tasks, normalization, scale_by_num_tasks, max_iters, tol),
+      _mgda_weighting("mgda", num_tasks, normalization, scale_by_num_tasks, solver, max_iters,
+                      tol),
       _mgda_init(num_tasks), shared=shared, head_gradients=head_gradients,
-      normalization=normalization, scale_by_num_tasks=scale_by_num_tasks)
+      normalization=normalization, scale_by_num_tasks=scale_by_num_tasks, solver=solver)
 
 
 @register("mgda_ub")
 def mgda_ub(num_tasks: int, *, normalization: str = "none", scale_by_num_tasks: bool = True,
-            max_iters: int = 500, tol: float = 1e-6, shared: SharedSpec = None,
-            head_gradients: str = "weighted") -> TaskAggregator:
+            solver: str = "frank_wolfe", max_iters: int = 500, tol: float = 1e-6,
+            shared: SharedSpec = None, head_gradients: str = "weighted") -> TaskAggregator:
   """MGDA-UB: MGDA with the Gram matrix of the gradients w.r.t. the shared representation.
 
   Sener & Koltun's upper bound: the min-norm weights are computed from the task gradients
@@ -208,10 +215,10 @@ def mgda_ub(num_tasks: int, *, normalization: str = "none", scale_by_num_tasks: 
     Section 3.3.
   """
   _check_num_tasks(num_tasks)
-  _check_mgda_args(normalization, max_iters, tol)
+  _check_mgda_args(normalization, solver, max_iters, tol)
   name = "mgda_ub"
   gram_weighting = _mgda_weighting(name, num_tasks, normalization, scale_by_num_tasks,
-                                   max_iters, tol)
+                                   solver, max_iters, tol)
 
   def weighting(stats: TaskStats, state: MGDAState):
     if stats.gram is None:
@@ -224,7 +231,7 @@ def mgda_ub(num_tasks: int, *, normalization: str = "none", scale_by_num_tasks: 
 
   base = weighted_aggregator(name, "gram", weighting, _mgda_init(num_tasks), shared=shared,
                              head_gradients=head_gradients, normalization=normalization,
-                             scale_by_num_tasks=scale_by_num_tasks)
+                             scale_by_num_tasks=scale_by_num_tasks, solver=solver)
 
   def update_fn(task_grads, state, params=None, *, gram=None, **extra_args):
     if gram is None:
@@ -232,9 +239,11 @@ def mgda_ub(num_tasks: int, *, normalization: str = "none", scale_by_num_tasks: 
     return base.update(task_grads, state, params, gram=gram, **extra_args)
 
   agg = TaskAggregator(base.init, update_fn)
+  # `representation_statistic` tells a train step which statistic of the representation
+  # gradients the weighting reads (NTKMTL-SR reads kernel eigenvalues).
   return _annotate(agg, name=name, needs="representation", weighting=weighting,
                    shared=shared, head_gradients=head_gradients, num_chunks=1,
-                   options=base.options)
+                   options=dict(base.options, representation_statistic="gram"))
 
 
 # --------------------------------------------------------------------------------- PCGrad
