@@ -39,7 +39,8 @@ class TrainStep:
 
   Built by `make_train_step`; `init(params, model_state=None, key=None)` makes the
   `TrainState`. `metrics` holds `losses` (k,), `weights` (k,), `eigenvalues` (k,) when the
-  method uses them (for NTKMTL with n = 1, the squared task-gradient norms), `grad_norm` (the shared update's norm before the
+  method uses them (for NTKMTL with n = 1, the squared task-gradient norms), every other
+  scalar or per-task field of the method's state (e.g. `conflicts`, `solver_failures`), `grad_norm` (the shared update's norm before the
   optimiser), `finite` (whether this step was applied) and `skipped` (total so far).
   """
 
@@ -156,6 +157,7 @@ def make_train_step(loss_fn: Callable | None, aggregator: TaskAggregator,
   statistic = dict(statistic=aggregator.options.get("statistic", "max"),
                    top_r=aggregator.options.get("top_r", 3))
   head_sum = aggregator.head_gradients == "sum"
+  representation_statistic = aggregator.options.get("representation_statistic", "eigenvalues")
 
   def weighted_pullback(vjp_fn, weights):
     """Gradient of sum_i w_i l_i on shared leaves; heads per `head_gradients`."""
@@ -172,12 +174,18 @@ def make_train_step(loss_fn: Callable | None, aggregator: TaskAggregator,
 
     if needs == "representation":
       z, enc_vjp, ms_new = _vjp_encoder(enc, params, ms, batch)
-      eig, _ = kernel.representation_eigenvalues(decode, params, jax.lax.stop_gradient(z),
-                                                 batch, num_chunks=num_chunks)
       losses, dec_vjp = jax.vjp(lambda p, zz: decode(p, zz, batch), params, z)
-      _tree.check_losses(losses, eig.shape[0], where="decode")
-      weights, agg_state = aggregator.weighting(TaskStats(losses=losses, eigenvalues=eig,
-                                                          key=key), agg_state)
+      _tree.check_losses(losses, where="decode")
+      if representation_statistic == "gram":
+        # Gram of d l_i / d z: k backward passes through the heads only (MGDA-UB).
+        eye = jnp.eye(losses.shape[0], dtype=losses.dtype)
+        dz = jnp.stack([dec_vjp(eye[i])[1].reshape(-1) for i in range(losses.shape[0])])
+        stats = TaskStats(losses=losses, gram=dz @ dz.T, key=key)
+      else:
+        eig, _ = kernel.representation_eigenvalues(decode, params, jax.lax.stop_gradient(z),
+                                                   batch, num_chunks=num_chunks)
+        stats = TaskStats(losses=losses, eigenvalues=eig, key=key)
+      weights, agg_state = aggregator.weighting(stats, agg_state)
       dp, dz = dec_vjp(weights.astype(losses.dtype))
       enc_grad = enc_vjp(dz)
       weighted = jax.tree.map(jnp.add, dp, enc_grad)
@@ -267,11 +275,15 @@ def make_train_step(loss_fn: Callable | None, aggregator: TaskAggregator,
         key=state.key)
     metrics = dict(losses=losses, finite=finite, skipped=new_state.skipped,
                    grad_norm=jnp.sqrt(_tree.sq_norm(update, mask)))
-    # Every method's state records its last weights; NTK methods also their eigenvalues.
+    # Every method's state records its last weights; NTK methods also their eigenvalues,
+    # solvers their diagnostics (conflicting pairs, iterations, failures): report every
+    # scalar or per-task field of the state, never the large buffers some methods keep.
     weights_now = getattr(agg_state, "weights", None)
     metrics["weights"] = weights_now if weights_now is not None else jnp.ones_like(losses)
-    if getattr(agg_state, "eigenvalues", None) is not None:
-      metrics["eigenvalues"] = agg_state.eigenvalues
+    for name, value in getattr(agg_state, "_asdict", dict)().items():
+      if (name not in metrics and name != "count" and isinstance(value, jax.Array)
+          and (value.ndim == 0 or value.shape == losses.shape)):
+        metrics[name] = value
     return new_state, metrics
 
   return TrainStep(step_fn, aggregator, optimizer, jit=jit, donate=donate)

@@ -201,8 +201,9 @@ def mgda_ub(num_tasks: int, *, normalization: str = "none", scale_by_num_tasks: 
 
     update, state = agg.update(task_grads, state, params, gram=representation_gram)
 
-  It reports `needs="representation"`; `make_train_step` does not build the
-  representation Gram yet and raises a clear error at trace time.
+  It reports `needs="representation"`: `make_train_step` (given `encode` and `decode`)
+  builds that Gram from k backward passes through the heads, then runs one weighted
+  backward pass.
 
   Args:
     As `mgda`.
@@ -224,7 +225,7 @@ def mgda_ub(num_tasks: int, *, normalization: str = "none", scale_by_num_tasks: 
     if stats.gram is None:
       raise ValueError(
           "mgda_ub needs the Gram matrix of the task gradients with respect to the shared "
-          "representation, which make_train_step does not compute; call "
+          "representation: give make_train_step encode= and decode=, or call "
           "agg.update(task_grads, state, params, gram=representation_gram) in your own "
           "step, or use 'mgda' for the parameter-gradient Gram.")
     return gram_weighting(stats, state)
