@@ -369,6 +369,29 @@ def _jitted(fn):
   return jax.jit(fn)
 
 
+def initial_state(config: Config, pipeline: Pipeline):
+  """The jitted train step of `config.method` and its initial `TrainState`."""
+  functions = pipeline.functions
+  sample = pipeline.train.take(np.arange(min(config.batch_size, len(pipeline.train))))
+  key = jax.random.key(config.seed)
+  # Parameters are drawn with the "rbg" generator, in one jitted call: on XLA:CPU,
+  # initialising a network of a hundred layers with threefry keys, op by op, spends tens of
+  # seconds compiling random-number code.
+  params, model_state = _jitted(functions.init)(jax.random.key(config.seed, impl="rbg"),
+                                                sample)
+  aggregator, optimizer = build_method(config, len(pipeline.task_names), functions.shared)
+  step = make_train_step(functions.loss_fn, aggregator, optimizer, strategy=config.strategy,
+                         has_state=True, encode=functions.encode, decode=functions.decode)
+  return step, step.init(params, model_state, key=jax.random.fold_in(key, 2))
+
+
+def restore_checkpoint(config: Config, pipeline: Pipeline, workdir: str,
+                       which: str = "best") -> TrainState:
+  """The `TrainState` saved by `fit` under `workdir/which` ("best" or "latest")."""
+  _, template = initial_state(config, pipeline)
+  return restore_state(os.path.join(workdir, which), template)
+
+
 def fit(config: Config, pipeline: Pipeline, workdir: str | None) -> dict:
   """Trains `config.method` on the pipeline, epoch by epoch, and returns the results.
 
@@ -382,23 +405,12 @@ def fit(config: Config, pipeline: Pipeline, workdir: str | None) -> dict:
   Returns:
     A dict with `metrics` (test metrics of the best validation model), `val_metrics`,
     `delta_m` (against the STL row, or None), `best_epoch`, `steps`, `skipped`,
-    `step_time_s` (median wall time of a train step after the first two) and `history`.
+    `last_losses` (the task losses of the last step), `step_time_s` (median wall time of a train step after the first two) and `history`.
   """
   functions = pipeline.functions
-  k = len(pipeline.task_names)
   name = method_name(config.method)
   stl_task = method_hyperparameters(config).get("task", 0) if name == "stl" else None
-  sample = pipeline.train.take(np.arange(min(config.batch_size, len(pipeline.train))))
-  key = jax.random.key(config.seed)
-  # Parameters are drawn with the "rbg" generator, in one jitted call: on XLA:CPU,
-  # initialising a network of a hundred layers with threefry keys, op by op, spends tens of
-  # seconds compiling random-number code.
-  params, model_state = _jitted(functions.init)(jax.random.key(config.seed, impl="rbg"),
-                                                sample)
-  aggregator, optimizer = build_method(config, k, functions.shared)
-  step = make_train_step(functions.loss_fn, aggregator, optimizer, strategy=config.strategy,
-                         has_state=True, encode=functions.encode, decode=functions.decode)
-  state = step.init(params, model_state, key=jax.random.fold_in(key, 2))
+  step, state = initial_state(config, pipeline)
   predict = _jitted(functions.predict)
 
   steps_per_epoch = len(pipeline.train) // config.batch_size
@@ -459,6 +471,7 @@ def fit(config: Config, pipeline: Pipeline, workdir: str | None) -> dict:
       state, out = step(state, batch)
       losses = np.asarray(out["losses"])  # waits for the step
       run["step_times"].append(time.perf_counter() - start)
+      run["last_losses"] = losses.tolist()
       if int(state.step) % config.log_every == 0:
         print(f"  step {int(state.step)} losses {np.array2string(losses, precision=4)} "
               f"weights {np.array2string(np.asarray(out['weights']), precision=3)}")
@@ -478,7 +491,8 @@ def fit(config: Config, pipeline: Pipeline, workdir: str | None) -> dict:
                  hparams=method_hyperparameters(config), metrics=run["metrics"],
                  val_metrics=run["val_metrics"], best_epoch=run["best_epoch"],
                  delta_m=delta_m_of(config, run["metrics"]), steps=int(state.step),
-                 skipped=int(state.skipped), steps_per_epoch=steps_per_epoch,
+                 skipped=int(state.skipped), last_losses=run.get("last_losses"),
+                 steps_per_epoch=steps_per_epoch,
                  step_time_s=float(np.median(times)) if times else None,
                  history=run["history"])
   if workdir:
