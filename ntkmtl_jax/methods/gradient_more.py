@@ -628,12 +628,15 @@ def sdmgrad(num_tasks: int, *, lamda: float = 0.3, num_iters: int = 20,
   momentum steps, warm-started from the previous step's w). The paper estimates the two
   factors of the objective's gradient and the final direction on independent mini-batches
   to remove the bias of the stochastic estimates; here all three come from the step's
-  batch, as in the deterministic setting.
+  batch, as in the deterministic setting. With the authors' step size (10, on G scaled to
+  unit mean norm) the projected iteration does not converge: it jumps between faces of
+  the simplex, so w can change discontinuously with G (even with its rounding); a step
+  below 1 / (2 lambda_max) of the scaled G makes it converge to the sub-problem's solution.
 
   Args:
     num_tasks: k.
-    lamda: the regularisation strength toward the mean gradient (0.3 in the authors'
-      NYU-v2 runs).
+    lamda: the regularisation strength toward the mean gradient (0.3, LibMTL's default,
+      from the authors' implementation).
     num_iters: projected steps per update.
     learning_rate: their step size.
     momentum: their momentum.
