@@ -224,7 +224,8 @@ def fit(functions: TaskFunctions, method: str | TaskAggregator, *,
         optimizer: OptimizerConfig = OptimizerConfig(), hparams: dict | None = None,
         seed: int = 0, evaluate: Callable[[PyTree, PyTree], dict] | None = None,
         probe_every: int = 0, strategy: str = "auto", progress: bool = True,
-        description: str | None = None, log_every: int = 10) -> RunResult:
+        description: str | None = None, log_every: int = 10,
+        callback: Callable[[int, Any, dict], None] | None = None) -> RunResult:
   """Trains a multi-task model with one method and returns the run's record.
 
   Ctrl-C (KeyboardInterrupt) during training stops the run cleanly: the result has
@@ -245,6 +246,8 @@ def fit(functions: TaskFunctions, method: str | TaskAggregator, *,
     progress: show a tqdm progress bar (step, task losses, task weights).
     description: the progress bar's label (default: the method's name and seed).
     log_every: steps between progress-bar refreshes (and host transfers of metrics).
+    callback: called as `callback(t, state, metrics)` after step t (1-based), e.g. a
+      `spectra.SpectrumTracker`; it runs on the host, so keep it cheap or sparse.
 
   Returns:
     A `RunResult`.
@@ -276,6 +279,8 @@ def fit(functions: TaskFunctions, method: str | TaskAggregator, *,
       if probe is not None and (t == 1 or t % probe_every == 0):
         probes.append((t, probe(state.params, state.model_state, batch)))
       state, metrics = step(state, batch)
+      if callback is not None:
+        callback(t, state, metrics)
       records.append({k: metrics[k] for k in ("losses", "weights", "grad_norm", "eigenvalues")
                       if k in metrics})
       if t % log_every == 0 or t == steps:

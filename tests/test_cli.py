@@ -146,3 +146,19 @@ def test_fit_stops_cleanly_on_keyboard_interrupt():
   # Five batches, five steps (the first batch also initialises the parameters).
   assert result.interrupted and result.steps == 5
   assert result.history.losses.shape == (5, 3) and set(result.metrics) == set(bench.metric_names)
+
+
+def test_fit_calls_the_callback_after_every_step():
+  from ntkmtl_jax import benchmarks
+  bench = benchmarks.get_benchmark("sines", num_train=64)
+  seen = []
+
+  def callback(t, state, metrics):
+    seen.append((t, int(state.step), np.asarray(metrics["losses"])))
+
+  result = loop.fit(bench.functions, "ntkmtl", train_data=bench.train_data(0, 16), steps=4,
+                    progress=False, callback=callback)
+  assert [t for t, _, _ in seen] == [1, 2, 3, 4]
+  assert [s for _, s, _ in seen] == [1, 2, 3, 4]  # called after the step, with its state
+  np.testing.assert_allclose(np.stack([l for _, _, l in seen]), result.history.losses,
+                             rtol=1e-6)
