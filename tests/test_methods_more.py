@@ -388,3 +388,27 @@ def test_registered_with_published_defaults():
   assert methods.defaults("sdmgrad")["lamda"] == 0.3
   assert methods.get("moco", 2).needs == "gradients"
   assert all(methods.get(n, 2).needs == "gram" for n in GRAM_METHODS)
+
+
+def test_non_finite_gradients_skip_the_step_and_the_solver_stops(seed):
+  rng = np.random.default_rng(seed)
+  model = TanhMLP(rng, num_tasks=3)
+  agg = methods.get("upgrad", 3, shared=model.shared)
+  step = make_train_step(model.loss_fn, agg, optax.sgd(1e-2), strategy="streaming")
+  state = step.init(model.params)
+  batch = dict(model.batch)
+  batch["y"] = batch["y"].at[0, 1].set(jnp.nan)
+  new_state, metrics = step(state, batch)  # the active-set loop ends at its bound on NaN
+  assert not bool(metrics["finite"]) and int(new_state.skipped) == 1
+  jax.tree.map(np.testing.assert_array_equal, new_state.aggregator_state,
+               state.aggregator_state)
+
+
+def test_gradvac_leaves_zero_gradients_alone(seed):
+  rng = np.random.default_rng(seed)
+  jac = random_jacobian(rng, k=3)
+  jac[1] = 0.0
+  agg = methods.get("gradvac", 3)
+  state = agg.init(None)._replace(targets=jnp.full((3, 3), 0.5, jnp.float32))
+  weights, _ = run_weighting(agg, gram32(jac), key=jax.random.key(seed), state=state)
+  assert np.all(np.isfinite(weights)) and np.abs(weights).max() < 1e3, f"seed={seed}"

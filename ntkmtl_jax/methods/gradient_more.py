@@ -507,7 +507,8 @@ def gradvac_coefficients(gram: jax.Array, orders: jax.Array, targets: jax.Array,
     norm_j = norms[j]
     phi = jnp.clip(dots / (norm_i * norm_j + EPS), -1.0, 1.0)
     target = targets[rows, j]
-    apply = other & (phi < target)
+    # A zero gradient has no direction to correct toward (or to correct).
+    apply = other & (phi < target) & (norm_i > 0) & (norm_j > 0)
     root_target = jnp.sqrt(jnp.maximum(1.0 - target ** 2, 0.0))
     root_phi = jnp.sqrt(jnp.maximum(1.0 - phi ** 2, 0.0))
     w = norm_i * (target * root_phi - phi * root_target) / (norm_j * root_target + EPS)
