@@ -412,3 +412,15 @@ def test_gradvac_leaves_zero_gradients_alone(seed):
   state = agg.init(None)._replace(targets=jnp.full((3, 3), 0.5, jnp.float32))
   weights, _ = run_weighting(agg, gram32(jac), key=jax.random.key(seed), state=state)
   assert np.all(np.isfinite(weights)) and np.abs(weights).max() < 1e3, f"seed={seed}"
+
+
+@pytest.mark.parametrize("name", GRAM_METHODS)
+def test_solver_products_run_at_full_precision(name):
+  # TPUs (bf16 passes) and TF32 GPUs would otherwise round the k x k products far above
+  # the solvers' tolerances.
+  agg = methods.get(name, 3)
+  stats = TaskStats(gram=jnp.eye(3), key=jax.random.key(0))
+  text = jax.jit(agg.weighting).lower(stats, agg.init(None)).as_text()
+  dots = [line for line in text.splitlines() if "dot_general" in line]
+  assert dots and all("HIGHEST" in line for line in dots), [d for d in dots
+                                                            if "HIGHEST" not in d][:2]

@@ -18,6 +18,7 @@ steps ended without meeting the solver's tolerance.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Sequence
 
 import jax
@@ -34,6 +35,22 @@ from ntkmtl_jax.methods.gradient_based import (EPS, _check_num_tasks, _gram_of, 
                                                pcgrad_orders)
 
 
+def _full_precision(fn):
+  """Traces `fn` with float32 matrix products at full precision.
+
+  By default TPUs multiply float32 matrices in bfloat16 passes and recent GPUs may use
+  TF32, both far coarser than the solvers' tolerances; the products here are k x k (or
+  k x P once), so full precision costs nothing that matters.
+  """
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.default_matmul_precision("highest"):
+      return fn(*args, **kwargs)
+
+  return wrapped
+
+
 def _preference(pref_vector, num_tasks, default):
   """The preference vector as a float32 array of shape (k,), checked."""
   if pref_vector is None:
@@ -48,6 +65,7 @@ def _preference(pref_vector, num_tasks, default):
 # ------------------------------------------------------------------------ dual-cone solver
 
 
+@_full_precision
 def nonnegative_qp(gram: jax.Array, linear: jax.Array, *, max_iters: int = 100,
                    tol: float = 1e-5) -> solvers.SolverResult:
   """Solves min_z 1/2 z^T G z + c^T z subject to z >= 0, for a positive definite G.
@@ -121,6 +139,7 @@ def nonnegative_qp(gram: jax.Array, linear: jax.Array, *, max_iters: int = 100,
   return solvers.SolverResult(z, iterations, residual <= tol, residual)
 
 
+@_full_precision
 def dual_cone_weights(gram: jax.Array, preference: jax.Array, *, norm_eps: float = 1e-4,
                       reg_eps: float = 1e-4, max_iters: int = 100, tol: float = 1e-5
                       ) -> solvers.SolverResult:
@@ -172,6 +191,7 @@ def _dual_cone_aggregator(name, num_tasks, preference, per_task, norm_eps, reg_e
                      f"got {norm_eps}, {reg_eps}, {max_iters}, {tol}.")
   preference = jnp.asarray(np.diag(preference) if per_task else preference)
 
+  @_full_precision
   def weighting(stats: TaskStats, state: DualConeState):
     gram = _gram_of(stats, name, num_tasks)
     result = dual_cone_weights(gram, preference, norm_eps=norm_eps, reg_eps=reg_eps,
@@ -280,6 +300,7 @@ class AlignedMTLState(NamedTuple):
   rank: jax.Array
 
 
+@_full_precision
 def aligned_mtl_transform(gram: jax.Array, scale_mode: str = "min"
                           ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Aligned-MTL's balance matrix B, from the Gram matrix; returns (B, condition, rank).
@@ -346,6 +367,7 @@ def aligned_mtl(num_tasks: int, *, scale_mode: str = "min",
     raise ValueError(f"scale_mode must be one of {_ALIGNED_SCALES}, got {scale_mode!r}.")
   preference = jnp.asarray(_preference(pref_vector, num_tasks, 1.0))
 
+  @_full_precision
   def weighting(stats: TaskStats, state: AlignedMTLState):
     gram = _gram_of(stats, "aligned_mtl", num_tasks)
     balance, condition, rank = aligned_mtl_transform(gram, scale_mode)
@@ -381,6 +403,7 @@ class ConFIGState(NamedTuple):
   rank: jax.Array
 
 
+@_full_precision
 def config_weights(gram: jax.Array, rcond: float | None = None
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """ConFIG's update as coefficients of the task gradients; returns (weights, cosine, rank).
@@ -445,6 +468,7 @@ def config(num_tasks: int, *, rcond: float | None = None, shared: SharedSpec = N
   if rcond is not None and not 0 < rcond < 1:
     raise ValueError(f"rcond must lie in (0, 1) or be None, got {rcond}.")
 
+  @_full_precision
   def weighting(stats: TaskStats, state: ConFIGState):
     gram = _gram_of(stats, "config", num_tasks)
     weights, cosine, rank = config_weights(gram, rcond)
@@ -478,6 +502,7 @@ class GradVacState(NamedTuple):
   adjusted: jax.Array
 
 
+@_full_precision
 def gradvac_coefficients(gram: jax.Array, orders: jax.Array, targets: jax.Array,
                          beta: float) -> tuple[jax.Array, jax.Array, jax.Array]:
   """GradVac's corrected gradients as coefficients of the original ones.
@@ -557,6 +582,7 @@ def gradvac(num_tasks: int, *, beta: float = 0.01, shared: SharedSpec = None,
   if not 0 <= beta <= 1:
     raise ValueError(f"beta must lie in [0, 1], got {beta}.")
 
+  @_full_precision
   def weighting(stats: TaskStats, state: GradVacState):
     gram = _gram_of(stats, "gradvac", num_tasks)
     orders = pcgrad_orders(_key_of(stats, "gradvac"), num_tasks)
@@ -592,6 +618,7 @@ class SDMGradState(NamedTuple):
   simplex_weights: jax.Array
 
 
+@_full_precision
 def sdmgrad_simplex_weights(gram: jax.Array, w0: jax.Array, lamda: float, *,
                             num_iters: int = 20, learning_rate: float = 10.0,
                             momentum: float = 0.5) -> jax.Array:
@@ -661,6 +688,7 @@ def sdmgrad(num_tasks: int, *, lamda: float = 0.3, num_iters: int = 20,
                      f"{momentum}.")
   factor = float(num_tasks) if scale_by_num_tasks else 1.0
 
+  @_full_precision
   def weighting(stats: TaskStats, state: SDMGradState):
     gram = _gram_of(stats, "sdmgrad", num_tasks)
     w = sdmgrad_simplex_weights(gram, state.simplex_weights, lamda, num_iters=num_iters,
@@ -750,6 +778,7 @@ def moco(num_tasks: int, *, beta: float = 0.5, beta_sigma: float = 0.5, gamma: f
     return MoCoState(_zeros_int(), jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32),
                      _zeros_int(), jnp.zeros((num_tasks, size), dtype))
 
+  @_full_precision
   def aggregate(matrix, state: MoCoState, stats: TaskStats):
     if matrix.shape[0] != num_tasks or state.tracking.shape != matrix.shape:
       raise ValueError(f"moco was initialised for tracking variables of shape "
