@@ -407,6 +407,7 @@ def fit(config: Config, pipeline: Pipeline, workdir: str | None) -> dict:
     `delta_m` (against the STL row, or None), `best_epoch`, `steps`, `skipped`,
     `last_losses` (the task losses of the last step), `step_time_s` (median wall time of a train step after the first two) and `history`.
   """
+  started = time.perf_counter()
   functions = pipeline.functions
   name = method_name(config.method)
   stl_task = method_hyperparameters(config).get("task", 0) if name == "stl" else None
@@ -494,7 +495,7 @@ def fit(config: Config, pipeline: Pipeline, workdir: str | None) -> dict:
                  skipped=int(state.skipped), last_losses=run.get("last_losses"),
                  steps_per_epoch=steps_per_epoch,
                  step_time_s=float(np.median(times)) if times else None,
-                 history=run["history"])
+                 wall_time=time.perf_counter() - started, history=run["history"])
   if workdir:
     _write_json(os.path.join(workdir, "results.json"), results)
   return results
@@ -504,46 +505,84 @@ def fit(config: Config, pipeline: Pipeline, workdir: str | None) -> dict:
 # Reports
 
 
+def _row(values, deltas, walls, seeds) -> dict:
+  values = np.asarray(values, np.float64)
+  sd = lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+  return dict(metrics_mean=values.mean(axis=0).tolist(),
+              metrics_std=[sd(values[:, j]) for j in range(values.shape[1])],
+              delta_m_mean=None if deltas is None else float(np.mean(deltas)),
+              delta_m_std=None if deltas is None else sd(deltas),
+              delta_m_per_seed=None if deltas is None else [float(d) for d in deltas],
+              wall_time_mean=float(np.mean(walls)) if walls else float("nan"),
+              wall_time_std=sd(walls) if walls else 0.0, seeds=[int(x) for x in seeds])
+
+
+def summarize(config: Config, results: Sequence[dict],
+              stl_row: Sequence[float] | None = None) -> dict:
+  """The `ntkmtl` command's summary (`ntkmtl_jax.report` rows) of `fit` results.
+
+  Delta m % is taken against `stl_row` (default: the config's, the paper's STL row); where
+  there is none, against the mean over seeds of the STL runs among `results` (run i trained
+  on task i). The "stl" row shows that baseline. MR ranks the multi-task methods.
+  """
+  names = list(config.metric_names)
+  stl_runs: dict[int, dict[int, dict]] = {}
+  by_method: dict[str, dict[int, dict]] = {}
+  for r in results:
+    if method_name(r["method"]) == "stl":
+      stl_runs.setdefault(r["seed"], {})[int(r.get("hparams", {}).get("task", 0))] = r
+    else:
+      by_method.setdefault(method_name(r["method"]), {})[r["seed"]] = r
+  complete = {seed: [runs[t]["metrics"][n] for n, t in zip(names, config.metric_tasks)]
+              for seed, runs in sorted(stl_runs.items())
+              if all(t in runs for t in config.metric_tasks)}
+  baseline = stl_row if stl_row is not None else config.stl_row
+  rows = {}
+  if baseline is None and complete:
+    baseline = np.mean(list(complete.values()), axis=0)
+  if complete:
+    values = np.asarray(list(complete.values()))
+    rows["stl"] = _row(values, [metrics_lib.delta_m(v, baseline, config.higher_is_better)
+                                for v in values],
+                       [sum(r.get("wall_time", 0.0) for r in stl_runs[s].values())
+                        for s in complete], list(complete))
+  elif baseline is not None:  # the paper's row
+    rows["stl"] = _row(np.asarray([baseline]), [0.0], [], [])
+  for label, by_seed in by_method.items():
+    seeds = sorted(by_seed)
+    values = np.asarray([[by_seed[s]["metrics"][n] for n in names] for s in seeds])
+    deltas = ([metrics_lib.delta_m(v, baseline, config.higher_is_better) for v in values]
+              if baseline is not None else None)
+    rows[label] = _row(values, deltas, [by_seed[s].get("wall_time", float("nan"))
+                                        for s in seeds], seeds)
+  multi = {k: r["metrics_mean"] for k, r in rows.items() if k != "stl"}
+  ranks = metrics_lib.mean_rank(multi, config.higher_is_better) if multi else {}
+  for k, r in rows.items():
+    r["mean_rank"] = ranks.get(k)
+  return rows
+
+
 def results_table(config: Config, results: Sequence[dict],
                   stl_row: Sequence[float] | None = None) -> str:
-  """The paper's table layout: one row per method (mean over its seeds), each metric, then
-  MR (mean rank among the methods shown) and Delta m % (against `stl_row`, default the
-  config's; STL runs, if any, supply the baseline task by task when neither exists)."""
-  names = list(config.metric_names)
-  by_method: dict[str, list] = {}
-  for r in results:
-    label = r["method"] if method_name(r["method"]) != "stl" else \
-        f"stl[task {r.get('hparams', {}).get('task', 0)}]"
-    by_method.setdefault(label, []).append([r["metrics"][n] for n in names])
-  means = {m: np.mean(v, axis=0) for m, v in by_method.items()}
-  stds = {m: np.std(v, axis=0) for m, v in by_method.items()}
-  baseline = stl_row if stl_row is not None else config.stl_row
-  stl_runs = {m: v for m, v in means.items() if m.startswith("stl[")}
-  if baseline is None and stl_runs:
-    row = []
-    for i in range(len(names)):
-      label = f"stl[task {config.metric_tasks[i]}]"
-      row.append(stl_runs[label][i] if label in stl_runs else float("nan"))
-    if not np.any(np.isnan(row)):
-      baseline = row
-      means["STL"] = np.asarray(row)
-      stds["STL"] = np.zeros(len(names))
-      by_method["STL"] = [row]
-  compared = {m: v for m, v in means.items() if not m.startswith("stl[") and m != "STL"}
-  ranks = metrics_lib.mean_rank(compared, config.higher_is_better) if len(compared) > 1 else {}
-  width = max(10, *(len(n) for n in names))
-  lines = [" | ".join([f"{'method':<12}"] + [f"{n:>{width}}" for n in names] +
-                      [f"{'MR':>6}", f"{'dm%':>8}", "seeds"])]
-  for m in means:
-    cells = [f"{means[m][i]:.4g}" + (f"±{stds[m][i]:.2g}" if len(by_method[m]) > 1 else "")
-             for i in range(len(names))]
-    dm = (metrics_lib.delta_m(means[m], baseline, config.higher_is_better)
-          if baseline is not None and not m.startswith("stl[") else None)
-    lines.append(" | ".join([f"{m:<12}"] + [f"{c:>{width}}" for c in cells] +
-                            [f"{ranks[m]:6.2f}" if m in ranks else f"{'-':>6}",
-                             f"{dm:8.2f}" if dm is not None else f"{'-':>8}",
-                             str(len(by_method[m]))]))
-  return "\n".join(lines)
+  """The table the `ntkmtl` command prints (`ntkmtl_jax.report.format_table`) for `results`."""
+  from ntkmtl_jax import report
+  source = "paper's STL row" if (stl_row is not None or config.stl_row is not None) else \
+      "STL runs"
+  return report.format_table(summarize(config, results, stl_row), config.metric_names,
+                             config.higher_is_better,
+                             title=f"{config.benchmark}: Delta m % against the {source}")
+
+
+def write_reports(directory: str, config: Config, results: Sequence[dict]) -> list[str]:
+  """results.json (every run) and results.csv (`ntkmtl_jax.report.write_csv`) in `directory`."""
+  from ntkmtl_jax import report
+  os.makedirs(directory, exist_ok=True)
+  summary = summarize(config, results)
+  paths = [os.path.join(directory, "results.json"), os.path.join(directory, "results.csv")]
+  _write_json(paths[0], dict(config=dataclasses.asdict(config), summary=summary,
+                             runs=list(results)))
+  report.write_csv(paths[1], summary, config.metric_names)
+  return paths
 
 
 # ----------------------------------------------------------------------------------------
@@ -568,6 +607,10 @@ def parse_flags(benchmark: str, argv: Sequence[str] | None = None) -> argparse.N
   parser.add_argument("--seed", type=int, default=None)
   parser.add_argument("--strategy", default=None,
                       help="task backward passes: auto, unroll, vmap, chunked, streaming")
+  parser.add_argument("--methods", default=None,
+                      help="comma-separated methods to compare (\"stl\" runs one per task); "
+                      "overrides --method")
+  parser.add_argument("--seeds", default=None, help="comma-separated seeds (with --methods)")
   return parser.parse_args(argv)
 
 
@@ -599,3 +642,35 @@ def config_from_flags(flags: argparse.Namespace, get_config: Callable[[str], Con
   if hp:
     changes["hparams"] = hp
   return config.replace(**changes)
+
+
+def main(benchmark: str, get_config: Callable[[str], Config],
+         create_pipeline: Callable[[Config], Pipeline], argv: Sequence[str] | None = None):
+  """The command line of every benchmark folder: one run, or a comparison (`--methods`,
+  `--seeds`) printed as the `ntkmtl` command's table and written to `--workdir`.
+
+  Returns the list of results (one per run).
+  """
+  flags = parse_flags(benchmark, argv)
+  config = config_from_flags(flags, get_config)
+  try:
+    pipeline = create_pipeline(config)
+  except DatasetMissingError as error:
+    raise SystemExit(str(error)) from None
+  names = flags.methods.split(",") if flags.methods else [config.method]
+  seeds = [int(x) for x in flags.seeds.split(",")] if flags.seeds else [config.seed]
+  runs = []
+  for seed in seeds:
+    for name in names:
+      tasks = range(len(pipeline.task_names)) if method_name(name) == "stl" else [None]
+      for task in tasks:
+        hp = dict(config.hparams, **({} if task is None else {"task": task}))
+        run_config = config.replace(method=name, seed=seed, hparams=hp)
+        label = name if task is None else f"{name}-task{task}"
+        workdir = (os.path.join(flags.workdir, f"{label}-seed{seed}")
+                   if flags.workdir and (len(names) > 1 or len(seeds) > 1) else flags.workdir)
+        runs.append(fit(run_config, pipeline, workdir))
+  print(results_table(config, runs))
+  if flags.workdir:
+    write_reports(flags.workdir, config, runs)
+  return runs

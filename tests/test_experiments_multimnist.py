@@ -9,10 +9,12 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import tensorflow_datasets as tfds
 
 from experiments import common
 from experiments.multimnist import configs, input_pipeline, main, train
+from ntkmtl_jax import metrics
 from ntkmtl_jax.models.lenet import lenet_functions
 
 NUM_MOCK = 24  # tfds mock examples per split
@@ -74,13 +76,29 @@ def test_accuracy_accumulator_against_hand_count():
   assert acc.result() == {"left acc": 75.0, "right acc": 50.0}
 
 
-def test_a_few_ntkmtl_steps_have_finite_losses():
+def test_comparison_of_stl_and_ntkmtl_prints_and_writes_the_report(tmp_path, capsys):
+  workdir = str(tmp_path / "compare")
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
-    results = main.main(["--config", "tiny", "--method", "ntkmtl", "--max-steps", "2"])
-  assert results["steps"] == 2 and results["skipped"] == 0
-  assert np.all(np.isfinite(results["last_losses"])) and len(results["last_losses"]) == 2
-  assert all(np.isfinite(v) for v in results["metrics"].values())
-  assert all(np.all(np.isfinite(h["val"][n])) for h in results["history"] for n in h["val"])
+    runs = main.main(["--config", "tiny", "--methods", "stl,ntkmtl", "--max-steps", "2",
+                      "--workdir", workdir])
+  assert [(r["method"], r["hparams"].get("task")) for r in runs] == [
+      ("stl", 0), ("stl", 1), ("ntkmtl", None)]
+  ntk = runs[-1]
+  assert ntk["steps"] == 2 and ntk["skipped"] == 0
+  assert np.all(np.isfinite(ntk["last_losses"])) and len(ntk["last_losses"]) == 2
+  assert all(np.isfinite(v) for v in ntk["metrics"].values())
+  # Delta m % against the STL runs (no published STL row for MultiMNIST).
+  stl = [runs[0]["metrics"]["left acc"], runs[1]["metrics"]["right acc"]]
+  want = metrics.delta_m([ntk["metrics"]["left acc"], ntk["metrics"]["right acc"]], stl,
+                         [True, True]) if min(stl) > 0 else None
+  summary = common.summarize(configs.get_config("tiny"), runs)
+  assert list(summary) == ["stl", "ntkmtl"]
+  if want is not None:
+    assert summary["ntkmtl"]["delta_m_mean"] == pytest.approx(want)
+  out = capsys.readouterr().out
+  assert "STL" in out and "ntkmtl" in out and "MR" in out
+  assert os.path.isfile(os.path.join(workdir, "results.csv"))
+  assert os.path.isfile(os.path.join(workdir, "ntkmtl-seed0", "results.json"))
 
 
 def test_a_few_ls_steps_with_checkpoint_and_resume(tmp_path, capsys):
@@ -102,3 +120,21 @@ def test_a_few_ls_steps_with_checkpoint_and_resume(tmp_path, capsys):
   val = common.evaluate(pipeline, jax.jit(pipeline.functions.predict), best.params,
                         best.model_state, pipeline.val, config.eval_batch_size)
   assert val == second["val_metrics"]
+
+
+def test_registry_benchmark_runs_in_the_ntkmtl_loop(monkeypatch):
+  from experiments import registry
+  from ntkmtl_jax import benchmarks, loop
+  # Register into a copy of the registry, restored after the test.
+  monkeypatch.setattr(benchmarks, "_REGISTRY", dict(benchmarks._REGISTRY))
+  registry.register_all()
+  registry.register_all()  # idempotent
+  assert set(registry.NAMES) <= set(benchmarks.benchmark_names())
+  with tfds.testing.mock_data(num_examples=NUM_MOCK):
+    bench = benchmarks.get_benchmark("multimnist", config="tiny")
+  assert bench.metric_names == ("left acc", "right acc") and bench.num_tasks == 2
+  result = loop.fit(bench.functions, "ntkmtl_sr", train_data=bench.train_data(0, 8), steps=2,
+                    evaluate=bench.evaluate, progress=False)
+  assert result.steps == 2 and result.skipped == 0
+  assert np.all(np.isfinite(result.history.losses))
+  assert set(result.metrics) == set(bench.metric_names)

@@ -1,22 +1,14 @@
-"""`python -m experiments.multimnist.main [--config tiny] [--method ntkmtl] [--data-dir DIR]`."""
+"""`python -m experiments.multimnist.main [--config tiny] [--method ntkmtl | --methods stl,ls,ntkmtl
+--seeds 0,1,2] [--data-dir DIR] [--workdir DIR] [--max-steps N]`."""
 
 from __future__ import annotations
-
-import sys
 
 from experiments import common
 from experiments.multimnist import configs, train
 
 
-def main(argv=None) -> dict:
-  flags = common.parse_flags("multimnist", argv)
-  config = common.config_from_flags(flags, configs.get_config)
-  try:
-    results = train.train_and_evaluate(config, flags.workdir)
-  except common.DatasetMissingError as error:
-    sys.exit(str(error))
-  print(common.results_table(config, [results]))
-  return results
+def main(argv=None) -> list[dict]:
+  return common.main("multimnist", configs.get_config, train.create_pipeline, argv)
 
 
 if __name__ == "__main__":
