@@ -29,6 +29,8 @@ STATISTICS = ("max", "trace", "top_r", "effective_rank")
 # lambda_i = EIGENVALUE_FLOOR * sum_j lambda_j, i.e. a large but finite weight, which
 # multiplies a zero gradient. See `weights_from_eigenvalues`.
 EIGENVALUE_FLOOR = 1e-12
+# Kernel blocks feed eigen-solvers: compute them at full precision on TPU/GPU as well.
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def default_strategy(backend: str | None = None) -> str:
@@ -144,7 +146,7 @@ def kernel_blocks(jacobian: PyTree) -> jax.Array:
   blocks = jnp.zeros((k, k, n, n), jax.tree.leaves(jacobian)[0].dtype)
   for x in jax.tree.leaves(jacobian):
     x = x.reshape(k, n, -1)
-    blocks = blocks + jnp.einsum("iap,jbp->ijab", x, x)
+    blocks = blocks + jnp.einsum("iap,jbp->ijab", x, x, precision=_HIGHEST)
   return blocks
 
 
@@ -155,7 +157,7 @@ def diagonal_blocks(jacobian: PyTree) -> jax.Array:
   blocks = jnp.zeros((k, n, n), leaves[0].dtype)
   for x in leaves:
     x = x.reshape(k, n, -1)
-    blocks = blocks + jnp.einsum("iap,ibp->iab", x, x)
+    blocks = blocks + jnp.einsum("iap,ibp->iab", x, x, precision=_HIGHEST)
   return blocks
 
 
