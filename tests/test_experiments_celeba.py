@@ -91,3 +91,12 @@ def test_a_few_train_steps_have_finite_losses(method, tiny_pipeline):
   assert results["steps"] == 2 and results["skipped"] == 0
   assert len(results["last_losses"]) == 4 and np.all(np.isfinite(results["last_losses"]))
   assert set(results["metrics"]) == set(configs.get_config("tiny").metric_names)
+
+
+def test_missing_dataset_gives_one_clear_message(tmp_path):
+  from experiments.celeba import main
+  with pytest.raises(SystemExit) as exit_info:
+    main.main(["--config", "tiny", "--data-dir", str(tmp_path)])
+  message = str(exit_info.value)
+  assert "celeb_a" in message and "tfds build celeb_a" in message
+  assert "--data-dir DIR" in message and str(tmp_path) in message
