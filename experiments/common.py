@@ -405,7 +405,8 @@ def fit(config: Config, pipeline: Pipeline, workdir: str | None) -> dict:
   Returns:
     A dict with `metrics` (test metrics of the best validation model), `val_metrics`,
     `delta_m` (against the STL row, or None), `best_epoch`, `steps`, `skipped`,
-    `last_losses` (the task losses of the last step), `step_time_s` (median wall time of a train step after the first two) and `history`.
+    `last_losses` (the task losses of the last step), `step_time_s` (median wall time of
+    a train step after the first two), `wall_time` and `history`.
   """
   started = time.perf_counter()
   functions = pipeline.functions
@@ -459,6 +460,9 @@ def fit(config: Config, pipeline: Pipeline, workdir: str | None) -> dict:
 
   stopped = False
   for epoch in range(run["epoch"], config.num_epochs):
+    if config.max_steps is not None and int(state.step) >= config.max_steps and \
+        run["batch"] == 0 and run["history"]:
+      break  # stopped exactly at an epoch's end, which was already scored
     lr = epoch_learning_rate(config, epoch, run["plateau_scale"])
     state = state._replace(optimizer_state=set_learning_rate(state.optimizer_state, lr))
     for b, batch in enumerate(epoch_batches(pipeline.train, config.batch_size,

@@ -113,7 +113,8 @@ def test_tiny_mtan_normals_are_unit_and_losses_match_their_definitions(seed):
           1 - np.sum(normal * batch["normal"], -1)[has_normal].mean()]
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   got = [mtan.segmentation_loss(f32(seg), batch["label"]),
-         mtan.depth_loss(f32(depth), batch["depth"]), mtan.normal_loss(f32(normal), batch["normal"])]
+         mtan.depth_loss(f32(depth), batch["depth"]),
+         mtan.normal_loss(f32(normal), batch["normal"])]
   np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5,
                              err_msg=f"seed={seed}")
 

@@ -143,7 +143,8 @@ def test_delta_m_of_the_paper_rows():
 def tiny_pipeline():
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
     config = configs.get_config("tiny")
-    yield config, train.create_pipeline(config)
+    pipeline = train.create_pipeline(config)
+  return config, pipeline
 
 
 @pytest.mark.parametrize("method", ["ls", "ntkmtl"])
