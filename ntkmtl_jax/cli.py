@@ -204,6 +204,9 @@ def _benchmark(args):
     return benchmarks.get_benchmark(args.benchmark, **options)
   except TypeError as e:
     raise UsageError(f"bad option for benchmark {args.benchmark!r}: {e}") from e
+  except FileNotFoundError as e:  # a paper benchmark whose data is not there
+    raise UsageError(f"{e}\n  (with the ntkmtl command, give the directory as "
+                     "--option data_dir=DIR)") from e
 
 
 def _settings(args, bench):

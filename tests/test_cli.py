@@ -162,3 +162,12 @@ def test_fit_calls_the_callback_after_every_step():
   assert [s for _, s, _ in seen] == [1, 2, 3, 4]  # called after the step, with its state
   np.testing.assert_allclose(np.stack([l for _, _, l in seen]), result.history.losses,
                              rtol=1e-6)
+
+
+def test_missing_paper_dataset_says_what_to_do(tmp_path, capsys):
+  code = cli.main(["train", "--benchmark", "celeba", "--option", f"data_dir={tmp_path}",
+                   "--quiet", "--out", str(tmp_path / "out")])
+  err = capsys.readouterr().err
+  assert code == 2
+  assert "celeb_a" in err and "not found" in err and "--option data_dir=DIR" in err
+  assert "Traceback" not in err
