@@ -306,14 +306,26 @@ def _streaming_stats(f, params, ms, batch, mask, pull, k, dtype, full_gram):
   are never held together.
   """
   eye = jnp.eye(k, dtype=dtype)
+
+  def after(previous, i):
+    # The cotangent of task i depends (through an optimisation barrier) on task i-1's
+    # result, so XLA runs the k backward passes one after another and can free each
+    # gradient before the next starts, instead of scheduling them side by side.
+    if previous is None:
+      return eye[i]
+    cotangent, _ = jax.lax.optimization_barrier((eye[i], previous))
+    return cotangent
+
   if not full_gram:
-    sq = jnp.stack([_tree.sq_norm(pull(eye[i]), mask) for i in range(k)])
-    return TaskStats(sq_norms=sq)
+    sq = []
+    for i in range(k):
+      sq.append(_tree.sq_norm(pull(after(sq[-1] if sq else None, i)), mask))
+    return TaskStats(sq_norms=jnp.stack(sq))
   shared_params, rest = _tree.split(params, mask)
   of_shared = lambda sp: f(_tree.merge(sp, rest, mask), ms, batch)[0]
   rows = []
   for i in range(k):
-    g_shared = _tree.split(pull(eye[i]), mask)[0]
+    g_shared = _tree.split(pull(after(rows[-1] if rows else None, i)), mask)[0]
     rows.append(jax.jvp(of_shared, (shared_params,), (g_shared,))[1])
   gram = jnp.stack(rows)
   gram = 0.5 * (gram + gram.T)
