@@ -106,6 +106,19 @@ def measure(fns, agg, strategy, params, model_state, batch, repeats, max_bytes):
   return dict(compile_s=compile_s, bytes=total, times=times)
 
 
+def torch_reference(python: str, batch_size: int, repeats: int) -> dict:
+  """Median step times of the PyTorch reference (LS, official NTKMTL) at `batch_size`."""
+  import json
+  import subprocess
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pytorch_reference.py")
+  out = subprocess.run([python, script, "--batch", str(batch_size), "--repeats", str(repeats)],
+                       capture_output=True, text=True)
+  if out.returncode:
+    print(f"PyTorch reference failed: {out.stderr.strip().splitlines()[-1:]}")
+    return {}
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="small MLP only")
@@ -118,6 +131,9 @@ def main(argv=None):
                       help="'all' or a comma-separated list of registry names to add as rows")
   parser.add_argument("--cases", default="",
                       help="comma-separated, e.g. celeba:8,celeba:32,mlp:256")
+  parser.add_argument("--torch-python", default="",
+                      help="a Python with torch: adds the PyTorch reference step's rows "
+                           "(benchmarks/pytorch_reference.py) for the CelebA cases")
   parser.add_argument("--skip", default="chunked@celeba:8,chunked@celeba:32",
                       help="comma-separated 'label-substring@case' to report but not run")
   args = parser.parse_args(argv)
@@ -162,6 +178,12 @@ def main(argv=None):
         ls = (med, mib)
       print(f"{model:<10}{bs:>6}  {label:<24}{med:>9.3f}{med / ls[0]:>8.2f}"
             f"{r['compile_s']:>11.1f}{mib:>12.0f}{mib / ls[1]:>7.2f}", flush=True)
+    if args.torch_python and model == "celeba" and ls is not None:
+      reference = torch_reference(args.torch_python, bs, args.repeats)
+      for key, label in (("ls", "PyTorch LS"), ("ntkmtl", "PyTorch NTKMTL n=1")):
+        if key in reference:
+          print(f"{model:<10}{bs:>6}  {label:<24}{reference[key]:>9.3f}"
+                f"{reference[key] / ls[0]:>8.2f}", flush=True)
   return 0
 
 
