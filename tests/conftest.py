@@ -110,3 +110,29 @@ def assert_close(actual, desired, rtol=2e-4, err_msg=""):
   scale = float(np.abs(desired).max()) if desired.size else 0.0
   np.testing.assert_allclose(np.asarray(actual, np.float64), desired, rtol=rtol,
                              atol=rtol * scale, err_msg=err_msg)
+
+
+def check_end_to_end(seed, model, aggregator, strategies=("unroll",), steps=3):
+  """Runs `steps` jitted train steps with each strategy: finite losses and weights, nothing
+  skipped, the parameters move, and every strategy ends at the same parameters."""
+  import optax
+  from ntkmtl_jax.train import make_train_step
+  finals = []
+  for strategy in strategies:
+    step = make_train_step(model.loss_fn, aggregator, optax.sgd(1e-2), strategy=strategy)
+    state = step.init(model.params, key=jax.random.key(seed))
+    for _ in range(steps):
+      state, metrics = step(state, model.batch)
+      assert bool(metrics["finite"]) and np.all(np.isfinite(metrics["losses"])), f"seed={seed}"
+      assert np.all(np.isfinite(metrics["weights"]))
+    assert int(state.step) == steps and int(state.skipped) == 0
+    finals.append(state.params)
+  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), finals[0],
+                       model.params)
+  assert max(jax.tree.leaves(moved)) > 0, f"seed={seed}"
+  for other in finals[1:]:
+    # E.g. the Gram from forward-mode products (streaming) equals the stacked one up to
+    # rounding.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5,
+                                                         err_msg=f"seed={seed}"),
+                 other, finals[0])

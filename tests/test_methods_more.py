@@ -13,7 +13,7 @@ from ntkmtl_jax.aggregator import TaskStats
 from ntkmtl_jax.methods import gradient_more as gm
 from ntkmtl_jax.methods.gradient_based import pcgrad_orders
 from ntkmtl_jax.train import make_train_step
-from conftest import TanhMLP, assert_close
+from conftest import TanhMLP, assert_close, check_end_to_end
 
 GRAM_METHODS = ("upgrad", "dualproj", "aligned_mtl", "config", "gradvac", "sdmgrad")
 ALL_METHODS = GRAM_METHODS + ("moco",)
@@ -359,24 +359,7 @@ def test_end_to_end_in_train_step(seed, name):
   hparams = dict(learning_rate=0.05, momentum=0.0) if name == "sdmgrad" else {}
   agg = methods.get(name, 3, shared=model.shared, **hparams)
   strategies = ("unroll", "streaming") if name in GRAM_METHODS else ("unroll",)
-  finals = []
-  for strategy in strategies:
-    step = make_train_step(model.loss_fn, agg, optax.sgd(1e-2), strategy=strategy)
-    state = step.init(model.params, key=jax.random.key(seed))
-    for _ in range(3):
-      state, metrics = step(state, model.batch)
-      assert bool(metrics["finite"]) and np.all(np.isfinite(metrics["losses"])), f"seed={seed}"
-      assert np.all(np.isfinite(metrics["weights"]))
-    assert int(state.step) == 3 and int(state.skipped) == 0
-    finals.append(state.params)
-  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), finals[0],
-                       model.params)
-  assert max(jax.tree.leaves(moved)) > 0, f"seed={seed}"
-  if len(finals) == 2:
-    # The Gram from forward-mode products (streaming) equals the stacked one up to rounding.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5,
-                                                         err_msg=f"seed={seed}"),
-                 finals[1], finals[0])
+  check_end_to_end(seed, model, agg, strategies)
 
 
 def test_registered_with_published_defaults():
