@@ -159,12 +159,15 @@ def make_train_step(loss_fn: Callable | None, aggregator: TaskAggregator,
   head_sum = aggregator.head_gradients == "sum"
   representation_statistic = aggregator.options.get("representation_statistic", "eigenvalues")
 
-  def weighted_pullback(vjp_fn, weights):
-    """Gradient of sum_i w_i l_i on shared leaves; heads per `head_gradients`."""
-    shared_grad = vjp_fn(weights)
+  def weighted_pullback(pull, cotangent, head_cotangent, mask):
+    """The update from one weighted backward pass: `pull(cotangent)` on the shared leaves;
+    on the heads the same, or with `head_gradients="sum"` a second pass with the unweighted
+    `head_cotangent` (XLA prunes its unused shared part)."""
+    shared_grad = pull(cotangent)
     if not head_sum:
-      return shared_grad, None
-    return shared_grad, vjp_fn(jnp.ones_like(weights))
+      return shared_grad
+    return _tree.merge(_tree.split(shared_grad, mask)[0],
+                       _tree.split(pull(head_cotangent), mask)[1], mask)
 
   def step_fn(state: TrainState, batch):
     params, ms = state.params, state.model_state
@@ -186,15 +189,13 @@ def make_train_step(loss_fn: Callable | None, aggregator: TaskAggregator,
                                                    batch, num_chunks=num_chunks)
         stats = TaskStats(losses=losses, eigenvalues=eig, key=key)
       weights, agg_state = aggregator.weighting(stats, agg_state)
-      dp, dz = dec_vjp(weights.astype(losses.dtype))
-      enc_grad = enc_vjp(dz)
-      weighted = jax.tree.map(jnp.add, dp, enc_grad)
-      if head_sum:
-        dp_sum, _ = dec_vjp(jnp.ones_like(losses))
-        update = _tree.merge(*[_tree.split(weighted, mask)[0], _tree.split(dp_sum, mask)[1]],
-                             mask)
-      else:
-        update = weighted
+
+      def pull(cotangent):  # heads, then the encoder through d loss / d z
+        dp, dz = dec_vjp(cotangent)
+        return jax.tree.map(jnp.add, dp, enc_vjp(dz))
+
+      update = weighted_pullback(pull, weights.astype(losses.dtype), jnp.ones_like(losses),
+                                 mask)
 
     elif needs == "kernel":
       chunks = _tree.split_batch(batch, num_chunks)
@@ -221,13 +222,8 @@ def make_train_step(loss_fn: Callable | None, aggregator: TaskAggregator,
         weights, agg_state = aggregator.weighting(TaskStats(losses=losses, eigenvalues=eig,
                                                             key=key), agg_state)
         chunk_w = jnp.repeat(weights, num_chunks) / num_chunks
-        shared_grad = pull(chunk_w.astype(flat.dtype))
-        if head_sum:
-          head_grad = pull(jnp.full_like(flat, 1.0 / num_chunks))
-          update = _tree.merge(_tree.split(shared_grad, mask)[0],
-                               _tree.split(head_grad, mask)[1], mask)
-        else:
-          update = shared_grad
+        update = weighted_pullback(pull, chunk_w.astype(flat.dtype),
+                                   jnp.full_like(flat, 1.0 / num_chunks), mask)
       else:
         rows = kernel.pullback_rows(pull, flat.shape[0], flat.dtype, strategy=strategy,
                                     chunk_size=chunk_size)
@@ -244,17 +240,15 @@ def make_train_step(loss_fn: Callable | None, aggregator: TaskAggregator,
       pull = lambda c: vjp_fn(c)[0]
       if needs == "losses":
         weights, agg_state = aggregator.weighting(TaskStats(losses=losses, key=key), agg_state)
-        shared_grad, head_grad = weighted_pullback(pull, weights.astype(losses.dtype))
-        update = shared_grad if head_grad is None else _tree.merge(
-            _tree.split(shared_grad, mask)[0], _tree.split(head_grad, mask)[1], mask)
+        update = weighted_pullback(pull, weights.astype(losses.dtype),
+                                   jnp.ones_like(losses), mask)
       elif strategy == "streaming":
         stats = _streaming_stats(f, params, ms, batch, mask, pull, k, losses.dtype,
                                  full_gram=(needs == "gram"))
         weights, agg_state = aggregator.weighting(stats._replace(losses=losses, key=key),
                                                   agg_state)
-        shared_grad, head_grad = weighted_pullback(pull, weights.astype(losses.dtype))
-        update = shared_grad if head_grad is None else _tree.merge(
-            _tree.split(shared_grad, mask)[0], _tree.split(head_grad, mask)[1], mask)
+        update = weighted_pullback(pull, weights.astype(losses.dtype),
+                                   jnp.ones_like(losses), mask)
       else:
         task_grads = kernel.pullback_rows(pull, k, losses.dtype, strategy=strategy,
                                           chunk_size=chunk_size)
