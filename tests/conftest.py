@@ -136,3 +136,14 @@ def check_end_to_end(seed, model, aggregator, strategies=("unroll",), steps=3):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5,
                                                          err_msg=f"seed={seed}"),
                  other, finals[0])
+
+
+def fit_a_few_steps(config, pipeline, method, num_tasks, steps=2):
+  """`experiments.common.fit` for `steps` steps with `method`: every step taken, none
+  skipped, `num_tasks` finite last losses. Returns the results for benchmark checks."""
+  from experiments import common
+  results = common.fit(config.replace(method=method, max_steps=steps), pipeline, None)
+  assert results["steps"] == steps and results["skipped"] == 0
+  assert len(results["last_losses"]) == num_tasks
+  assert np.all(np.isfinite(results["last_losses"]))
+  return results

@@ -13,6 +13,7 @@ from sklearn.metrics import f1_score
 from experiments import common
 from experiments.celeba import configs, input_pipeline, train
 from ntkmtl_jax.models.celeba import celeba_functions
+from conftest import fit_a_few_steps
 
 NUM_MOCK = 16
 
@@ -86,9 +87,7 @@ def tiny_pipeline():
 @pytest.mark.parametrize("method", ["ls", "ntkmtl"])
 def test_a_few_train_steps_have_finite_losses(method, tiny_pipeline):
   config, pipeline = tiny_pipeline
-  results = common.fit(config.replace(method=method, max_steps=2), pipeline, None)
-  assert results["steps"] == 2 and results["skipped"] == 0
-  assert len(results["last_losses"]) == 4 and np.all(np.isfinite(results["last_losses"]))
+  results = fit_a_few_steps(config, pipeline, method, num_tasks=4)
   assert set(results["metrics"]) == set(configs.get_config("tiny").metric_names)
 
 

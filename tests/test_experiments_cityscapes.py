@@ -13,6 +13,7 @@ from experiments.cityscapes import configs, input_pipeline, train
 from experiments.cityscapes.configs import default
 from ntkmtl_jax import metrics
 from ntkmtl_jax.models import mtan
+from conftest import fit_a_few_steps
 
 H, W = 32, 64
 
@@ -91,7 +92,5 @@ def tiny_pipeline(data_dir):
 @pytest.mark.parametrize("method", ["ls", "ntkmtl"])
 def test_a_few_train_steps_have_finite_losses(method, tiny_pipeline):
   config, pipeline = tiny_pipeline
-  results = common.fit(config.replace(method=method, max_steps=2), pipeline, None)
-  assert results["steps"] == 2 and results["skipped"] == 0
-  assert len(results["last_losses"]) == 2 and np.all(np.isfinite(results["last_losses"]))
+  results = fit_a_few_steps(config, pipeline, method, num_tasks=2)
   assert np.isfinite(results["delta_m"])

@@ -14,6 +14,7 @@ from experiments.nyuv2 import configs, input_pipeline, train
 from experiments.nyuv2.configs import default
 from ntkmtl_jax import metrics
 from ntkmtl_jax.models import mtan
+from conftest import fit_a_few_steps
 
 H, W = 32, 64
 
@@ -175,8 +176,6 @@ def tiny_pipeline(data_dir):
 @pytest.mark.parametrize("method", ["ls", "ntkmtl"])
 def test_a_few_train_steps_have_finite_losses(method, tiny_pipeline):
   config, pipeline = tiny_pipeline
-  results = common.fit(config.replace(method=method, max_steps=2), pipeline, None)
-  assert results["steps"] == 2 and results["skipped"] == 0
-  assert len(results["last_losses"]) == 3 and np.all(np.isfinite(results["last_losses"]))
+  results = fit_a_few_steps(config, pipeline, method, num_tasks=3)
   assert set(results["metrics"]) == set(config.metric_names)
   assert np.isfinite(results["delta_m"])

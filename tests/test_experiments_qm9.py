@@ -14,6 +14,7 @@ from experiments.qm9 import configs, input_pipeline, train
 from experiments.qm9.configs import default
 from ntkmtl_jax import metrics
 from ntkmtl_jax.models.qm9 import qm9_functions
+from conftest import fit_a_few_steps
 
 NUM_MOCK = 20
 
@@ -150,7 +151,5 @@ def tiny_pipeline():
 @pytest.mark.parametrize("method", ["ls", "ntkmtl"])
 def test_a_few_train_steps_have_finite_losses(method, tiny_pipeline):
   config, pipeline = tiny_pipeline
-  results = common.fit(config.replace(method=method, max_steps=2), pipeline, None)
-  assert results["steps"] == 2 and results["skipped"] == 0
-  assert len(results["last_losses"]) == 11 and np.all(np.isfinite(results["last_losses"]))
+  results = fit_a_few_steps(config, pipeline, method, num_tasks=11)
   assert np.isfinite(results["delta_m"])
