@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ntkmtl_jax import methods, metrics as metrics_lib, transform
+from ntkmtl_jax import methods, metrics as metrics_lib
+from ntkmtl_jax.methods.ntkmtl import clip_shared_by_global_norm, official_ntkmtl
 from ntkmtl_jax.models.multitask import TaskFunctions
 from ntkmtl_jax.train import TrainState, make_train_step
 
@@ -283,17 +284,17 @@ def method_hyperparameters(config: Config) -> dict:
 
 
 def build_method(config: Config, num_tasks: int, shared):
-  """The method's `TaskAggregator` and the optimiser chain (clip, Adam with an injectable
+  """The method (`Weighting`/`GradientRule`) and the optimiser chain (clip, Adam with an injectable
   learning rate) for `config`."""
   name = method_name(config.method)
   hp = method_hyperparameters(config)
   max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
   if name == "ntkmtl" and set(hp) <= {"exponent"}:
-    aggregator, clip = transform.official_ntkmtl(num_tasks, shared, max_norm=max_norm, **hp)
+    aggregator, clip = official_ntkmtl(num_tasks, shared, max_norm=max_norm, **hp)
   else:
     aggregator = methods.get(name, num_tasks, shared=shared, **hp)
-    gradient_method = aggregator.needs not in ("losses", "representation")
-    clip = (transform.clip_shared_by_global_norm(max_norm, shared)
+    gradient_method = aggregator.needs.task_gradients
+    clip = (clip_shared_by_global_norm(max_norm, shared)
             if gradient_method and config.max_grad_norm is not None else optax.identity())
   adam = optax.inject_hyperparams(optax.adam)(learning_rate=config.learning_rate)
   return aggregator, optax.chain(clip, adam)

@@ -19,12 +19,10 @@ import jax.numpy as jnp
 
 from ntkmtl_jax import _tree
 from ntkmtl_jax._tree import PyTree, SharedSpec
+from ntkmtl_jax.weighting import EIGEN_METHODS, STATISTICS, check_statistic
 
 STRATEGIES = ("vmap", "unroll", "chunked", "streaming")
 NORMALIZATIONS = ("sum", "mean")
-EIGEN_METHODS = ("auto", "eigh", "power")
-# What NTKMTL reads off each diagonal block's spectrum; see `block_statistic`.
-STATISTICS = ("max", "trace", "top_r", "effective_rank")
 # Relative floor on eigenvalues: a task whose kernel is (numerically) zero gets
 # lambda_i = EIGENVALUE_FLOOR * sum_j lambda_j, i.e. a large but finite weight, which
 # multiplies a zero gradient. See `weights_from_eigenvalues`.
@@ -44,7 +42,8 @@ def default_strategy(backend: str | None = None) -> str:
   return "unroll" if backend == "cpu" else "vmap"
 
 
-def _check_strategy(strategy: str) -> str:
+def resolve_strategy(strategy: str) -> str:
+  """`strategy`, with "auto" replaced by `default_strategy()`; raises on an unknown name."""
   if strategy == "auto":
     return default_strategy()
   if strategy not in STRATEGIES:
@@ -74,63 +73,79 @@ def pullback_rows(vjp_fn: Callable, num_rows: int, dtype, *, strategy: str = "un
 
 
 def chunk_loss_fn(apply_fn: Callable, batch: PyTree, num_chunks: int,
-                  num_tasks: int | None = None) -> Callable[[PyTree], jax.Array]:
-  """params -> (k * n,) losses of every task on every chunk, task-major (row i*n + a)."""
+                  num_tasks: int | None = None, *, has_aux: bool = False) -> Callable:
+  """params -> (k * n,) losses of every task on every chunk, task-major (row i*n + a).
+
+  With `has_aux=True`, `apply_fn(params, chunk)` returns `(losses, aux)` and the function
+  returns `(flat_losses, (chunk_losses (n, k), aux stacked over chunks))`.
+  """
   chunks = _tree.split_batch(batch, num_chunks)
+  with_aux = apply_fn if has_aux else (lambda p, c: (apply_fn(p, c), None))
 
   def losses_on_chunks(params):
     if num_chunks == 1:
-      per_chunk = apply_fn(params, jax.tree.map(lambda x: x[0], chunks))[None]
+      per_chunk, aux = jax.tree.map(lambda x: x[None], with_aux(
+          params, jax.tree.map(lambda x: x[0], chunks)))
     else:
-      per_chunk = jax.vmap(lambda c: apply_fn(params, c))(chunks)  # (n, k)
+      per_chunk, aux = jax.vmap(lambda c: with_aux(params, c))(chunks)  # (n, k)
     _tree.check_losses(per_chunk[0], num_tasks, where="apply_fn")
-    return per_chunk.T.reshape(-1)
+    flat = per_chunk.T.reshape(-1)
+    return (flat, (per_chunk, aux)) if has_aux else flat
 
   return losses_on_chunks
 
 
 def task_jacobian(apply_fn: Callable, params: PyTree, batch: PyTree, *, num_chunks: int = 1,
-                  shared: SharedSpec = None, strategy: str = "vmap",
-                  chunk_size: int = 8) -> tuple[jax.Array, PyTree]:
+                  shared: SharedSpec = None, strategy: str = "auto", chunk_size: int = 8,
+                  has_aux: bool = False):
   """Jacobian of every task's chunk losses with respect to the shared parameters.
 
   Args:
-    apply_fn: `apply_fn(params, batch) -> (k,)` task losses.
+    apply_fn: the task losses, `apply_fn(params, batch) -> (k,)`; with `has_aux=True`,
+      `apply_fn(params, batch) -> ((k,), aux)` (e.g. a model's updated batch statistics).
     params: the parameters.
     batch: a pytree of arrays with a common leading batch axis.
     num_chunks: n, the number of equal chunks the batch is split into.
     shared: which parameters are shared (None: all), a mask pytree or a function of params.
     strategy: "vmap" (`jax.vmap(jax.jacrev(apply_fn))` over chunks, the reference),
-      "unroll" (one forward, then k*n VJPs unrolled), or "chunked" (`lax.map` of vmapped
-      VJPs).
+      "unroll" (one forward, then k*n VJPs unrolled), "chunked" (`lax.map` of vmapped
+      VJPs), "streaming" (as "unroll" here) or "auto" (`default_strategy()`).
     chunk_size: rows per vmapped group for "chunked".
+    has_aux: whether `apply_fn` also returns auxiliary data.
 
   Returns:
-    (chunk_losses, jacobian): chunk_losses of shape (k, n); jacobian a pytree with the
+    (chunk_losses, jacobian), and with `has_aux` also the aux of every chunk stacked on a
+    leading axis of size n: chunk_losses of shape (k, n); jacobian a pytree with the
     structure of the shared parameters (None elsewhere) and leaves of shape (k, n, *leaf).
   """
-  strategy = _check_strategy(strategy)
+  strategy = resolve_strategy(strategy)
   mask = _tree.resolve_mask(shared, params)
   shared_params, rest = _tree.split(params, mask)
+  with_aux = apply_fn if has_aux else (lambda p, b: (apply_fn(p, b), None))
 
   def of_shared(sp, b):
-    return apply_fn(_tree.merge(sp, rest, mask), b)
+    return with_aux(_tree.merge(sp, rest, mask), b)
 
   if strategy == "vmap":
     chunks = _tree.split_batch(batch, num_chunks)
-    losses = jax.vmap(lambda c: of_shared(shared_params, c))(chunks)  # (n, k)
+
+    def losses_and_aux(sp, c):
+      losses, aux = of_shared(sp, c)
+      return losses, (losses, aux)
+
+    jac, (losses, aux) = jax.vmap(jax.jacrev(losses_and_aux, has_aux=True),
+                                  in_axes=(None, 0))(shared_params, chunks)  # (n, k, ..)
     _tree.check_losses(losses[0], where="apply_fn")
-    jac = jax.vmap(jax.jacrev(of_shared), in_axes=(None, 0))(shared_params, chunks)  # (n, k, ..)
     jac = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), jac)
-    return losses.T, jac
-  fn = chunk_loss_fn(lambda p, b: of_shared(p, b), batch, num_chunks)
-  flat, vjp_fn = jax.vjp(fn, shared_params)
-  k = flat.shape[0] // num_chunks
+    return (losses.T, jac, aux) if has_aux else (losses.T, jac)
+  fn = chunk_loss_fn(of_shared, batch, num_chunks, has_aux=True)
+  flat, vjp_fn, (per_chunk, aux) = jax.vjp(fn, shared_params, has_aux=True)
+  k = per_chunk.shape[1]
   rows = pullback_rows(lambda c: vjp_fn(c)[0], flat.shape[0], flat.dtype,
                        strategy="unroll" if strategy == "streaming" else strategy,
                        chunk_size=chunk_size)
   jac = jax.tree.map(lambda x: x.reshape((k, num_chunks) + x.shape[1:]), rows)
-  return flat.reshape(k, num_chunks), jac
+  return (per_chunk.T, jac, aux) if has_aux else (per_chunk.T, jac)
 
 
 def jacobian_matrix(jacobian: PyTree) -> jax.Array:
@@ -229,16 +244,6 @@ def effective_rank(spectrum: jax.Array) -> jax.Array:
   return jnp.exp(entropy)
 
 
-def _check_statistic(statistic: str, top_r: int, eigen_method: str) -> None:
-  if statistic not in STATISTICS:
-    raise ValueError(f"Unknown statistic {statistic!r}: choose one of {STATISTICS}.")
-  if statistic == "top_r" and (int(top_r) != top_r or top_r < 1):
-    raise ValueError(f"top_r must be a positive integer, got {top_r!r}.")
-  if eigen_method == "power" and statistic in ("top_r", "effective_rank"):
-    raise ValueError(f"statistic={statistic!r} needs the whole spectrum of each block, which "
-                     "the power method does not give: use eigen_method='auto' or 'eigh'.")
-
-
 def spectrum_statistic(spectrum: jax.Array, statistic: str = "max", *,
                        top_r: int = 3) -> jax.Array:
   """The weighting statistic of each spectrum (last axis, largest eigenvalue first).
@@ -256,7 +261,7 @@ def spectrum_statistic(spectrum: jax.Array, statistic: str = "max", *,
 
   For n = 1 every statistic is the block's single entry, ||g_i||^2.
   """
-  _check_statistic(statistic, top_r, "auto")
+  check_statistic(statistic, top_r, "auto")
   mu = jnp.maximum(spectrum, 0.0)
   if statistic == "max":
     return mu[..., 0]
@@ -275,12 +280,18 @@ def block_statistic(blocks: jax.Array, statistic: str = "max", *, top_r: int = 3
   "top_r" and "effective_rank" take the whole spectrum (`jnp.linalg.eigvalsh`). See
   `spectrum_statistic` for the definitions.
   """
-  _check_statistic(statistic, top_r, eigen_method)
+  check_statistic(statistic, top_r, eigen_method)
   if statistic == "max":
     return largest_eigenvalue(blocks, method=eigen_method, power_iterations=power_iterations)
   if statistic == "trace":
     return jnp.trace(blocks, axis1=-2, axis2=-1)
   return spectrum_statistic(block_spectrum(blocks), statistic, top_r=top_r)
+
+
+def check_normalization(normalization: str) -> None:
+  if normalization not in NORMALIZATIONS:
+    raise ValueError(f"Unknown normalization {normalization!r}: choose 'sum' (official "
+                     "code) or 'mean' (paper).")
 
 
 def weights_from_eigenvalues(eigenvalues: jax.Array, *, exponent: float = 0.5,
@@ -296,9 +307,7 @@ def weights_from_eigenvalues(eigenvalues: jax.Array, *, exponent: float = 0.5,
   that floor, so every weight is finite: such a task gets weight (1 / floor) ** exponent,
   which multiplies its zero gradient. If every eigenvalue is zero all weights are equal.
   """
-  if normalization not in NORMALIZATIONS:
-    raise ValueError(f"Unknown normalization {normalization!r}: choose 'sum' (official "
-                     "code) or 'mean' (paper).")
+  check_normalization(normalization)
   lam = jnp.asarray(eigenvalues)
   tiny = jnp.finfo(lam.dtype).tiny
   lam = jnp.maximum(lam, floor * jnp.sum(jnp.maximum(lam, 0.0)) + tiny)
@@ -326,7 +335,7 @@ class NTKWeights(NamedTuple):
 
 def ntk_weights(apply_fn: Callable, params: PyTree, batch: PyTree, *, num_chunks: int = 1,
                 exponent: float = 0.5, normalization: str = "sum", shared: SharedSpec = None,
-                strategy: str = "vmap", eigen_method: str = "auto",
+                strategy: str = "auto", eigen_method: str = "auto",
                 power_iterations: int = 64, return_blocks: bool = False,
                 return_jacobian: bool = False, statistic: str = "max",
                 top_r: int = 3) -> NTKWeights:
@@ -345,8 +354,9 @@ def ntk_weights(apply_fn: Callable, params: PyTree, batch: PyTree, *, num_chunks
     exponent: the weight exponent (0.5 by default; 0.75 leans harder toward slow tasks).
     normalization: "sum" (code) or "mean" (paper), see `weights_from_eigenvalues`.
     shared: which parameters are shared: None (all), a pytree of bools or a function.
-    strategy: how the k*n backward passes run: "vmap" (jax.vmap(jax.jacrev)), "unroll",
-      "chunked" (see `task_jacobian`) or "auto" (the backend's measured default).
+    strategy: how the k*n backward passes run: "auto" (the backend's measured default,
+      `default_strategy()`), "vmap" (jax.vmap(jax.jacrev), the reference), "unroll" or
+      "chunked" (see `task_jacobian`).
     eigen_method: "auto", "eigh" (exact) or "power" (matrix-free power iteration on J_i).
     power_iterations: iterations of the power method.
     return_blocks: also return all blocks K_ij (k, k, n, n).
@@ -361,7 +371,7 @@ def ntk_weights(apply_fn: Callable, params: PyTree, batch: PyTree, *, num_chunks
   Returns:
     An `NTKWeights`.
   """
-  _check_statistic(statistic, top_r, eigen_method)
+  check_statistic(statistic, top_r, eigen_method)
   losses, jac = task_jacobian(apply_fn, params, batch, num_chunks=num_chunks, shared=shared,
                               strategy=strategy)
   eigenvalues = eigenvalues_from_jacobian(jac, eigen_method=eigen_method,
@@ -382,7 +392,7 @@ def eigenvalues_from_jacobian(jacobian: PyTree, *, eigen_method: str = "auto",
   With another `statistic` ("trace", "top_r", "effective_rank"), that statistic of each
   block's spectrum instead (see `spectrum_statistic`).
   """
-  _check_statistic(statistic, top_r, eigen_method)
+  check_statistic(statistic, top_r, eigen_method)
   if statistic == "max" and eigen_method == "power":
     return largest_eigenvalue_matrix_free(jacobian, power_iterations=power_iterations)
   if statistic == "trace":  # sum_a ||J_ia||^2, without forming the blocks

@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ntkmtl_jax import kernel, methods, transform
-from ntkmtl_jax.aggregator import TaskAggregator
+from ntkmtl_jax import kernel, methods
+from ntkmtl_jax.methods.ntkmtl import clip_shared_by_global_norm
+from ntkmtl_jax.weighting import Method, is_method
 from ntkmtl_jax.models.multitask import TaskFunctions
 from ntkmtl_jax.train import TrainStep, make_train_step
 
@@ -69,7 +70,7 @@ class OptimizerConfig:
       raise ValueError(f"Unknown optimizer {self.name!r}: choose one of {sorted(makers)}.")
     if self.max_grad_norm is None:
       return makers[self.name]()
-    return optax.chain(transform.clip_shared_by_global_norm(self.max_grad_norm, shared),
+    return optax.chain(clip_shared_by_global_norm(self.max_grad_norm, shared),
                        makers[self.name]())
 
 
@@ -167,14 +168,14 @@ def _freeze(hparams: dict) -> tuple:
   return tuple(sorted((k, repr(v)) for k, v in hparams.items()))
 
 
-def build_step(functions: TaskFunctions, method: str | TaskAggregator, num_tasks: int, *,
+def build_step(functions: TaskFunctions, method: str | Method, num_tasks: int, *,
                optimizer: OptimizerConfig = OptimizerConfig(), hparams: dict | None = None,
                strategy: str = "auto", steps: int | None = None) -> TrainStep:
   """The jitted train step of `method` on `functions` (built once per combination).
 
   Args:
     functions: the model's pure functions (`TaskFunctions`).
-    method: a registry name (`ntkmtl_jax.methods.names()`) or a `TaskAggregator`.
+    method: a registry name (`ntkmtl_jax.methods.names()`) or a `Weighting`/`GradientRule`.
     num_tasks: k.
     optimizer: the `OptimizerConfig`.
     hparams: keyword hyper-parameters for the method's factory (e.g. {"task": 1} for STL).
@@ -185,7 +186,7 @@ def build_step(functions: TaskFunctions, method: str | TaskAggregator, num_tasks
     A `TrainStep`.
   """
   hparams = dict(hparams or {})
-  if isinstance(method, TaskAggregator):
+  if is_method(method):
     aggregator, cache_key = method, None
   else:
     cache_key = (functions, method, num_tasks, _freeze(hparams), optimizer, strategy,
@@ -219,7 +220,7 @@ def _format(values) -> str:
   return "/".join(f"{v:.3g}" for v in values)
 
 
-def fit(functions: TaskFunctions, method: str | TaskAggregator, *,
+def fit(functions: TaskFunctions, method: str | Method, *,
         train_data: Iterator[PyTree], steps: int,
         optimizer: OptimizerConfig = OptimizerConfig(), hparams: dict | None = None,
         seed: int = 0, evaluate: Callable[[PyTree, PyTree], dict] | None = None,
@@ -233,7 +234,7 @@ def fit(functions: TaskFunctions, method: str | TaskAggregator, *,
 
   Args:
     functions: the model's pure functions (`TaskFunctions`, `has_state=True` conventions).
-    method: a registry name or a `TaskAggregator`.
+    method: a registry name or a `Weighting`/`GradientRule`.
     train_data: an iterator of training batches (at least `steps` of them).
     steps: number of train steps.
     optimizer: the `OptimizerConfig`.
@@ -255,7 +256,7 @@ def fit(functions: TaskFunctions, method: str | TaskAggregator, *,
   if steps < 1:
     raise ValueError(f"steps must be positive, got {steps}.")
   hparams = dict(hparams or {})
-  name = method.name if isinstance(method, TaskAggregator) else method.lower().replace("-", "_")
+  name = method.name if is_method(method) else method.lower().replace("-", "_")
   start = time.perf_counter()
   first = next(train_data)
   params, model_state = functions.init(jax.random.key(seed), first)
@@ -263,8 +264,8 @@ def fit(functions: TaskFunctions, method: str | TaskAggregator, *,
   num_tasks = losses_shape.shape[0]
   step = build_step(functions, method, num_tasks, optimizer=optimizer, hparams=hparams,
                     strategy=strategy, steps=steps)
-  needs = step.aggregator.needs
-  eigen_in_step = needs in ("sq_norms", "kernel") and step.aggregator.name.startswith("ntkmtl")
+  needs = step.method.needs.kind
+  eigen_in_step = needs in ("sq_norms", "kernel") and step.method.name.startswith("ntkmtl")
   probe = _probe(functions) if (probe_every and not eigen_in_step) else None
   state = step.init(params, model_state, key=jax.random.key(seed + 1))
 

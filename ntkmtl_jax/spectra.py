@@ -32,6 +32,7 @@ import numpy as np
 from ntkmtl_jax import kernel
 from ntkmtl_jax._tree import PyTree, SharedSpec
 from ntkmtl_jax.kernel import STATISTICS, block_spectrum, effective_rank, spectrum_statistic
+from ntkmtl_jax.weighting import check_statistic
 
 AFFINITY_KINDS = ("cosine", "alignment")
 
@@ -147,7 +148,7 @@ class TaskSpectra(NamedTuple):
 
 
 def task_spectra(apply_fn: Callable, params: PyTree, batch: PyTree, *, num_chunks: int = 8,
-                 shared: SharedSpec = None, strategy: str = "vmap",
+                 shared: SharedSpec = None, strategy: str = "auto",
                  affinity: str = "cosine") -> TaskSpectra:
   """Spectra of the task blocks and the task affinity of the extended NTK on one batch.
 
@@ -322,10 +323,10 @@ class SpectrumTracker:
   def __init__(self, loss_fn: Callable, probe_batch: PyTree, *, num_chunks: int = 8,
                every: int = 10, shared: SharedSpec = None, has_state: bool = False,
                statistic: str = "max", top_r: int = 3, affinity: str = "cosine",
-               strategy: str = "vmap"):
+               strategy: str = "auto"):
     if every < 1:
       raise ValueError(f"every must be a positive number of steps, got {every}.")
-    kernel._check_statistic(statistic, top_r, "auto")
+    check_statistic(statistic, top_r, "auto")
     if affinity not in AFFINITY_KINDS:
       raise ValueError(f"Unknown affinity kind {affinity!r}: choose one of {AFFINITY_KINDS}.")
     self.every = every

@@ -1,10 +1,10 @@
-"""The registry of multi-task methods, all `TaskAggregator`s in the same optax shape.
+"""The registry of multi-task methods: every one a `Weighting` or a `GradientRule`.
 
     agg = ntkmtl_jax.methods.get("ntkmtl", num_tasks=3, exponent=0.5)
     ntkmtl_jax.methods.names()  # every registered name
 
-Each entry is a factory `factory(num_tasks, **hparams) -> TaskAggregator` whose keyword
-defaults are the published hyper-parameters.
+Each entry is a factory `factory(num_tasks, **hparams) -> Weighting | GradientRule` whose
+keyword defaults are the published hyper-parameters.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
-from ntkmtl_jax.aggregator import TaskAggregator
+from ntkmtl_jax.weighting import Method
 
-_REGISTRY: dict[str, Callable[..., TaskAggregator]] = {}
+_REGISTRY: dict[str, Callable[..., Method]] = {}
 
 
-def register(name: str, factory: Callable[..., TaskAggregator] | None = None):
+def register(name: str, factory: Callable[..., Method] | None = None):
   """Registers `factory` under `name` (usable as a decorator)."""
 
   def do(f):
@@ -34,7 +34,7 @@ def names() -> list[str]:
   return sorted(_REGISTRY)
 
 
-def get(name: str, num_tasks: int, **hparams) -> TaskAggregator:
+def get(name: str, num_tasks: int, **hparams) -> Method:
   """Builds the method `name` for `num_tasks` tasks with the given hyper-parameters."""
   key = name.lower().replace("-", "_")
   if key not in _REGISTRY:
@@ -56,7 +56,11 @@ def defaults(name: str) -> dict:
 
 
 # Registration happens on import of the method families.
-from ntkmtl_jax.methods import loss_based as _loss_based  # noqa: E402,F401
-from ntkmtl_jax.methods import ntk as _ntk  # noqa: E402,F401
-from ntkmtl_jax.methods import gradient_based as _gradient_based  # noqa: E402,F401
-from ntkmtl_jax.methods import gradient_more as _gradient_more  # noqa: E402,F401
+from ntkmtl_jax.methods import loss_weighting as _loss_weighting  # noqa: E402,F401
+from ntkmtl_jax.methods import ntkmtl as _ntkmtl  # noqa: E402,F401
+from ntkmtl_jax.methods import gradient_magnitude as _gradient_magnitude  # noqa: E402,F401
+from ntkmtl_jax.methods import min_norm as _min_norm  # noqa: E402,F401
+from ntkmtl_jax.methods import fair_allocation as _fair_allocation  # noqa: E402,F401
+from ntkmtl_jax.methods import dual_cone as _dual_cone  # noqa: E402,F401
+from ntkmtl_jax.methods import alignment as _alignment  # noqa: E402,F401
+from ntkmtl_jax.methods import conflict as _conflict  # noqa: E402,F401

@@ -1,4 +1,10 @@
-"""NTKMTL and NTKMTL-SR as optax transforms, and the official NTKMTL step as a preset.
+"""NTKMTL and NTKMTL-SR, the official NTKMTL step as a preset, and the shared-norm clip.
+
+Both are `Weighting`s: task i's weight is `(sum_j lambda_j / lambda_i) ** exponent`, with
+lambda_i the largest eigenvalue of task i's block of the extended NTK, taken over the shared
+parameters (NTKMTL; for n = 1 chunk, ||g_i||^2) or at the shared representation
+(NTKMTL-SR). The train step computes the eigenvalues (`Needs`), the rule here turns them
+into weights.
 
 References:
   Qin, Wang, Liao, Yan, "NTKMTL: Mitigating Task Imbalance in Multi-Task Learning from
@@ -14,8 +20,9 @@ import jax.numpy as jnp
 import optax
 
 from ntkmtl_jax import kernel
-from ntkmtl_jax.aggregator import TaskAggregator, TaskStats, weighted_aggregator
 from ntkmtl_jax._tree import SharedSpec
+from ntkmtl_jax.methods import register
+from ntkmtl_jax.weighting import Needs, TaskStats, Weighting
 
 
 class NTKMTLState(NamedTuple):
@@ -33,10 +40,10 @@ class NTKMTLState(NamedTuple):
   eigenvalues: jax.Array
 
 
-def _ntk_weighting(num_tasks, exponent, normalization, eigenvalue_ema, scale_by_num_tasks,
-                   source):
+def _ntk_weights(num_tasks, exponent, normalization, eigenvalue_ema, scale_by_num_tasks,
+                 source):
 
-  def weighting(stats: TaskStats, state: NTKMTLState):
+  def weights(stats: TaskStats, state: NTKMTLState):
     lam = getattr(stats, source)
     if lam is None:
       raise ValueError(f"NTKMTL needs the task statistic {source!r}.")
@@ -52,7 +59,18 @@ def _ntk_weighting(num_tasks, exponent, normalization, eigenvalue_ema, scale_by_
     return w, NTKMTLState(count=state.count + 1, weights=w.astype(state.weights.dtype),
                           eigenvalues=lam.astype(state.eigenvalues.dtype))
 
-  return weighting
+  return weights
+
+
+def _check_hparams(exponent, eigenvalue_ema, num_tasks):
+  if num_tasks is not None and (isinstance(num_tasks, bool) or int(num_tasks) != num_tasks
+                                or num_tasks < 1):
+    raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}.")
+  if isinstance(exponent, bool) or not isinstance(exponent, (int, float)) or \
+      not 0 < float(exponent) < float("inf"):
+    raise ValueError(f"exponent must be a positive finite number, got {exponent!r}.")
+  if eigenvalue_ema is not None and not 0.0 <= eigenvalue_ema < 1.0:
+    raise ValueError(f"eigenvalue_ema must be in [0, 1), got {eigenvalue_ema}.")
 
 
 def _init(num_tasks):
@@ -66,24 +84,26 @@ def _init(num_tasks):
   return init_fn
 
 
+@register("ntkmtl")
 def ntkmtl(num_tasks: int, *, exponent: float = 0.5, normalization: str = "sum",
            num_chunks: int = 1, shared: SharedSpec = None, eigenvalue_ema: float | None = None,
            scale_by_num_tasks: bool = False, head_gradients: str = "sum",
            eigen_method: str = "auto", statistic: str = "max",
-           top_r: int = 3) -> TaskAggregator:
+           top_r: int = 3) -> Weighting:
   """NTKMTL: weights tasks by the largest eigenvalue of their extended-NTK block.
 
   With `num_chunks=1` the kernel block of task i is the scalar ||g_i||^2 of its shared
-  gradient (computed from the stacked task gradients, the official code's form); with
-  `num_chunks > 1` pass the eigenvalues from `ntk_weights` as the extra argument
-  `eigenvalues=` (the train step does this for you). Weights are
+  gradient (`Needs("sq_norms")`, the official code's form); with `num_chunks > 1` the step
+  computes the eigenvalues of the k blocks of the extended NTK over n chunks
+  (`Needs("kernel", n, ...)`, with `kernel.task_jacobian`); when calling `update` yourself,
+  pass `eigenvalues=ntk_weights(..., num_chunks=n, statistic=...).eigenvalues`. Weights are
   `(sum_j lambda_j / lambda_i) ** exponent` ("sum", the code) or
   `(mean_j lambda_j / lambda_i) ** exponent` ("mean", the paper); the shared update is
   `sum_i w_i g_i`.
 
   Args:
     num_tasks: k.
-    exponent: weight exponent (0.5; the NYUv2 script uses 0.75).
+    exponent: weight exponent, positive (0.5; the NYUv2 script uses 0.75).
     normalization: "sum" (code) or "mean" (paper).
     num_chunks: n, the rows of each task's Jacobian.
     shared: which parameters are shared: None (all), a pytree of bools or a function.
@@ -95,42 +115,42 @@ def ntkmtl(num_tasks: int, *, exponent: float = 0.5, normalization: str = "sum",
     statistic: what is read off each task's block spectrum in place of its largest
       eigenvalue, for num_chunks > 1: "max" (the paper), "trace", "top_r" (mean of the
       `top_r` largest eigenvalues) or "effective_rank" (trace / effective rank); see
-      `kernel.spectrum_statistic`. The train step computes it (recorded in
-      `options["statistic"]`); when calling `update` yourself, pass
-      `eigenvalues=ntk_weights(..., statistic=...).eigenvalues`. With num_chunks = 1 every
-      statistic is ||g_i||^2, so the option changes nothing there.
+      `kernel.spectrum_statistic`. With num_chunks = 1 every statistic is ||g_i||^2, so the
+      option changes nothing there.
     top_r: r for statistic="top_r".
 
   Returns:
-    A `TaskAggregator` with state `NTKMTLState`.
+    A `Weighting` with state `NTKMTLState`.
 
   References:
     Qin et al., NTKMTL, NeurIPS 2025 (arXiv 2510.18258).
   """
-  kernel._check_statistic(statistic, top_r, eigen_method)
-  if exponent <= 0:
-    raise ValueError(f"exponent must be positive, got {exponent}.")
-  if eigenvalue_ema is not None and not 0.0 <= eigenvalue_ema < 1.0:
-    raise ValueError(f"eigenvalue_ema must be in [0, 1), got {eigenvalue_ema}.")
-  needs, source = ("sq_norms", "sq_norms") if num_chunks == 1 else ("kernel", "eigenvalues")
-  return weighted_aggregator(
-      "ntkmtl", needs,
-      _ntk_weighting(num_tasks, exponent, normalization, eigenvalue_ema, scale_by_num_tasks,
-                     source),
-      _init(num_tasks), shared=shared, head_gradients=head_gradients, num_chunks=num_chunks,
-      exponent=exponent, normalization=normalization, eigen_method=eigen_method,
-      scale_by_num_tasks=scale_by_num_tasks, eigenvalue_ema=eigenvalue_ema,
-      statistic=statistic, top_r=top_r)
+  _check_hparams(exponent, eigenvalue_ema, num_tasks)
+  kernel.check_normalization(normalization)
+  needs = (Needs("sq_norms", eigen_method=eigen_method, statistic=statistic, top_r=top_r)
+           if num_chunks == 1 else
+           Needs("kernel", num_chunks, eigen_method=eigen_method, statistic=statistic,
+                 top_r=top_r))
+  source = "sq_norms" if needs.kind == "sq_norms" else "eigenvalues"
+  return Weighting(
+      name="ntkmtl", needs=needs,
+      weights=_ntk_weights(num_tasks, exponent, normalization, eigenvalue_ema,
+                           scale_by_num_tasks, source),
+      init=_init(num_tasks), shared=shared, head_gradients=head_gradients,
+      hparams=dict(exponent=exponent, normalization=normalization, num_chunks=num_chunks,
+                   eigenvalue_ema=eigenvalue_ema, scale_by_num_tasks=scale_by_num_tasks,
+                   eigen_method=eigen_method, statistic=statistic, top_r=top_r))
 
 
+@register("ntkmtl_sr")
 def ntkmtl_sr(num_tasks: int, *, exponent: float = 0.5, normalization: str = "sum",
               num_chunks: int = 4, shared: SharedSpec = None,
               eigenvalue_ema: float | None = None,
-              head_gradients: str = "weighted") -> TaskAggregator:
+              head_gradients: str = "weighted") -> Weighting:
   """NTKMTL-SR: NTKMTL with the kernel taken at the shared representation z.
 
   The eigenvalues come from `kernel.representation_eigenvalues` (per-task gradients through
-  the heads only) and are passed as `eigenvalues=`; the update is the gradient of
+  the heads only; `Needs("representation", n)`); the update is the gradient of
   `sum_i w_i l_i`, which the train step gets from one ordinary backward pass.
 
   Args:
@@ -142,37 +162,52 @@ def ntkmtl_sr(num_tasks: int, *, exponent: float = 0.5, normalization: str = "su
       or "sum".
 
   Returns:
-    A `TaskAggregator` with state `NTKMTLState`.
+    A `Weighting` with state `NTKMTLState`.
 
   References:
     Qin et al., NTKMTL, NeurIPS 2025 (arXiv 2510.18258), Section "NTKMTL-SR".
   """
-  return weighted_aggregator(
-      "ntkmtl_sr", "representation",
-      _ntk_weighting(num_tasks, exponent, normalization, eigenvalue_ema, False, "eigenvalues"),
-      _init(num_tasks), shared=shared, head_gradients=head_gradients, num_chunks=num_chunks,
-      exponent=exponent, normalization=normalization, eigenvalue_ema=eigenvalue_ema)
+  _check_hparams(exponent, eigenvalue_ema, num_tasks)
+  kernel.check_normalization(normalization)
+  return Weighting(
+      name="ntkmtl_sr", needs=Needs("representation", num_chunks),
+      weights=_ntk_weights(num_tasks, exponent, normalization, eigenvalue_ema, False,
+                           "eigenvalues"),
+      init=_init(num_tasks), shared=shared, head_gradients=head_gradients,
+      hparams=dict(exponent=exponent, normalization=normalization, num_chunks=num_chunks,
+                   eigenvalue_ema=eigenvalue_ema))
 
 
 def clip_shared_by_global_norm(max_norm: float, shared: SharedSpec = None
                                ) -> optax.GradientTransformation:
-  """Clips the global norm of the shared parameters' update only (heads pass through)."""
+  """Clips the global norm of the shared parameters' update only (heads pass through).
+
+  Args:
+    max_norm: the largest global norm let through, positive (may be `math.inf`).
+    shared: which parameters are shared (None: all).
+  """
+  if not max_norm > 0:  # also refuses NaN
+    raise ValueError(f"max_norm must be positive, got {max_norm!r}; a non-positive norm "
+                     "would zero or reverse the update.")
   if shared is None:
     return optax.clip_by_global_norm(max_norm)
   return optax.masked(optax.clip_by_global_norm(max_norm), shared)
 
 
 def official_ntkmtl(num_tasks: int, shared: SharedSpec = None, *, exponent: float = 0.5,
-                    max_norm: float = 1.0) -> tuple[TaskAggregator, optax.GradientTransformation]:
-  """The official NTKMTL step (n = 1): the aggregator and the clipping that follows it.
+                    max_norm: float = 1.0) -> tuple[Weighting, optax.GradientTransformation]:
+  """The official NTKMTL step (n = 1): the method and the clipping that follows it.
 
   The shared update is `k * sum_i w_i g_i` with `w_i = (sum_j ||g_j||^2 / ||g_i||^2) **
   exponent`, its global norm clipped to `max_norm`; task heads get their plain, unweighted
-  gradients. Chain them before your optimiser:
+  gradients. Give both to the train step, the clip first in the optimiser chain:
 
-    agg, clip = official_ntkmtl(k, shared)
-    tx = optax.chain(agg, clip, optax.adam(3e-4))
+    method, clip = official_ntkmtl(k, shared)
+    step = make_train_step(loss_fn, method, optax.chain(clip, optax.adam(3e-4)))
+
+  or, by hand, `optax.chain(method.aggregator, clip, optax.adam(3e-4))` on stacked task
+  gradients.
   """
-  agg = ntkmtl(num_tasks, exponent=exponent, normalization="sum", shared=shared,
-               scale_by_num_tasks=True, head_gradients="sum")
-  return agg, clip_shared_by_global_norm(max_norm, shared)
+  method = ntkmtl(num_tasks, exponent=exponent, normalization="sum", shared=shared,
+                  scale_by_num_tasks=True, head_gradients="sum")
+  return method, clip_shared_by_global_norm(max_norm, shared)
