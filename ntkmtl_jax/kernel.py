@@ -21,7 +21,7 @@ from ntkmtl_jax import _tree
 from ntkmtl_jax._tree import PyTree, SharedSpec
 from ntkmtl_jax.weighting import EIGEN_METHODS, STATISTICS, check_statistic
 
-STRATEGIES = ("vmap", "unroll", "chunked", "streaming")
+STRATEGIES = ("vmap", "unroll", "chunked", "streaming", "sequential")
 NORMALIZATIONS = ("sum", "mean")
 # Relative floor on eigenvalues: a task whose kernel is (numerically) zero gets
 # lambda_i = EIGENVALUE_FLOOR * sum_j lambda_j, i.e. a large but finite weight, which
@@ -34,12 +34,17 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 def default_strategy(backend: str | None = None) -> str:
   """The measured default way of running the k task backward passes on a backend.
 
-  On XLA:CPU, a Python loop of VJPs unrolled inside the jitted step is the fastest (vmapped
-  and scanned convolution backward passes lower badly there, see benchmarks/step_time.py);
-  on GPU/TPU, vmapping the cotangents batches the work.
+  - CPU: "unroll". A Python loop of VJPs unrolled inside the jitted step is the fastest on
+    XLA:CPU; vmapped and scanned convolution backward passes lower badly there (CelebA
+    network, batch 8, 40 tasks: unrolled 3.5 s, `lax.map` one at a time 241 s; see
+    benchmarks/step_time.py).
+  - GPU and TPU: "sequential". One compiled VJP body in a `lax.fori_loop` over the tasks
+    keeps compile time and memory flat in k. On one H200 (CelebA network, 40 tasks, batch
+    256, NTKMTL n = 1): compile 2.8 s against 176 s for "vmap" (LS: 7.2 s), peak memory
+    2.2x LS against 19x, step 243 ms against 219 ms (the authors' PyTorch step: 724 ms).
   """
   backend = backend or jax.default_backend()
-  return "unroll" if backend == "cpu" else "vmap"
+  return "unroll" if backend == "cpu" else "sequential"
 
 
 def resolve_strategy(strategy: str) -> str:
@@ -59,13 +64,15 @@ def pullback_rows(vjp_fn: Callable, num_rows: int, dtype, *, strategy: str = "un
   primal, already unpacked). The strategies give the same numbers and differ in speed and
   memory: "vmap" batches the m backward passes (memory x m), "unroll" runs them one after
   another inside the compiled function, "chunked" vmaps `chunk_size` at a time with
-  `lax.map`.
+  `lax.map`, "sequential" runs one compiled backward pass m times (`lax.map`).
   """
   eye = jnp.eye(num_rows, dtype=dtype)
   if strategy == "vmap":
     return jax.vmap(vjp_fn)(eye)
   if strategy == "chunked":
     return jax.lax.map(vjp_fn, eye, batch_size=min(chunk_size, num_rows))
+  if strategy == "sequential":
+    return jax.lax.map(vjp_fn, eye)
   if strategy in ("unroll", "streaming"):
     rows = [vjp_fn(eye[i]) for i in range(num_rows)]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
@@ -109,7 +116,8 @@ def task_jacobian(apply_fn: Callable, params: PyTree, batch: PyTree, *, num_chun
     shared: which parameters are shared (None: all), a mask pytree or a function of params.
     strategy: "vmap" (`jax.vmap(jax.jacrev(apply_fn))` over chunks, the reference),
       "unroll" (one forward, then k*n VJPs unrolled), "chunked" (`lax.map` of vmapped
-      VJPs), "streaming" (as "unroll" here) or "auto" (`default_strategy()`).
+      VJPs), "sequential" (`lax.map` of one VJP), "streaming" (as "unroll" here) or "auto"
+      (`default_strategy()`).
     chunk_size: rows per vmapped group for "chunked".
     has_aux: whether `apply_fn` also returns auxiliary data.
 
@@ -155,12 +163,19 @@ def jacobian_matrix(jacobian: PyTree) -> jax.Array:
   return jnp.concatenate([x.reshape(k, n, -1) for x in leaves], axis=2)
 
 
+def _block_dtype(jacobian: PyTree):
+  """At least float32: the eigen-solvers have no float16/bfloat16 kernels, and half-precision
+  sums of squares lose the small eigenvalues the weights depend on."""
+  return jnp.promote_types(jnp.result_type(*jax.tree.leaves(jacobian)), jnp.float32)
+
+
 def kernel_blocks(jacobian: PyTree) -> jax.Array:
   """All blocks K_ij = J_i J_j^T of the extended NTK, shape (k, k, n, n)."""
   k, n = jax.tree.leaves(jacobian)[0].shape[:2]
-  blocks = jnp.zeros((k, k, n, n), jax.tree.leaves(jacobian)[0].dtype)
+  dtype = _block_dtype(jacobian)
+  blocks = jnp.zeros((k, k, n, n), dtype)
   for x in jax.tree.leaves(jacobian):
-    x = x.reshape(k, n, -1)
+    x = x.reshape(k, n, -1).astype(dtype)
     blocks = blocks + jnp.einsum("iap,jbp->ijab", x, x, precision=_HIGHEST)
   return blocks
 
@@ -169,9 +184,10 @@ def diagonal_blocks(jacobian: PyTree) -> jax.Array:
   """The diagonal blocks K_ii = J_i J_i^T, shape (k, n, n), without forming the others."""
   leaves = jax.tree.leaves(jacobian)
   k, n = leaves[0].shape[:2]
-  blocks = jnp.zeros((k, n, n), leaves[0].dtype)
+  dtype = _block_dtype(jacobian)
+  blocks = jnp.zeros((k, n, n), dtype)
   for x in leaves:
-    x = x.reshape(k, n, -1)
+    x = x.reshape(k, n, -1).astype(dtype)
     blocks = blocks + jnp.einsum("iap,ibp->iab", x, x, precision=_HIGHEST)
   return blocks
 
@@ -210,7 +226,7 @@ def largest_eigenvalue_matrix_free(jacobian: PyTree, *, power_iterations: int = 
 
   Costs 2 * iterations products with the (n, P) rows; use it when n is large.
   """
-  mat = jacobian_matrix(jacobian)  # (k, n, P)
+  mat = jacobian_matrix(jacobian).astype(_block_dtype(jacobian))  # (k, n, P)
 
   def matvec(v):  # (k, n) -> (k, n)
     return jnp.einsum("kap,kp->ka", mat, jnp.einsum("kbp,kb->kp", mat, v))
@@ -396,7 +412,8 @@ def eigenvalues_from_jacobian(jacobian: PyTree, *, eigen_method: str = "auto",
   if statistic == "max" and eigen_method == "power":
     return largest_eigenvalue_matrix_free(jacobian, power_iterations=power_iterations)
   if statistic == "trace":  # sum_a ||J_ia||^2, without forming the blocks
-    return sum(jnp.sum(x.reshape(x.shape[0], -1) ** 2, axis=1)
+    dtype = _block_dtype(jacobian)
+    return sum(jnp.sum(x.reshape(x.shape[0], -1).astype(dtype) ** 2, axis=1)
                for x in jax.tree.leaves(jacobian))
   return block_statistic(diagonal_blocks(jacobian), statistic, top_r=top_r,
                          eigen_method=eigen_method, power_iterations=power_iterations)

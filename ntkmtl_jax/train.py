@@ -163,6 +163,32 @@ def _after(previous, cotangent):
   return cotangent
 
 
+def _unit(index, size, dtype):
+  """The unit vector e_index of length `size` (index may be traced)."""
+  return (jnp.arange(size) == index).astype(dtype)
+
+
+def _each_task(num_tasks: int, per_task: Callable, sequential: bool) -> jax.Array:
+  """`[per_task(i, after) for i < num_tasks]`, stacked, one task after another.
+
+  With `sequential`, a `lax.fori_loop` whose one compiled body serves every task (compile
+  time and memory flat in k: the accelerator form); otherwise a Python loop unrolled in the
+  step, each task's cotangent chained to the previous result by `after` (an optimisation
+  barrier) so that XLA frees each gradient before the next (the XLA:CPU form, "streaming").
+  `per_task(i, after)` must pass its cotangents through `after`.
+  """
+  if sequential:
+    like = jax.eval_shape(lambda: per_task(0, lambda x: x))
+    body = lambda i, acc: acc.at[i].set(per_task(i, lambda x: x))
+    return jax.lax.fori_loop(0, num_tasks, body,
+                             jnp.zeros((num_tasks,) + like.shape, like.dtype))
+  out = []
+  for i in range(num_tasks):
+    previous = out[-1] if out else None
+    out.append(per_task(i, lambda x, previous=previous: _after(previous, x)))
+  return jnp.stack(out)
+
+
 # ------------------------------------------------------------------------------- oracles
 
 
@@ -178,9 +204,10 @@ def _gradients_oracle(model, needs, strategy, params, ms, batch, mask, key, chun
   losses, vjp_fn, ms_new = jax.vjp(lambda p: model.losses(p, ms, batch), params, has_aux=True)
   pull = lambda c: vjp_fn(c)[0]
   k = losses.shape[0]
-  if strategy == "streaming":
-    stats = _streaming_stats(model, params, ms, batch, mask, pull, k, losses.dtype,
-                             full_gram=(needs.kind == "gram"))
+  if strategy in ("streaming", "sequential") and needs.kind != "gradients":
+    stats = _streamed_stats(model, params, ms, batch, mask, pull, k, losses.dtype,
+                            full_gram=(needs.kind == "gram"),
+                            sequential=(strategy == "sequential"))
     return Observation(losses, stats._replace(losses=losses, key=key), ms_new, pullback=pull)
   task_grads = kernel.pullback_rows(pull, k, losses.dtype, strategy=strategy,
                                     chunk_size=chunk_size)
@@ -194,7 +221,7 @@ def _kernel_oracle(model, needs, strategy, params, ms, batch, mask, key, chunk_s
   spectrum = dict(eigen_method=needs.eigen_method, statistic=needs.statistic,
                   top_r=needs.top_r, power_iterations=needs.power_iterations)
   chunk_losses = lambda p, c: model.losses(p, ms, c)
-  if strategy != "streaming":
+  if strategy not in ("streaming", "sequential"):
     per_task_chunk, jac, ms_chunks = kernel.task_jacobian(
         chunk_losses, params, batch, num_chunks=n, strategy=strategy, chunk_size=chunk_size,
         has_aux=True)  # rows over all parameters: the heads' part makes their update
@@ -204,22 +231,23 @@ def _kernel_oracle(model, needs, strategy, params, ms, batch, mask, key, chunk_s
     ms_new = _mean_over_chunks(ms_chunks) if ms is not None else None
     return Observation(losses, TaskStats(losses=losses, eigenvalues=eig, key=key), ms_new,
                        task_grads=task_grads)
-  # Streaming: task by task, its n rows, then its eigenvalue; one weighted backward after.
+  # Task by task: its n rows, then its eigenvalue; one weighted backward pass after.
   fn = kernel.chunk_loss_fn(chunk_losses, batch, n, has_aux=True)
   flat, vjp_fn, (per_chunk, ms_chunks) = jax.vjp(fn, params, has_aux=True)
   k = per_chunk.shape[1]
-  eye = jnp.eye(flat.shape[0], dtype=flat.dtype)
-  eig = []
-  for i in range(k):
-    rows = [_tree.split(vjp_fn(_after(eig[-1] if eig else None, eye[i * n + a]))[0], mask)[0]
+
+  def task_eigenvalue(i, after):
+    rows = [_tree.split(vjp_fn(after(_unit(i * n + a, k * n, flat.dtype)))[0], mask)[0]
             for a in range(n)]
     jac_i = jax.tree.map(lambda *xs: jnp.stack(xs)[None], *rows)
-    eig.append(kernel.eigenvalues_from_jacobian(jac_i, **spectrum)[0])
+    return kernel.eigenvalues_from_jacobian(jac_i, **spectrum)[0]
+
+  eig = _each_task(k, task_eigenvalue, sequential=(strategy == "sequential"))
   losses = jnp.mean(per_chunk, axis=0)
   ms_new = _mean_over_chunks(ms_chunks) if ms is not None else None
   pullback = lambda c: vjp_fn(jnp.repeat(c, n) / n)[0]
-  return Observation(losses, TaskStats(losses=losses, eigenvalues=jnp.stack(eig), key=key),
-                     ms_new, pullback=pullback)
+  return Observation(losses, TaskStats(losses=losses, eigenvalues=eig, key=key), ms_new,
+                     pullback=pullback)
 
 
 def _representation_oracle(model, needs, strategy, params, ms, batch, mask, key, chunk_size):
@@ -257,25 +285,24 @@ ORACLES = {
 }
 
 
-def _streaming_stats(model, params, ms, batch, mask, pull, k, dtype, full_gram):
+def _streamed_stats(model, params, ms, batch, mask, pull, k, dtype, full_gram, sequential):
   """Squared norms (or the Gram) of the shared task gradients, one task at a time.
 
   The Gram row of task i is J g_i, one forward-mode product along g_i, so the k gradients
   are never held together.
   """
-  eye = jnp.eye(k, dtype=dtype)
+  unit = lambda i, after: after(_unit(i, k, dtype))
   if not full_gram:
-    sq = []
-    for i in range(k):
-      sq.append(_tree.sq_norm(pull(_after(sq[-1] if sq else None, eye[i])), mask))
-    return TaskStats(sq_norms=jnp.stack(sq))
+    sq = _each_task(k, lambda i, after: _tree.sq_norm(pull(unit(i, after)), mask), sequential)
+    return TaskStats(sq_norms=sq)
   shared_params, rest = _tree.split(params, mask)
   of_shared = lambda sp: model.losses(_tree.merge(sp, rest, mask), ms, batch)[0]
-  rows = []
-  for i in range(k):
-    g_shared = _tree.split(pull(_after(rows[-1] if rows else None, eye[i])), mask)[0]
-    rows.append(jax.jvp(of_shared, (shared_params,), (g_shared,))[1])
-  gram = jnp.stack(rows)
+
+  def gram_row(i, after):
+    g_shared = _tree.split(pull(unit(i, after)), mask)[0]
+    return jax.jvp(of_shared, (shared_params,), (g_shared,))[1]
+
+  gram = _each_task(k, gram_row, sequential)
   gram = 0.5 * (gram + gram.T)
   return TaskStats(gram=gram, sq_norms=jnp.diagonal(gram))
 
@@ -335,9 +362,12 @@ def make_train_step(loss_fn: Callable | None, method: Method,
     method: a `Weighting` or `GradientRule` (e.g. `ntkmtl(k)`, `methods.get("ls", k)`).
     optimizer: the optax transformation applied to the method's update.
     strategy: how the k task backward passes run: "vmap", "unroll", "chunked",
-      "streaming" (squared norms or Gram first, task by task, then one weighted backward:
-      O(P) extra memory whatever k; for methods that need `sq_norms`, `gram` or `kernel`),
-      or "auto" (`kernel.default_strategy()` for the backend).
+      "streaming" (squared norms, Gram rows or kernel eigenvalues first, task by task in a
+      loop unrolled in the step, then one weighted backward: O(P) extra memory whatever k;
+      for methods that need `sq_norms`, `gram` or `kernel`), "sequential" (the same with one
+      compiled VJP body in a `lax.fori_loop`, so that compile time and memory do not grow
+      with k; for "gradients" methods a `lax.map` of one VJP), or "auto"
+      (`kernel.default_strategy()`: "unroll" on CPU, "sequential" on GPU/TPU).
     has_state: whether the model carries mutable state (see `loss_fn`).
     encode: `encode(params, batch) -> z` (or `(params, model_state, batch) -> (z, state)`),
       the shared encoder; needed for NTKMTL-SR and MGDA-UB.

@@ -28,7 +28,7 @@ def _run(model, agg, strategy, steps=2, optimizer=None, jit=True):
   return state, history
 
 
-@pytest.mark.parametrize("aggregator", ["ntkmtl", "ntkmtl_n2", "ls", "official"])
+@pytest.mark.parametrize("aggregator", ["ntkmtl", "ntkmtl_n2", "ls", "official", "mgda"])
 def test_strategies_agree(seed, aggregator):
   rng = np.random.default_rng(seed)
   model = TanhMLP(rng, num_tasks=3, batch=8, task_scales=rng.uniform(0.2, 5.0, 3))
@@ -37,9 +37,10 @@ def test_strategies_agree(seed, aggregator):
       "ntkmtl_n2": lambda: nm.ntkmtl(3, num_chunks=2, shared=model.shared),
       "ls": lambda: nm.methods.get("ls", 3, shared=model.shared),
       "official": lambda: nm.official_ntkmtl(3, model.shared)[0],
+      "mgda": lambda: nm.methods.get("mgda", 3, shared=model.shared),
   }[aggregator]
   reference, _ = _run(model, make(), "vmap")
-  for strategy in ("unroll", "chunked", "streaming"):
+  for strategy in ("unroll", "chunked", "streaming", "sequential"):
     state, history = _run(model, make(), strategy)
     jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-4, err_msg=f"{strategy} seed={seed}"),
                  state.params, reference.params)
@@ -104,6 +105,62 @@ def test_infinite_gradient_skips_the_step():
   new_state, m = step(state, model.batch)  # d sqrt(x)/dx at 0 is inf
   assert not bool(m["finite"]) and int(m["skipped"]) == 1
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new_state.params, state.params)
+
+
+def _assert_unchanged(new_state, state):
+  for new, old in ((new_state.params, state.params),
+                   (new_state.optimizer_state, state.optimizer_state),
+                   (new_state.aggregator_state, state.aggregator_state)):
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new, old)
+
+
+def test_finite_batch_that_overflows_the_optimiser_state_is_skipped():
+  """Losses and update finite, but Adam's second moment overflows (g^2 > float32 max): the
+  step is skipped with cause `nonfinite_state`, and a normal batch afterwards trains."""
+  model = TanhMLP(np.random.default_rng(3), num_tasks=2)
+  # A term linear in the shared bias, scaled by the batch: loss ~ 1e20 is finite, its
+  # gradient ~ 1e20 is finite, its square is not.
+  loss_fn = lambda p, b: model.loss_fn(p, b) + b["scale"] * jnp.sum(p["shared"]["b"])
+  step = nm.make_train_step(loss_fn, nm.methods.get("ls", 2), optax.adam(1e-2))
+  state = step.init(model.params)
+  huge = dict(model.batch, scale=jnp.float32(1e20))
+  new_state, m = step(state, huge)
+  assert np.all(np.isfinite(m["losses"])) and not bool(m["nonfinite_update"])
+  assert not bool(m["finite"]) and int(m["skipped"]) == 1 and bool(m["nonfinite_state"])
+  _assert_unchanged(new_state, state)
+  new_state, m = step(new_state, dict(model.batch, scale=jnp.float32(0.0)))
+  assert bool(m["finite"])
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new_state.params,
+                       state.params)
+  assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_nan_learning_rate_makes_every_step_skipped_with_its_cause():
+  model = TanhMLP(np.random.default_rng(4), num_tasks=3)
+  step = nm.make_train_step(model.loss_fn, nm.ntkmtl(3, shared=model.shared),
+                            optax.adam(float("nan")))
+  state = step.init(model.params)
+  for t in range(3):
+    new_state, m = step(state, model.batch)
+    assert not bool(m["finite"]) and int(m["skipped"]) == t + 1
+    assert bool(m["nonfinite_state"]) and not bool(m["nonfinite_losses"])
+    assert not bool(m["nonfinite_update"])
+    _assert_unchanged(new_state, state)
+    state = new_state
+
+
+def test_optimiser_receives_the_summed_loss_as_value(seed):
+  """`optax.contrib.reduce_on_plateau` reads `value=`: the step passes the summed loss, and
+  the plateau's running average equals the losses' sum computed by hand."""
+  model = TanhMLP(np.random.default_rng(seed), num_tasks=3)
+  opt = optax.chain(optax.adam(1e-2),
+                    optax.contrib.reduce_on_plateau(patience=1, accumulation_size=1))
+  step = nm.make_train_step(model.loss_fn, nm.methods.get("ls", 3), opt)
+  state = step.init(model.params)
+  state, m = step(state, model.batch)
+  assert bool(m["finite"])
+  plateau = state.optimizer_state[1]
+  np.testing.assert_allclose(float(plateau.best_value), float(np.sum(m["losses"])), rtol=1e-6)
 
 
 def test_wrong_loss_shape_and_chunks_are_reported():
