@@ -1,4 +1,6 @@
-"""The NTKMTL / NTKMTL-SR optax transforms and the official preset."""
+"""NTKMTL / NTKMTL-SR (methods/ntkmtl.py), the official preset, and the typed method records."""
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -116,6 +118,75 @@ def test_wrong_number_of_tasks_is_reported():
   grads = {"w": jnp.ones((3, 5))}
   with pytest.raises(ValueError, match="built for 4 tasks"):
     agg.update(grads, agg.init({"w": jnp.zeros(5)}))
+
+
+def test_sr_task_without_shared_gradient_keeps_a_plain_head_update(seed):
+  """A task whose loss never reaches the encoder (d l / d z = 0) gets weight 1 under
+  NTKMTL-SR: its head moves by its ordinary gradient and stays finite under SGD, while the
+  other tasks keep their NTKMTL-SR weights."""
+  rng = np.random.default_rng(seed)
+  batch, dim = 8, 4
+  params = {"enc": jnp.asarray(rng.normal(size=(3, dim)), jnp.float32),
+            "heads": jnp.asarray(rng.normal(size=(dim, 2)), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=()), jnp.float32)}
+  data = {"x": jnp.asarray(rng.normal(size=(batch, 3)), jnp.float32),
+          "y": jnp.asarray(rng.normal(size=(batch, 3)) * [1.0, 30.0, 5.0], jnp.float32)}
+  shared = {"enc": True, "heads": False, "bias": False}
+  encode = lambda p, b: jnp.tanh(b["x"] @ p["enc"])
+
+  def decode(p, z, b):
+    fit = jnp.mean((z @ p["heads"] - b["y"][:, :2]) ** 2, axis=0)
+    constant = jnp.mean((p["bias"] - b["y"][:, 2]) ** 2)  # does not use z
+    return jnp.concatenate([fit, constant[None]])
+
+  lr = 0.05
+  step = nm.make_train_step(None, nm.ntkmtl_sr(3, num_chunks=2, shared=shared),
+                            optax.sgd(lr), encode=encode, decode=decode)
+  state = step.init(params)
+  for _ in range(30):
+    before = float(state.params["bias"])
+    state, metrics = step(state, data)
+    assert bool(metrics["finite"])
+    w = np.asarray(metrics["weights"])
+    assert w[2] == 1.0 and np.all(w[:2] > 1.0), w
+    plain = 2.0 * np.mean(before - np.asarray(data["y"][:, 2]))
+    np.testing.assert_allclose(float(state.params["bias"]), before - lr * plain, rtol=1e-4,
+                               atol=1e-5)
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
+
+
+def test_needs_and_methods_are_typed_records():
+  method = nm.ntkmtl(3, num_chunks=4, statistic="trace")
+  assert isinstance(method, nm.Weighting) and nm.is_method(method)
+  assert method.needs == nm.Needs("kernel", 4, statistic="trace")
+  assert method.needs.task_gradients and not method.needs.uses_representation
+  assert nm.ntkmtl(3).needs.kind == "sq_norms"
+  assert nm.ntkmtl_sr(3).needs == nm.Needs("representation", 4)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    method.needs = nm.Needs("losses")
+  # The derived optax Aggregator is a plain one, and chains.
+  assert type(method.aggregator).__name__ == "Aggregator"
+  with pytest.raises(ValueError, match="num_chunks"):
+    nm.Needs("gram", num_chunks=2)
+  with pytest.raises(ValueError, match="kind"):
+    nm.Needs("hessian")
+  with pytest.raises(ValueError, match="power method"):
+    nm.Needs("kernel", 4, eigen_method="power", statistic="top_r")
+
+
+@pytest.mark.parametrize("factory", [nm.ntkmtl, nm.ntkmtl_sr])
+@pytest.mark.parametrize("exponent", [0.0, -1.0, float("nan"), float("inf"), "abc"])
+def test_both_variants_refuse_a_bad_exponent(factory, exponent):
+  with pytest.raises(ValueError, match="exponent must be a positive finite number"):
+    factory(3, exponent=exponent)
+
+
+def test_clip_refuses_a_norm_that_would_zero_or_reverse_the_update():
+  for bad in (0.0, -1.0, float("nan")):
+    with pytest.raises(ValueError, match="max_norm must be positive"):
+      nm.clip_shared_by_global_norm(bad)
+    with pytest.raises(ValueError, match="max_norm must be positive"):
+      nm.official_ntkmtl(3, max_norm=bad)
 
 
 def test_bad_hyperparameters_are_reported():

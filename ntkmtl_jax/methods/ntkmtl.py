@@ -41,7 +41,7 @@ class NTKMTLState(NamedTuple):
 
 
 def _ntk_weights(num_tasks, exponent, normalization, eigenvalue_ema, scale_by_num_tasks,
-                 source):
+                 source, neutral_below_floor=False):
 
   def weights(stats: TaskStats, state: NTKMTLState):
     lam = getattr(stats, source)
@@ -54,6 +54,11 @@ def _ntk_weights(num_tasks, exponent, normalization, eigenvalue_ema, scale_by_nu
       previous = jnp.where(state.count > 0, state.eigenvalues.astype(lam.dtype), lam)
       lam = eigenvalue_ema * previous + (1.0 - eigenvalue_ema) * lam
     w = kernel.weights_from_eigenvalues(lam, exponent=exponent, normalization=normalization)
+    if neutral_below_floor:
+      # A zero kernel means a zero shared gradient: any weight leaves the shared update
+      # alone, and 1 gives the task's head its ordinary gradient (not (1 / floor) ** exponent
+      # times it, which a weighted head update would apply).
+      w = jnp.where(lam <= kernel.EIGENVALUE_FLOOR * jnp.sum(jnp.maximum(lam, 0.0)), 1.0, w)
     if scale_by_num_tasks:
       w = w * k
     return w, NTKMTLState(count=state.count + 1, weights=w.astype(state.weights.dtype),
@@ -153,6 +158,11 @@ def ntkmtl_sr(num_tasks: int, *, exponent: float = 0.5, normalization: str = "su
   the heads only; `Needs("representation", n)`); the update is the gradient of
   `sum_i w_i l_i`, which the train step gets from one ordinary backward pass.
 
+  A task whose kernel at z is zero (its loss does not reach the encoder: d l_i / d z = 0,
+  eigenvalue below `kernel.EIGENVALUE_FLOOR` times the sum) gets weight 1: its shared
+  gradient is zero whatever its weight, and its head keeps its ordinary gradient instead of
+  the floor's large weight, which would blow the head up under the weighted head update.
+
   Args:
     num_tasks: k.
     exponent, normalization, eigenvalue_ema: as in `ntkmtl`.
@@ -172,7 +182,7 @@ def ntkmtl_sr(num_tasks: int, *, exponent: float = 0.5, normalization: str = "su
   return Weighting(
       name="ntkmtl_sr", needs=Needs("representation", num_chunks),
       weights=_ntk_weights(num_tasks, exponent, normalization, eigenvalue_ema, False,
-                           "eigenvalues"),
+                           "eigenvalues", neutral_below_floor=True),
       init=_init(num_tasks), shared=shared, head_gradients=head_gradients,
       hparams=dict(exponent=exponent, normalization=normalization, num_chunks=num_chunks,
                    eigenvalue_ema=eigenvalue_ema))
