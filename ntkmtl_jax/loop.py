@@ -264,7 +264,7 @@ def fit(functions: TaskFunctions, method: str | Method, *,
   num_tasks = losses_shape.shape[0]
   step = build_step(functions, method, num_tasks, optimizer=optimizer, hparams=hparams,
                     strategy=strategy, steps=steps)
-  needs = step.method.needs.kind
+  needs = step.needs.kind
   eigen_in_step = needs in ("sq_norms", "kernel") and step.method.name.startswith("ntkmtl")
   probe = _probe(functions) if (probe_every and not eigen_in_step) else None
   state = step.init(params, model_state, key=jax.random.key(seed + 1))

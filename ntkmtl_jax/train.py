@@ -23,8 +23,8 @@ import optax
 
 from ntkmtl_jax import _tree, kernel
 from ntkmtl_jax._tree import PyTree
-from ntkmtl_jax.weighting import (GradientRule, Method, Needs, TaskStats, check_weights,
-                                  combine, is_method, stats_from_gradients)
+from ntkmtl_jax.weighting import (Method, Needs, TaskStats, Weighting, check_weights, combine,
+                                  is_method, stats_from_gradients)
 
 
 class TrainState(NamedTuple):
@@ -52,7 +52,7 @@ class TrainStep:
   """A jitted multi-task train step: `state, metrics = step(state, batch)`.
 
   Built by `make_train_step`; `init(params, model_state=None, key=None)` makes the
-  `TrainState`. `metrics` holds `losses` (k,), `weights` (k,), `eigenvalues` (k,) when the
+  `TrainState`; `method` and `needs` say what it runs. `metrics` holds `losses` (k,), `weights` (k,), `eigenvalues` (k,) when the
   method uses them (for NTKMTL with n = 1, the squared task-gradient norms), every other
   scalar or per-task field of the method's state (e.g. `conflicts`, `solver_failures`),
   `grad_norm` (the shared update's norm before the optimiser), `finite` (whether this step
@@ -61,9 +61,10 @@ class TrainStep:
   optimiser's, method's or model's new state).
   """
 
-  def __init__(self, step_fn: Callable, method: Method,
+  def __init__(self, step_fn: Callable, method: Method, needs: Needs,
                optimizer: optax.GradientTransformation, jit: bool, donate: bool):
     self.method = method
+    self.needs = needs
     self.optimizer = optimizer
     self._raw = step_fn
     self._step = jax.jit(step_fn, donate_argnums=(0,) if donate else ()) if jit else step_fn
@@ -310,9 +311,9 @@ def _streamed_stats(model, params, ms, batch, mask, pull, k, dtype, full_gram, s
 # ---------------------------------------------------------------------------------- tail
 
 
-def _method_update(method: Method, obs: Observation, method_state, params, mask):
+def _method_update(method, obs: Observation, method_state, params, mask):
   """The method's update of all parameters from an oracle's observation."""
-  if isinstance(method, GradientRule):
+  if not isinstance(method, Weighting):  # a GradientRule or any optax aggregator
     return method.update(obs.task_grads, method_state, params, losses=obs.losses,
                          key=obs.stats.key)
   stats = obs.stats._replace(**{f: _at_least_float32(getattr(obs.stats, f))
@@ -359,7 +360,11 @@ def make_train_step(loss_fn: Callable | None, method: Method,
     loss_fn: `loss_fn(params, batch) -> (k,)` task losses, or with `has_state=True`
       `loss_fn(params, model_state, batch) -> ((k,), new_model_state)` (flax mutable
       collections such as `batch_stats`). May be None when `encode`/`decode` are given.
-    method: a `Weighting` or `GradientRule` (e.g. `ntkmtl(k)`, `methods.get("ls", k)`).
+    method: a `Weighting` or `GradientRule` (e.g. `ntkmtl(k)`, `methods.get("ls", k)`), or
+      any optax aggregator of task gradients stacked on axis 0 (`method.aggregator`,
+      wrapped in `optax.chain`, `optax.inject_hyperparams` or copied with `_replace`): the
+      step then computes the k task gradients and calls its `update(task_grads, state,
+      params, losses=..., key=...)`, whatever the method needs.
     optimizer: the optax transformation applied to the method's update.
     strategy: how the k task backward passes run: "vmap", "unroll", "chunked",
       "streaming" (squared norms, Gram rows or kernel eigenvalues first, task by task in a
@@ -380,27 +385,34 @@ def make_train_step(loss_fn: Callable | None, method: Method,
   Returns:
     A `TrainStep`.
   """
-  if not is_method(method):
+  if is_method(method):
+    needs: Needs = method.needs
+    name, shared = method.name, method.shared
+  elif callable(getattr(method, "init", None)) and callable(getattr(method, "update", None)):
+    # A plain optax aggregator (e.g. `optax.chain(ntkmtl(k).aggregator, clip)`, an
+    # `inject_hyperparams` one, a `_replace`d copy): it gets the stacked task gradients.
+    needs, name, shared = Needs("gradients"), type(method).__name__, None
+    method = optax.with_extra_args_support(method)
+  else:
     raise TypeError("method must be a multi-task method (a Weighting or GradientRule, e.g. "
-                    "ntkmtl_jax.ntkmtl(k) or ntkmtl_jax.methods.get(name, num_tasks=k)), got "
-                    f"{type(method).__name__}; its `.aggregator` is the plain optax form for "
-                    "hand-written steps.")
+                    "ntkmtl_jax.ntkmtl(k) or ntkmtl_jax.methods.get(name, num_tasks=k)) or an "
+                    "optax aggregator of stacked task gradients, got "
+                    f"{type(method).__name__}.")
   strategy = kernel.resolve_strategy(strategy)
   model = _normalise_model(loss_fn, encode, decode, has_state)
-  needs: Needs = method.needs
   if needs.uses_representation and (model.encode is None or model.decode is None):
-    raise ValueError(f"{method.name} takes the kernel at the shared representation: give "
+    raise ValueError(f"{name} takes the kernel at the shared representation: give "
                      "make_train_step encode=... and decode=... instead of (or with) loss_fn.")
   if strategy == "streaming" and needs.kind == "gradients":
-    raise ValueError(f"{method.name} needs the task gradients themselves, which the "
-                     "'streaming' strategy never holds at once; use 'unroll', 'vmap' or "
-                     "'chunked'.")
+    raise ValueError(f"{name} needs the task gradients themselves, which the 'streaming' "
+                     "strategy never holds at once; use 'unroll', 'vmap', 'chunked' or "
+                     "'sequential'.")
   oracle = ORACLES[needs.kind]
   optimizer = optax.with_extra_args_support(optimizer)
 
   def step_fn(state: TrainState, batch):
     params, ms = state.params, state.model_state
-    mask = _tree.resolve_mask(method.shared, params)
+    mask = _tree.resolve_mask(shared, params)
     key = jax.random.fold_in(state.key, state.step)
     obs = oracle(model, needs, strategy, params, ms, batch, mask, key, chunk_size)
     update, method_state = _method_update(method, obs, state.aggregator_state, params, mask)
@@ -437,4 +449,4 @@ def make_train_step(loss_fn: Callable | None, method: Method,
         metrics[name] = value
     return new_state, metrics
 
-  return TrainStep(step_fn, method, optimizer, jit=jit, donate=donate)
+  return TrainStep(step_fn, method, needs, optimizer, jit=jit, donate=donate)

@@ -285,3 +285,21 @@ def test_mgda_ub_step_uses_the_representation_gram(seed):
   jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-4), state.params, expected)
   assert_close(metrics["weights"], agg_state.weights, rtol=1e-4)
   assert "conflicts" in metrics  # solver diagnostics reach the metrics
+
+
+def test_plain_optax_aggregators_run_on_stacked_task_gradients(seed):
+  """`method.aggregator` in an `optax.chain`, under `optax.inject_hyperparams`, or copied
+  with `_replace`, trains like the method itself (same params after a few steps)."""
+  model = TanhMLP(np.random.default_rng(seed), num_tasks=3, task_scales=[0.5, 1.0, 4.0])
+  method = nm.ntkmtl(3, shared=model.shared)
+  reference, _ = _run(model, method, "unroll")
+  injected = optax.inject_hyperparams(
+      lambda exponent: nm.ntkmtl(3, exponent=exponent, shared=model.shared).aggregator,
+      static_args=("exponent",))(exponent=0.5)
+  for wrapped in (method.aggregator, method.aggregator._replace(),
+                  optax.chain(method.aggregator, optax.identity()), injected):
+    state, history = _run(model, wrapped, "unroll")
+    assert bool(history[-1]["finite"])
+    jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-5), state.params, reference.params)
+  with pytest.raises(TypeError, match="optax aggregator"):
+    nm.make_train_step(model.loss_fn, "ntkmtl", optax.sgd(0.1))
