@@ -10,8 +10,8 @@ import optax
 from scipy.optimize import minimize
 
 from ntkmtl_jax import methods
-from ntkmtl_jax.aggregator import TaskStats
-from ntkmtl_jax.methods import gradient_based as gb
+from ntkmtl_jax.weighting import TaskStats
+from ntkmtl_jax.methods import conflict
 from ntkmtl_jax.methods import solvers
 from ntkmtl_jax.train import make_train_step
 from conftest import TanhMLP, assert_close, check_end_to_end
@@ -34,7 +34,7 @@ def gram32(jac):
 def run_weighting(agg, gram, key=None, losses=None, state=None):
   state = agg.init(None) if state is None else state
   stats = TaskStats(gram=gram, losses=losses, key=key)
-  weights, state = jax.jit(agg.weighting)(stats, state)
+  weights, state = jax.jit(agg.weights)(stats, state)
   return np.asarray(weights, np.float64), state
 
 
@@ -133,7 +133,7 @@ def test_mgda_ub_takes_representation_gram(seed):
   rep = random_jacobian(rng, k=jac.shape[0])
   k = jac.shape[0]
   agg = methods.get("mgda_ub", k)
-  assert agg.needs == "representation"
+  assert agg.needs.kind == "representation_gram"
   grads = {"w": jnp.asarray(jac, jnp.float32)}
   with pytest.raises(ValueError, match="representation"):
     agg.update(grads, agg.init(None))
@@ -164,7 +164,8 @@ def test_pcgrad_matches_reference_and_removes_the_conflicts_it_projects(seed):
   update, state = jax.jit(agg.update)({"w": jnp.asarray(jac, jnp.float32)}, agg.init(None),
                                       key=key)
   orders_and_coefficients = jax.jit(
-      lambda g, kk: (gb.pcgrad_orders(kk, k), gb.pcgrad_coefficients(g, gb.pcgrad_orders(kk, k))))
+      lambda g, kk: (conflict.pcgrad_orders(kk, k),
+                     conflict.pcgrad_coefficients(g, conflict.pcgrad_orders(kk, k))))
   orders, coeffs = orders_and_coefficients(gram32(jac), key)
   orders = np.asarray(orders)
   assert all(sorted(o) == list(range(k)) for o in orders)
@@ -182,7 +183,8 @@ def test_pcgrad_matches_reference_and_removes_the_conflicts_it_projects(seed):
   two[1] -= ((two[1] @ two[0]) + 0.5 * np.linalg.norm(two[1]) * np.linalg.norm(two[0])) / (
       two[0] @ two[0]) * two[0]
   assert two[1] @ two[0] < 0
-  c2 = np.asarray(jax.jit(gb.pcgrad_coefficients)(gram32(two), jnp.asarray([[1, 0], [0, 1]])))
+  c2 = np.asarray(jax.jit(conflict.pcgrad_coefficients)(gram32(two),
+                                                       jnp.asarray([[1, 0], [0, 1]])))
   pc = c2 @ two
   scale2 = np.linalg.norm(two, axis=1).max() ** 2
   assert pc[0] @ two[1] >= -1e-5 * scale2 and pc[1] @ two[0] >= -1e-5 * scale2
@@ -220,7 +222,7 @@ def test_graddrop_output_is_the_sum_of_one_sign(seed):
 def test_graddrop_leak_one_keeps_everything(seed):
   rng = np.random.default_rng(seed)
   jac = random_jacobian(rng)
-  direction, _ = jax.jit(gb.graddrop_direction)(jnp.asarray(jac, jnp.float32),
+  direction, _ = jax.jit(conflict.graddrop_direction)(jnp.asarray(jac, jnp.float32),
                                                  jax.random.key(seed), jnp.ones(jac.shape[0]))
   assert_close(direction, jac.sum(0), rtol=1e-5, err_msg=f"seed={seed}")
 

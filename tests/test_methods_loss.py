@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from ntkmtl_jax import methods
-from ntkmtl_jax.aggregator import TaskStats
+from ntkmtl_jax.weighting import TaskStats
 from ntkmtl_jax.train import make_train_step
 from conftest import TanhMLP, assert_close, flat_shared
 
@@ -22,8 +22,8 @@ def random_losses(rng, steps, k):
 
 
 def run_weighting(agg, losses, sq_norms=None, keys=None, jit=False):
-  """Runs `agg.weighting` over a sequence of steps; returns the weights (steps, k) and state."""
-  weighting = jax.jit(agg.weighting) if jit else agg.weighting
+  """Runs `agg.weights` over a sequence of steps; returns the weights (steps, k) and state."""
+  weighting = jax.jit(agg.weights) if jit else agg.weights
   state = agg.init(None)
   out = []
   for t, l in enumerate(losses):
@@ -84,7 +84,7 @@ def test_rlw_weights_on_simplex_random_per_key_mean_one_over_k(seed):
   state = agg.init(None)
   losses = jnp.asarray(rng.uniform(0.1, 3.0, k), jnp.float32)
   keys = jax.random.split(jax.random.key(seed), 4000)
-  w = jax.vmap(lambda key: agg.weighting(TaskStats(losses=losses, key=key), state)[0])(keys)
+  w = jax.vmap(lambda key: agg.weights(TaskStats(losses=losses, key=key), state)[0])(keys)
   w = np.asarray(w, np.float64)
   assert np.all(w > 0), f"seed={seed}"
   np.testing.assert_allclose(w.sum(1), 1.0, rtol=1e-5, err_msg=f"seed={seed}")
@@ -92,8 +92,8 @@ def test_rlw_weights_on_simplex_random_per_key_mean_one_over_k(seed):
   # E[softmax(z)] = 1/k by exchangeability; each weight's standard deviation is < 0.5.
   np.testing.assert_allclose(w.mean(0), 1.0 / k, atol=0.03, err_msg=f"seed={seed}")
   # Without a key the state's own key advances, so successive steps differ.
-  w1, s1 = agg.weighting(TaskStats(losses=losses), state)
-  w2, s2 = agg.weighting(TaskStats(losses=losses), s1)
+  w1, s1 = agg.weights(TaskStats(losses=losses), state)
+  w2, s2 = agg.weights(TaskStats(losses=losses), s1)
   assert np.max(np.abs(np.asarray(w1) - np.asarray(w2))) > 1e-6, f"seed={seed}"
   assert int(s2.count) == 2
 
@@ -242,7 +242,7 @@ def test_gradnorm_default_adam_and_norms_from_shared_gradients(seed):
   k = int(rng.integers(2, 6))
   model = TanhMLP(rng, num_tasks=k, task_scales=rng.uniform(0.2, 5.0, k))
   agg = methods.get("gradnorm", k, shared=model.shared)
-  assert agg.needs == "sq_norms" and methods.defaults("gradnorm")["alpha"] == 1.5
+  assert agg.needs.kind == "sq_norms" and methods.defaults("gradnorm")["alpha"] == 1.5
   g, heads = model.numpy_task_gradients()
   norms = np.linalg.norm(g, axis=1)
   grads = jax.jacrev(model.loss_fn)(model.params, model.batch)
@@ -278,7 +278,7 @@ def test_db_mtl_matches_numpy_reference(seed):
   beta, beta_sigma = float(rng.uniform(0.5, 0.95)), float(rng.choice([0.0, 0.5]))
   params, mask = db_mtl_params(rng, k)
   agg = methods.get("db-mtl", k, beta=beta, beta_sigma=beta_sigma, shared=mask)
-  assert agg.needs == "gradients"
+  assert agg.needs.kind == "gradients"
   state = agg.init(params)
   buffer = np.zeros((k, 15))
   for t in range(1, 4):

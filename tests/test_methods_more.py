@@ -9,9 +9,8 @@ import optax
 from scipy.optimize import minimize
 
 from ntkmtl_jax import methods
-from ntkmtl_jax.aggregator import TaskStats
-from ntkmtl_jax.methods import gradient_more as gm
-from ntkmtl_jax.methods.gradient_based import pcgrad_orders
+from ntkmtl_jax.weighting import TaskStats
+from ntkmtl_jax.methods import alignment, conflict, solvers
 from ntkmtl_jax.train import make_train_step
 from conftest import TanhMLP, assert_close, check_end_to_end
 
@@ -33,7 +32,7 @@ def gram32(jac):
 
 def run_weighting(agg, gram, key=None, state=None):
   state = agg.init(None) if state is None else state
-  weights, state = jax.jit(agg.weighting)(TaskStats(gram=gram, key=key), state)
+  weights, state = jax.jit(agg.weights)(TaskStats(gram=gram, key=key), state)
   return np.asarray(weights, np.float64), state
 
 
@@ -54,7 +53,7 @@ def test_nonnegative_qp_matches_scipy(seed):
     a = rng.normal(size=(k, k + 2))
     gram = a @ a.T + 0.05 * np.eye(k)
     linear = rng.normal(size=k) * 2.0
-    res = jax.jit(gm.nonnegative_qp)(jnp.asarray(gram, jnp.float32),
+    res = jax.jit(solvers.nonnegative_qp)(jnp.asarray(gram, jnp.float32),
                                      jnp.asarray(linear, jnp.float32))
     ref = minimize(lambda z: 0.5 * z @ gram @ z + linear @ z, np.zeros(k),
                    jac=lambda z: gram @ z + linear, bounds=[(0, None)] * k,
@@ -125,7 +124,7 @@ def test_aligned_mtl_aligns_to_equal_singular_values(seed, scale_mode):
   balance, scale = numpy_aligned_balance(jac @ jac.T, scale_mode)
   assert_close(weights, balance.sum(axis=1), rtol=1e-3, err_msg=f"seed={seed}")
   # The aligned gradients (columns of J^T B) have k equal singular values sqrt(scale).
-  aligned_balance, _, rank = gm.aligned_mtl_transform(gram32(jac), scale_mode)
+  aligned_balance, _, rank = alignment.aligned_mtl_transform(gram32(jac), scale_mode)
   singular = np.linalg.svd(jac.T @ np.asarray(aligned_balance, np.float64), compute_uv=False)
   np.testing.assert_allclose(singular / singular.max(), np.ones(k), rtol=1e-3,
                              err_msg=f"seed={seed}")
@@ -196,7 +195,7 @@ def test_gradvac_matches_the_papers_algorithm(seed):
   state = agg.init(None)._replace(targets=jnp.asarray(targets, jnp.float32))
   key = jax.random.key(seed)
   weights, new_state = run_weighting(agg, gram32(jac), key=key, state=state)
-  orders = np.asarray(pcgrad_orders(key, k))
+  orders = np.asarray(conflict.pcgrad_orders(key, k))
   update, new_targets, _ = numpy_gradvac(jac, orders, targets, beta)
   assert_close(weights @ jac, update, rtol=1e-3, err_msg=f"seed={seed}")
   np.testing.assert_allclose(np.asarray(new_state.targets), new_targets, atol=2e-4,
@@ -209,8 +208,8 @@ def test_gradvac_two_tasks_reach_their_targets(seed):
   targets = rng.uniform(-0.3, 0.9, size=(2, 2))
   agg = methods.get("gradvac", 2)
   state = agg.init(None)._replace(targets=jnp.asarray(targets, jnp.float32))
-  coeffs, _, adjusted = gm.gradvac_coefficients(gram32(jac), jnp.array([[0, 1], [1, 0]]),
-                                                state.targets, 0.01)
+  coeffs, _, adjusted = conflict.gradvac_coefficients(gram32(jac), jnp.array([[0, 1], [1, 0]]),
+                                                      state.targets, 0.01)
   corrected = np.asarray(coeffs, np.float64) @ jac
   phi = jac[0] @ jac[1] / np.prod(np.linalg.norm(jac, axis=1))
   for i, j in ((0, 1), (1, 0)):
@@ -369,8 +368,8 @@ def test_registered_with_published_defaults():
   assert methods.defaults("upgrad")["reg_eps"] == 1e-4
   assert methods.defaults("moco")["gamma"] == 0.1
   assert methods.defaults("sdmgrad")["lamda"] == 0.3
-  assert methods.get("moco", 2).needs == "gradients"
-  assert all(methods.get(n, 2).needs == "gram" for n in GRAM_METHODS)
+  assert methods.get("moco", 2).needs.kind == "gradients"
+  assert all(methods.get(n, 2).needs.kind == "gram" for n in GRAM_METHODS)
 
 
 def test_non_finite_gradients_skip_the_step_and_the_solver_stops(seed):
@@ -403,7 +402,7 @@ def test_solver_products_run_at_full_precision(name):
   # the solvers' tolerances.
   agg = methods.get(name, 3)
   stats = TaskStats(gram=jnp.eye(3), key=jax.random.key(0))
-  text = jax.jit(agg.weighting).lower(stats, agg.init(None)).as_text()
+  text = jax.jit(agg.weights).lower(stats, agg.init(None)).as_text()
   dots = [line for line in text.splitlines() if "dot_general" in line]
   assert dots and all("HIGHEST" in line for line in dots), [d for d in dots
                                                             if "HIGHEST" not in d][:2]

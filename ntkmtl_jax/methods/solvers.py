@@ -1,5 +1,11 @@
 """Small solvers on the k x k Gram matrix of task gradients, in pure jnp, jittable.
 
+No library solves these problems on device inside a jitted step (the reference codes call
+SciPy, cvxpy or quadprog on the CPU), so they are written here: Frank-Wolfe and
+accelerated projected gradient on the simplex, damped Newton for the Nash-MTL / FairGrad
+systems, and an active-set method for the non-negative QP of the dual-cone methods. The
+simplex projection is optax's (`optax.projections.projection_simplex`).
+
 Every solver runs a `lax.while_loop` with a fixed iteration bound, so a step always
 finishes in bounded time on any backend, and reports what happened in a `SolverResult`
 (the iterate, the iterations used, whether the stopping test passed, and the value of the
@@ -19,6 +25,9 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from optax import projections
+
+from ntkmtl_jax.methods._common import full_precision
 
 
 class SolverResult(NamedTuple):
@@ -37,29 +46,18 @@ class SolverResult(NamedTuple):
 
 
 def project_to_simplex(v: jax.Array, total: float = 1.0) -> jax.Array:
-  """Euclidean projection of `v` onto {x >= 0, sum(x) = total}.
+  """Euclidean projection of `v` (k,) onto {x >= 0, sum(x) = total}.
 
-  The sort-based algorithm (exact, O(k log k)): with u sorted in decreasing order, the
-  projection is max(v - theta, 0) for theta = (sum_{j <= rho} u_j - total) / rho, rho the
-  largest index with u_rho > (sum_{j <= rho} u_j - total) / rho.
-
-  References:
-    Duchi, Shalev-Shwartz, Singer, Chandra, "Efficient Projections onto the l1-Ball for
-    Learning in High Dimensions", ICML 2008.
+  `optax.projections.projection_simplex` (the exact sort-based algorithm of Duchi et al.,
+  "Efficient Projections onto the l1-Ball for Learning in High Dimensions", ICML 2008).
   """
-  k = v.shape[-1]
-  u = jnp.sort(v)[::-1]
-  cumulative = jnp.cumsum(u) - total
-  index = jnp.arange(1, k + 1, dtype=v.dtype)
-  support = u - cumulative / index > 0
-  rho = jnp.max(jnp.where(support, jnp.arange(k), 0))
-  theta = cumulative[rho] / (rho + 1).astype(v.dtype)
-  return jnp.maximum(v - theta, 0.0)
+  return projections.projection_simplex(v, total)
 
 
 MIN_NORM_METHODS = ("frank_wolfe", "projected_gradient")
 
 
+@full_precision
 def min_norm_point(gram: jax.Array, *, method: str = "frank_wolfe", max_iters: int = 500,
                    tol: float = 1e-6, init: jax.Array | None = None) -> SolverResult:
   """Minimum-norm point of the convex hull of k vectors, from their Gram matrix.
@@ -137,6 +135,7 @@ def min_norm_point(gram: jax.Array, *, method: str = "frank_wolfe", max_iters: i
   return SolverResult(w, iterations, gap <= tol, gap)
 
 
+@full_precision
 def simplex_minimize(fun: Callable[[jax.Array], jax.Array], x0: jax.Array, *,
                      max_iters: int = 500, tol: float = 1e-6) -> SolverResult:
   """Minimises a smooth convex function over the probability simplex.
@@ -215,6 +214,7 @@ def simplex_minimize(fun: Callable[[jax.Array], jax.Array], x0: jax.Array, *,
   return SolverResult(x, iterations, residual <= tol, residual)
 
 
+@full_precision
 def power_balance(gram: jax.Array, alpha: float = 1.0, x0: jax.Array | None = None, *,
                   max_iters: int = 20, tol: float = 1e-4) -> SolverResult:
   """Solves G w = w ** (-1 / alpha) for w > 0 (Nash-MTL for alpha = 1, FairGrad).
@@ -303,3 +303,77 @@ def power_balance(gram: jax.Array, alpha: float = 1.0, x0: jax.Array | None = No
       cond, body, (start, jnp.zeros([], jnp.int32), residual_of(start)))
   converged = (residual <= tol) & jnp.all(jnp.isfinite(w) & (w > 0))
   return SolverResult(w * back, iterations, converged, residual)
+
+
+@full_precision
+def nonnegative_qp(gram: jax.Array, linear: jax.Array, *, max_iters: int = 100,
+                   tol: float = 1e-5) -> SolverResult:
+  """Solves min_z 1/2 z^T G z + c^T z subject to z >= 0, for a positive definite G.
+
+  A primal active-set method (Lawson & Hanson's NNLS iteration written on the normal
+  equations): starting from z = 0, it frees the coordinate whose partial derivative is most
+  negative, solves the equality-constrained problem on the free coordinates exactly (one
+  k x k linear solve with the fixed coordinates masked out), and, when that solution leaves
+  the orthant, moves back along the segment to the first coordinate that hits zero and
+  fixes it. Each iteration either frees a coordinate or fixes one; on small problems (k
+  tasks) it ends after about k iterations with the exact solution, up to rounding.
+
+  Tolerance: stops when max_j |min(z_j, (G z + c)_j / max_i G_ii)| <= tol, a measure that is
+  zero exactly at the solution (KKT conditions) and has the units of z. Non-convergence:
+  after `max_iters` iterations the last iterate, always feasible (z >= 0), is returned with
+  `converged=False`.
+
+  Args:
+    gram: (k, k) symmetric positive definite matrix (add a ridge to a Gram matrix).
+    linear: (k,) linear term c.
+    max_iters: iteration bound.
+    tol: tolerance on the KKT residual.
+
+  Returns:
+    A `SolverResult` with `x` the solution z (k,) and `residual` the final KKT residual.
+
+  References:
+    Lawson, Hanson, "Solving Least Squares Problems", Prentice-Hall 1974, chapter 23.
+  """
+  k = gram.shape[0]
+  dtype = gram.dtype
+  scale = jnp.maximum(jnp.max(jnp.diagonal(gram)), jnp.finfo(dtype).tiny)
+  eye = jnp.eye(k, dtype=dtype)
+
+  def residual_of(z):
+    return jnp.max(jnp.abs(jnp.minimum(z, (gram @ z + linear) / scale)))
+
+  def free_solution(free):
+    both = free[:, None] & free[None, :]
+    system = jnp.where(both, gram, eye)
+    return jnp.where(free, jnp.linalg.solve(system, jnp.where(free, -linear, 0.0)), 0.0)
+
+  def cond(c):
+    _, _, i, residual = c
+    return (i < max_iters) & ~(residual <= tol)
+
+  def body(c):
+    z, free, i, _ = c
+    s = free_solution(free)
+    inside = jnp.all(jnp.where(free, s > 0, True))
+    # s is optimal on its face: free the coordinate with the most negative derivative.
+    candidates = jnp.where(free, -jnp.inf, -(gram @ s + linear))
+    t = jnp.argmax(candidates)
+    free_added = free.at[t].set(free[t] | (candidates[t] > 0))
+    # s left the orthant: stop at the first coordinate reaching zero and fix it.
+    blocking = free & (s <= 0)
+    ratios = jnp.where(blocking, z / jnp.where(blocking, z - s, 1.0), jnp.inf)
+    first = jnp.argmin(ratios)
+    step = jnp.clip(ratios[first], 0.0, 1.0)
+    z_back = z + step * (s - z)
+    free_back = free & (z_back > 0)
+    free_back = free_back.at[first].set(False)
+    z_back = jnp.where(free_back, z_back, 0.0)
+    z = jnp.where(inside, s, z_back)
+    free = jnp.where(inside, free_added, free_back)
+    return z, free, i + 1, residual_of(z)
+
+  z0 = jnp.zeros((k,), dtype)
+  z, _, iterations, residual = jax.lax.while_loop(
+      cond, body, (z0, jnp.zeros((k,), bool), jnp.zeros([], jnp.int32), residual_of(z0)))
+  return SolverResult(z, iterations, residual <= tol, residual)

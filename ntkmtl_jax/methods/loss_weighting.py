@@ -1,4 +1,10 @@
-"""Methods that weight the task losses, so one backward pass per step suffices."""
+"""Loss weightings: the weights are read off the task losses alone.
+
+LS, STL, SI, RLW, DWA, UW, FAMO and STCH choose w from the k task losses (and their own
+state), never from the task gradients (`Needs("losses")`), so the train step runs one
+backward pass of the weighted loss sum_i w_i l_i per step and task-specific parameters get
+the same weighted gradient (`Weighting`'s default `head_gradients="weighted"`).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ntkmtl_jax import _tree
 from ntkmtl_jax._tree import SharedSpec
-from ntkmtl_jax.aggregator import (TaskAggregator, TaskStats, gradient_aggregator,
-                                   weighted_aggregator)
 from ntkmtl_jax.methods import register
+from ntkmtl_jax.methods._common import check_losses, check_num_tasks, method_optimizer
+from ntkmtl_jax.weighting import Needs, TaskStats, Weighting
 
 
 class WeightsState(NamedTuple):
@@ -37,44 +42,34 @@ def _fixed(weights):
 
 
 @register("ls")
-def linear_scalarization(num_tasks: int, *, shared: SharedSpec = None) -> TaskAggregator:
+def linear_scalarization(num_tasks: int, *, shared: SharedSpec = None) -> Weighting:
   """LS: the plain sum of the task losses (all weights 1).
 
   Returns:
-    A `TaskAggregator` with state `WeightsState`.
+    A `Weighting` with state `WeightsState`.
   """
-  return weighted_aggregator("ls", "losses", _fixed(jnp.ones(num_tasks)),
-                             _weights_init(num_tasks), shared=shared,
-                             head_gradients="weighted")
+  check_num_tasks(num_tasks)
+  return Weighting(name="ls", needs=Needs("losses"), init=_weights_init(num_tasks),
+                   weights=_fixed(jnp.ones(num_tasks)), shared=shared)
 
 
 @register("stl")
-def single_task(num_tasks: int, *, task: int = 0, shared: SharedSpec = None) -> TaskAggregator:
+def single_task(num_tasks: int, *, task: int = 0, shared: SharedSpec = None) -> Weighting:
   """STL: trains task `task` alone (weight 1, the others 0); the baseline of Delta m %.
 
   Returns:
-    A `TaskAggregator` with state `WeightsState`.
+    A `Weighting` with state `WeightsState`.
   """
+  check_num_tasks(num_tasks)
   if not 0 <= task < num_tasks:
     raise ValueError(f"task must be in [0, {num_tasks}), got {task}.")
-  return weighted_aggregator("stl", "losses", _fixed(jnp.eye(num_tasks)[task]),
-                             _weights_init(num_tasks), shared=shared,
-                             head_gradients="weighted", task=task)
-
-
-def _check_num_tasks(name: str, losses: jax.Array, num_tasks: int):
-  if losses.shape != (num_tasks,):
-    raise ValueError(f"{name} was built for {num_tasks} tasks but got losses of shape "
-                     f"{losses.shape}; build it with num_tasks={losses.shape[0]}.")
-
-
-def _method_optimizer(optimizer, learning_rate: float) -> optax.GradientTransformation:
-  """The optimiser of a method's own parameters: `optimizer`, or Adam(`learning_rate`)."""
-  return optax.adam(learning_rate) if optimizer is None else optimizer
+  return Weighting(name="stl", needs=Needs("losses"), init=_weights_init(num_tasks),
+                   weights=_fixed(jnp.eye(num_tasks)[task]), shared=shared,
+                   hparams=dict(task=task))
 
 
 @register("si")
-def scale_invariant(num_tasks: int, *, shared: SharedSpec = None) -> TaskAggregator:
+def scale_invariant(num_tasks: int, *, shared: SharedSpec = None) -> Weighting:
   """SI: the scale-invariant sum of log losses, sum_i log l_i.
 
   Its gradient is sum_i g_i / l_i, so the weights are 1 / l_i with the losses taken as
@@ -85,20 +80,21 @@ def scale_invariant(num_tasks: int, *, shared: SharedSpec = None) -> TaskAggrega
     shared: which parameters are shared (None: all).
 
   Returns:
-    A `TaskAggregator` with state `WeightsState`.
+    A `Weighting` with state `WeightsState`.
 
   References:
     Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022 (the
     "scale-invariant" baseline of its tables, `ScaleInvariantLinearScalarization`).
   """
+  check_num_tasks(num_tasks)
 
   def weighting(stats: TaskStats, state: WeightsState):
-    _check_num_tasks("si", stats.losses, num_tasks)
+    check_losses(stats, "si", num_tasks)
     w = 1.0 / stats.losses
     return w, WeightsState(state.count + 1, w.astype(jnp.float32))
 
-  return weighted_aggregator("si", "losses", weighting, _weights_init(num_tasks),
-                             shared=shared, head_gradients="weighted")
+  return Weighting(name="si", needs=Needs("losses"), init=_weights_init(num_tasks),
+                   weights=weighting, shared=shared)
 
 
 class RLWState(NamedTuple):
@@ -110,7 +106,7 @@ class RLWState(NamedTuple):
 
 @register("rlw")
 def random_loss_weighting(num_tasks: int, *, seed: int = 0,
-                          shared: SharedSpec = None) -> TaskAggregator:
+                          shared: SharedSpec = None) -> Weighting:
   """RLW: random weights drawn afresh every step, softmax of standard normals.
 
   The weights lie on the simplex (they sum to 1, as in the authors' and LibMTL's code, so
@@ -124,12 +120,13 @@ def random_loss_weighting(num_tasks: int, *, seed: int = 0,
     shared: which parameters are shared (None: all).
 
   Returns:
-    A `TaskAggregator` with state `RLWState`.
+    A `Weighting` with state `RLWState`.
 
   References:
     Lin et al., "Reasonable Effectiveness of Random Weighting: A Litmus Test for
     Multi-Task Learning", TMLR 2022.
   """
+  check_num_tasks(num_tasks)
 
   def init(params):
     del params
@@ -137,7 +134,7 @@ def random_loss_weighting(num_tasks: int, *, seed: int = 0,
                     jax.random.PRNGKey(seed))
 
   def weighting(stats: TaskStats, state: RLWState):
-    _check_num_tasks("rlw", stats.losses, num_tasks)
+    check_losses(stats, "rlw", num_tasks)
     if stats.key is not None:
       key, next_key = stats.key, state.key
     else:
@@ -145,8 +142,8 @@ def random_loss_weighting(num_tasks: int, *, seed: int = 0,
     w = jax.nn.softmax(jax.random.normal(key, (num_tasks,), jnp.float32))
     return w.astype(stats.losses.dtype), RLWState(state.count + 1, w, next_key)
 
-  return weighted_aggregator("rlw", "losses", weighting, init, shared=shared,
-                             head_gradients="weighted", seed=seed)
+  return Weighting(name="rlw", needs=Needs("losses"), init=init, weights=weighting,
+                   shared=shared, hparams=dict(seed=seed))
 
 
 class DWAState(NamedTuple):
@@ -169,7 +166,7 @@ class DWAState(NamedTuple):
 @register("dwa")
 def dynamic_weight_average(num_tasks: int, *, temperature: float = 2.0,
                            steps_per_epoch: int = 1,
-                           shared: SharedSpec = None) -> TaskAggregator:
+                           shared: SharedSpec = None) -> Weighting:
   """DWA: weights from the rate at which each task's loss fell over the last two epochs.
 
   w_i(t) = k exp(r_i / T) / sum_j exp(r_j / T), r_i = L_i(t-1) / L_i(t-2), where L_i(e) is
@@ -187,11 +184,12 @@ def dynamic_weight_average(num_tasks: int, *, temperature: float = 2.0,
     shared: which parameters are shared (None: all).
 
   Returns:
-    A `TaskAggregator` with state `DWAState`.
+    A `Weighting` with state `DWAState`.
 
   References:
     Liu, Johns, Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019.
   """
+  check_num_tasks(num_tasks)
   if temperature <= 0:
     raise ValueError(f"temperature must be positive, got {temperature}.")
   if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
@@ -204,7 +202,7 @@ def dynamic_weight_average(num_tasks: int, *, temperature: float = 2.0,
                     jnp.zeros([], jnp.int32))
 
   def weighting(stats: TaskStats, state: DWAState):
-    _check_num_tasks("dwa", stats.losses, num_tasks)
+    check_losses(stats, "dwa", num_tasks)
     losses = stats.losses.astype(jnp.float32)
     rate = state.epoch_losses[1] / state.epoch_losses[0]
     w = jnp.where(state.num_epochs >= 2, num_tasks * jax.nn.softmax(rate / temperature),
@@ -218,9 +216,9 @@ def dynamic_weight_average(num_tasks: int, *, temperature: float = 2.0,
                          epoch_losses, state.num_epochs + epoch_done.astype(jnp.int32))
     return w.astype(stats.losses.dtype), new_state
 
-  return weighted_aggregator("dwa", "losses", weighting, init, shared=shared,
-                             head_gradients="weighted", temperature=temperature,
-                             steps_per_epoch=steps_per_epoch)
+  return Weighting(name="dwa", needs=Needs("losses"), init=init, weights=weighting,
+                   shared=shared,
+                   hparams=dict(temperature=temperature, steps_per_epoch=steps_per_epoch))
 
 
 class UWState(NamedTuple):
@@ -235,12 +233,12 @@ class UWState(NamedTuple):
 @register("uw")
 def uncertainty_weighting(num_tasks: int, *, learning_rate: float = 0.025,
                           optimizer: optax.GradientTransformation | None = None,
-                          shared: SharedSpec = None) -> TaskAggregator:
+                          shared: SharedSpec = None) -> Weighting:
   """UW: task weights from learned homoscedastic uncertainties (log-variances s_i).
 
   The objective is sum_i 0.5 (exp(-s_i) l_i + s_i) (Kendall et al.'s regression form with
   s_i = log sigma_i^2, as in the Nash-MTL/FAMO code and LibMTL), so the model update is
-  sum_i 0.5 exp(-s_i) g_i. An aggregator cannot change the model's parameters, so the s_i
+  sum_i 0.5 exp(-s_i) g_i. A weighting cannot change the model's parameters, so the s_i
   live in the state and take their own optimiser step on the same objective each step,
   with gradient d/ds_i = 0.5 (1 - exp(-s_i) l_i); by default Adam with learning rate 0.025,
   the `method-params-lr` those codes give the s_i. The weights of a step use the s_i from
@@ -253,13 +251,14 @@ def uncertainty_weighting(num_tasks: int, *, learning_rate: float = 0.025,
     shared: which parameters are shared (None: all).
 
   Returns:
-    A `TaskAggregator` with state `UWState`.
+    A `Weighting` with state `UWState`.
 
   References:
     Kendall, Gal, Cipolla, "Multi-Task Learning Using Uncertainty to Weigh Losses for
     Scene Geometry and Semantics", CVPR 2018.
   """
-  tx = _method_optimizer(optimizer, learning_rate)
+  check_num_tasks(num_tasks)
+  tx = method_optimizer(optimizer, learning_rate)
 
   def init(params):
     del params
@@ -267,7 +266,7 @@ def uncertainty_weighting(num_tasks: int, *, learning_rate: float = 0.025,
     return UWState(jnp.zeros([], jnp.int32), 0.5 * jnp.exp(-s), s, tx.init(s))
 
   def weighting(stats: TaskStats, state: UWState):
-    _check_num_tasks("uw", stats.losses, num_tasks)
+    check_losses(stats, "uw", num_tasks)
     s = state.log_variances
     w = 0.5 * jnp.exp(-s)
     grad = 0.5 * (1.0 - jnp.exp(-s) * stats.losses.astype(jnp.float32))
@@ -275,8 +274,8 @@ def uncertainty_weighting(num_tasks: int, *, learning_rate: float = 0.025,
     new_s = optax.apply_updates(s, updates).astype(jnp.float32)
     return w.astype(stats.losses.dtype), UWState(state.count + 1, w, new_s, opt_state)
 
-  return weighted_aggregator("uw", "losses", weighting, init, shared=shared,
-                             head_gradients="weighted", learning_rate=learning_rate)
+  return Weighting(name="uw", needs=Needs("losses"), init=init, weights=weighting,
+                   shared=shared, hparams=dict(learning_rate=learning_rate))
 
 
 class FAMOState(NamedTuple):
@@ -299,7 +298,7 @@ class FAMOState(NamedTuple):
 @register("famo")
 def famo(num_tasks: int, *, learning_rate: float = 0.025, gamma: float = 0.01,
          min_losses=None, optimizer: optax.GradientTransformation | None = None,
-         shared: SharedSpec = None) -> TaskAggregator:
+         shared: SharedSpec = None) -> Weighting:
   """FAMO: logits xi move so that the task losses decrease at balanced (log) rates.
 
   With z = softmax(xi) and D_i = l_i - min_i + 1e-8, the model follows the gradient of
@@ -329,11 +328,12 @@ def famo(num_tasks: int, *, learning_rate: float = 0.025, gamma: float = 0.01,
     shared: which parameters are shared (None: all).
 
   Returns:
-    A `TaskAggregator` with state `FAMOState`.
+    A `Weighting` with state `FAMOState`.
 
   References:
     Liu, Feng, Stone, Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023.
   """
+  check_num_tasks(num_tasks)
   tx = (optax.chain(optax.add_decayed_weights(gamma), optax.adam(learning_rate))
         if optimizer is None else optimizer)
   lower = (jnp.zeros(num_tasks, jnp.float32) if min_losses is None
@@ -349,7 +349,7 @@ def famo(num_tasks: int, *, learning_rate: float = 0.025, gamma: float = 0.01,
                      xi, tx.init(xi), jnp.ones(num_tasks, jnp.float32))
 
   def weighting(stats: TaskStats, state: FAMOState):
-    _check_num_tasks("famo", stats.losses, num_tasks)
+    check_losses(stats, "famo", num_tasks)
     losses = stats.losses.astype(jnp.float32)
     d = losses - lower + eps
     delta = jnp.log(state.previous_losses - lower + eps) - jnp.log(d)
@@ -358,166 +358,14 @@ def famo(num_tasks: int, *, learning_rate: float = 0.025, gamma: float = 0.01,
     updates, opt_state = tx.update(grad, state.optimizer_state, state.logits)
     started = state.count > 0
     logits = jnp.where(started, optax.apply_updates(state.logits, updates), state.logits)
-    opt_state = jax.tree.map(lambda new, old: jnp.where(started, new, old), opt_state,
-                             state.optimizer_state)
+    opt_state = optax.tree.where(started, opt_state, state.optimizer_state)
     z = jax.nn.softmax(logits)
     w = z / d / jnp.sum(z / d)
     return w.astype(stats.losses.dtype), FAMOState(state.count + 1, w, logits.astype(jnp.float32),
                                                    opt_state, losses)
 
-  return weighted_aggregator("famo", "losses", weighting, init, shared=shared,
-                             head_gradients="weighted", learning_rate=learning_rate,
-                             gamma=gamma)
-
-
-class GradNormState(NamedTuple):
-  """State of GradNorm.
-
-  Attributes:
-    count: steps taken.
-    weights: the weights applied at the last step.
-    loss_weights: (k,) the learned weights for the next step (they sum to k).
-    initial_losses: (k,) the losses of the first step, L_i(0).
-    optimizer_state: the state of the weights' optimiser.
-  """
-  count: jax.Array
-  weights: jax.Array
-  loss_weights: jax.Array
-  initial_losses: jax.Array
-  optimizer_state: optax.OptState
-
-
-@register("gradnorm")
-def gradnorm(num_tasks: int, *, alpha: float = 1.5, learning_rate: float = 0.025,
-             optimizer: optax.GradientTransformation | None = None,
-             shared: SharedSpec = None) -> TaskAggregator:
-  """GradNorm: learned loss weights that equalise the task-gradient norms' training rates.
-
-  With n_i = ||g_i|| over the shared parameters (the paper uses the last shared layer),
-  G_i = |w_i| n_i, Gbar = mean_j G_j, inverse training rates r_i = L~_i / mean_j L~_j with
-  L~_i = l_i(t) / l_i(0), the weights descend L_grad = sum_i |G_i - Gbar r_i^alpha| with the
-  targets held constant: dL_grad/dw_i = sign(G_i - Gbar r_i^alpha) sign(w_i) n_i. As in the
-  paper's Algorithm 1, step t applies w(t), then updates w and renormalises it to sum to k.
-  The initial losses are those of the first step. The paper gives no optimiser for w; the
-  default is Adam at 0.025 (the rate the Nash-MTL/FAMO code family gives method parameters).
-
-  Needs the squared task-gradient norms (`needs="sq_norms"`), so the "streaming" strategy
-  computes them without holding the k gradients.
-
-  Args:
-    num_tasks: number of tasks k.
-    alpha: the asymmetry; larger alpha pulls harder towards balanced training rates.
-    learning_rate: Adam's learning rate for the weights (ignored when `optimizer` is given).
-    optimizer: any optax transformation for the weights instead of Adam.
-    shared: which parameters are shared (None: all).
-
-  Returns:
-    A `TaskAggregator` with state `GradNormState`.
-
-  References:
-    Chen, Badrinarayanan, Lee, Rabinovich, "GradNorm: Gradient Normalization for Adaptive
-    Loss Balancing in Deep Multitask Networks", ICML 2018.
-  """
-  tx = _method_optimizer(optimizer, learning_rate)
-
-  def init(params):
-    del params
-    w = jnp.ones(num_tasks, jnp.float32)
-    return GradNormState(jnp.zeros([], jnp.int32), w, w, jnp.ones(num_tasks, jnp.float32),
-                         tx.init(w))
-
-  def weighting(stats: TaskStats, state: GradNormState):
-    _check_num_tasks("gradnorm", stats.losses, num_tasks)
-    losses = stats.losses.astype(jnp.float32)
-    norms = jnp.sqrt(stats.sq_norms.astype(jnp.float32))
-    initial = jnp.where(state.count == 0, losses, state.initial_losses)
-    w = state.loss_weights
-    grad_norms = jnp.abs(w) * norms
-    rates = losses / initial
-    target = jnp.mean(grad_norms) * (rates / jnp.mean(rates)) ** alpha
-    grad = jnp.sign(grad_norms - target) * jnp.sign(w) * norms
-    updates, opt_state = tx.update(grad, state.optimizer_state, w)
-    new_w = optax.apply_updates(w, updates)
-    new_w = (num_tasks * new_w / jnp.sum(new_w)).astype(jnp.float32)
-    return w.astype(stats.losses.dtype), GradNormState(state.count + 1, w, new_w, initial,
-                                                       opt_state)
-
-  return weighted_aggregator("gradnorm", "sq_norms", weighting, init, shared=shared,
-                             head_gradients="weighted", alpha=alpha,
-                             learning_rate=learning_rate)
-
-
-class DBMTLState(NamedTuple):
-  """State of DB-MTL.
-
-  Attributes:
-    count: steps taken.
-    weights: (k,) the last gradient-magnitude scales max_j ||b_j|| / ||b_i||.
-    grad_buffer: (k, P) the moving averages b_i of the shared gradients of log l_i.
-  """
-  count: jax.Array
-  weights: jax.Array
-  grad_buffer: jax.Array
-
-
-@register("db_mtl")
-def db_mtl(num_tasks: int, *, beta: float = 0.9, beta_sigma: float = 0.0,
-           shared: SharedSpec = None) -> TaskAggregator:
-  """DB-MTL: log losses (loss-scale balancing), then max-norm gradient balancing.
-
-  Each task's shared gradient of log(l_i + 1e-8), h_i = g_i / (l_i + 1e-8), enters a moving
-  average b_i <- h_i + beta_t (b_i - h_i) with beta_t = beta / t^beta_sigma (t = 1, 2, ...;
-  the buffer starts at 0). The shared update is sum_i (max_j ||b_j|| / (||b_i|| + 1e-8)) b_i:
-  every task's averaged gradient rescaled to the largest norm. Task-specific parameters get
-  the gradient of sum_i log(l_i + 1e-8), as in the authors' code (LibMTL), where they
-  accumulate it during the per-task backward passes. The state's `weights` are the scales.
-
-  Needs the task gradients themselves (the buffer is a (k, P) array), so not the
-  "streaming" strategy.
-
-  Args:
-    num_tasks: number of tasks k.
-    beta: the moving-average coefficient (LibMTL's default 0.9).
-    beta_sigma: its decay exponent over steps (LibMTL's default 0: a constant beta).
-    shared: which parameters are shared (None: all).
-
-  Returns:
-    A `TaskAggregator` with state `DBMTLState`.
-
-  References:
-    Lin, Jiang, Ye, Zhang, Chen, Chen, Liu, Kwok, "Dual-Balancing for Multi-Task
-    Learning", arXiv 2308.12029 (2023).
-  """
-  eps = 1e-8
-
-  def init(params):
-    mask = _tree.resolve_mask(shared, params)
-    size = sum(int(x.size) for x in _tree.masked_leaves(params, mask))
-    return DBMTLState(jnp.zeros([], jnp.int32), jnp.ones(num_tasks, jnp.float32),
-                      jnp.zeros((num_tasks, size), jnp.float32))
-
-  def aggregate(matrix, state: DBMTLState, stats: TaskStats):
-    if stats.losses is None:
-      raise ValueError("db_mtl uses the task losses (it balances the gradients of log l_i): "
-                       "pass them as update(task_grads, state, params, losses=losses).")
-    _check_num_tasks("db_mtl", stats.losses, num_tasks)
-    if matrix.shape != state.grad_buffer.shape:
-      raise ValueError(f"db_mtl's buffer has shape {state.grad_buffer.shape} but the shared "
-                       f"task gradients have shape {matrix.shape}; init the state with the "
-                       "same params and `shared` mask.")
-    inv_losses = 1.0 / (stats.losses + eps)
-    log_grads = matrix * inv_losses[:, None].astype(matrix.dtype)
-    t = (state.count + 1).astype(jnp.float32)
-    beta_t = beta / t ** beta_sigma
-    buffer = log_grads + beta_t * (state.grad_buffer.astype(matrix.dtype) - log_grads)
-    norms = jnp.linalg.norm(buffer, axis=1)
-    scales = jnp.max(norms) / (norms + eps)
-    direction = scales @ buffer
-    return direction, inv_losses, DBMTLState(state.count + 1, scales.astype(jnp.float32),
-                                             buffer.astype(jnp.float32))
-
-  return gradient_aggregator("db_mtl", init, aggregate, shared=shared,
-                             head_gradients="weighted", beta=beta, beta_sigma=beta_sigma)
+  return Weighting(name="famo", needs=Needs("losses"), init=init, weights=weighting,
+                   shared=shared, hparams=dict(learning_rate=learning_rate, gamma=gamma))
 
 
 class STCHState(NamedTuple):
@@ -538,7 +386,7 @@ class STCHState(NamedTuple):
 @register("stch")
 def smooth_tchebycheff(num_tasks: int, *, mu: float = 1.0, warmup_epochs: int = 4,
                        steps_per_epoch: int = 1,
-                       shared: SharedSpec = None) -> TaskAggregator:
+                       shared: SharedSpec = None) -> Weighting:
   """STCH: smooth Tchebycheff scalarisation of the normalised log losses.
 
   The authors' multi-task code (on LibMTL) trains sum_i log l_i for `warmup_epochs` epochs,
@@ -559,12 +407,13 @@ def smooth_tchebycheff(num_tasks: int, *, mu: float = 1.0, warmup_epochs: int = 
     shared: which parameters are shared (None: all).
 
   Returns:
-    A `TaskAggregator` with state `STCHState`.
+    A `Weighting` with state `STCHState`.
 
   References:
     Lin, Zhang, Yang, Zhang, Zhang, "Smooth Tchebycheff Scalarization for Multi-Objective
     Optimization", ICML 2024.
   """
+  check_num_tasks(num_tasks)
   if mu <= 0:
     raise ValueError(f"mu must be positive, got {mu}.")
   if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
@@ -580,7 +429,7 @@ def smooth_tchebycheff(num_tasks: int, *, mu: float = 1.0, warmup_epochs: int = 
                      jnp.zeros(num_tasks, jnp.float32), jnp.ones(num_tasks, jnp.float32))
 
   def weighting(stats: TaskStats, state: STCHState):
-    _check_num_tasks("stch", stats.losses, num_tasks)
+    check_losses(stats, "stch", num_tasks)
     losses = stats.losses.astype(jnp.float32)
     t = state.count
     recording = (t >= record_from) & (t < record_until)
@@ -591,6 +440,7 @@ def smooth_tchebycheff(num_tasks: int, *, mu: float = 1.0, warmup_epochs: int = 
     w = jnp.where(t >= record_until, smooth_max, 1.0 / (losses + 1e-20))
     return w.astype(stats.losses.dtype), STCHState(t + 1, w, loss_sum, nadir)
 
-  return weighted_aggregator("stch", "losses", weighting, init, shared=shared,
-                             head_gradients="weighted", mu=mu, warmup_epochs=warmup_epochs,
-                             steps_per_epoch=steps_per_epoch)
+  return Weighting(name="stch", needs=Needs("losses"), init=init, weights=weighting,
+                   shared=shared,
+                   hparams=dict(mu=mu, warmup_epochs=warmup_epochs,
+                                steps_per_epoch=steps_per_epoch))

@@ -1,0 +1,143 @@
+"""Dual-cone projections: updates that conflict with no task, UPGrad and DualProj.
+
+The dual cone of the task gradients is {v : <v, g_i> >= 0 for all i}. UPGrad projects each
+(preference-scaled) task gradient onto it and sums the projections; DualProj projects their
+weighted sum. A projection's dual is a non-negative QP on the k x k Gram matrix
+(`solvers.nonnegative_qp`), so the update is a combination of the task gradients whose
+weights read only G (`Needs("gram")`) and the train step can use the "streaming" strategy.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntkmtl_jax._tree import SharedSpec
+from ntkmtl_jax.methods import register, solvers
+from ntkmtl_jax.methods._common import (SolverState, check_num_tasks, conflicting_pairs,
+                                        full_precision, gram_of, initial_state,
+                                        preference_vector)
+from ntkmtl_jax.weighting import Needs, TaskStats, Weighting
+
+
+@full_precision
+def dual_cone_weights(gram: jax.Array, preference: jax.Array, *, norm_eps: float = 1e-4,
+                      reg_eps: float = 1e-4, max_iters: int = 100, tol: float = 1e-5
+                      ) -> solvers.SolverResult:
+  """Weights w >= u minimising w^T G w: J^T w is the projection of J^T u onto the dual cone.
+
+  The projection of J^T u onto the dual cone {v : J v >= 0} of the task gradients (the rows
+  of J) minimises ||v - J^T u||^2 subject to J v >= 0; its dual is min_{w >= u} w^T G w, and
+  the projection is J^T w. As torchjd does, G is first divided by its trace (replaced by 0
+  when the trace is below `norm_eps`) and `reg_eps` times the identity is added so that the
+  problem is strictly convex; the dual is then solved exactly by `solvers.nonnegative_qp` on
+  z = w - u. `preference` may be (k,) or a batch (m, k) of vectors u.
+
+  Returns:
+    A `SolverResult` with `x` the weights w (shape of `preference`).
+  """
+  k = gram.shape[0]
+  trace = jnp.trace(gram)
+  normalized = jnp.where(trace < norm_eps, 0.0, gram / jnp.where(trace < norm_eps, 1.0, trace))
+  regularized = normalized + reg_eps * jnp.eye(k, dtype=gram.dtype)
+  preference = preference.astype(gram.dtype)
+  solve = lambda u: solvers.nonnegative_qp(regularized, regularized @ u, max_iters=max_iters,
+                                           tol=tol)
+  result = solve(preference) if preference.ndim == 1 else jax.vmap(solve)(preference)
+  return result._replace(x=result.x + preference)
+
+
+def _dual_cone(name, num_tasks, preference, per_task, norm_eps, reg_eps,
+                          max_iters, tol, shared, head_gradients):
+  if norm_eps < 0 or reg_eps <= 0 or max_iters < 1 or tol <= 0:
+    raise ValueError(f"{name}: need norm_eps >= 0, reg_eps > 0, max_iters >= 1 and tol > 0; "
+                     f"got {norm_eps}, {reg_eps}, {max_iters}, {tol}.")
+  preference = jnp.asarray(np.diag(preference) if per_task else preference)
+
+  @full_precision
+  def weighting(stats: TaskStats, state: SolverState):
+    gram = gram_of(stats, name, num_tasks)
+    result = dual_cone_weights(gram, preference, norm_eps=norm_eps, reg_eps=reg_eps,
+                               max_iters=max_iters, tol=tol)
+    weights = jnp.sum(result.x, axis=0) if per_task else result.x
+    failed = ~jnp.all(result.converged)
+    return weights, SolverState(state.count + 1, weights.astype(jnp.float32),
+                                conflicting_pairs(gram), jnp.max(result.iterations),
+                                state.solver_failures + failed.astype(jnp.int32))
+
+  init = lambda params: initial_state(SolverState, num_tasks)
+  return Weighting(name=name, needs=Needs("gram"), init=init, weights=weighting,
+                   shared=shared, head_gradients=head_gradients,
+                   hparams=dict(norm_eps=norm_eps, reg_eps=reg_eps))
+
+
+@register("upgrad")
+def upgrad(num_tasks: int, *, pref_vector: Sequence[float] | None = None,
+           norm_eps: float = 1e-4, reg_eps: float = 1e-4, max_iters: int = 100,
+           tol: float = 1e-5, shared: SharedSpec = None,
+           head_gradients: str = "sum") -> Weighting:
+  """UPGrad: the average of every task gradient's projection onto the dual cone.
+
+  Each task gradient, scaled by its preference u_i (1/k by default), is projected onto the
+  dual cone {v : <v, g_j> >= 0 for all j} of the task gradients, and the projections are
+  summed: the update conflicts with no task and weighs them by preference. Each projection
+  is the dual problem min_{w >= u_i e_i} w^T G w, solved exactly on the Gram matrix by an
+  active-set method with a fixed iteration bound (`dual_cone_weights`, where torchjd calls
+  quadprog on the CPU), all k of them at once with `vmap`.
+
+  Args:
+    num_tasks: k.
+    pref_vector: the preference weights u (default 1/k each, as torchjd: the mean of the
+      projections).
+    norm_eps: the Gram matrix is divided by its trace unless the trace is below this; below
+      it (all gradients tiny) the problem is solved as if G = 0, giving w = u, as torchjd.
+    reg_eps: ridge added to the normalised Gram matrix.
+    max_iters: bound on the active-set iterations.
+    tol: tolerance on the KKT residual (see `solvers.nonnegative_qp`); past the bound the
+      feasible iterate is used and the step counted in `SolverState.solver_failures`.
+    shared: which parameters are shared: None (all), a pytree of bools or a function.
+    head_gradients: "sum" (task-specific parameters get their plain gradients) or
+      "weighted".
+
+  Returns:
+    A `Weighting` (needs "gram") with state `SolverState`.
+
+  References:
+    Quinton, Rey, "Jacobian Descent for Multi-Objective Optimization", arXiv 2406.16232
+    (2024).
+  """
+  check_num_tasks(num_tasks)
+  preference = preference_vector(pref_vector, num_tasks, 1.0 / num_tasks)
+  return _dual_cone("upgrad", num_tasks, preference, True, norm_eps, reg_eps,
+                               max_iters, tol, shared, head_gradients)
+
+
+@register("dualproj")
+def dualproj(num_tasks: int, *, pref_vector: Sequence[float] | None = None,
+             norm_eps: float = 1e-4, reg_eps: float = 1e-4, max_iters: int = 100,
+             tol: float = 1e-5, shared: SharedSpec = None,
+             head_gradients: str = "sum") -> Weighting:
+  """DualProj: the projection of the mean task gradient onto the dual cone.
+
+  The weighted sum sum_i u_i g_i (the mean by default) is projected onto the dual cone of
+  the task gradients (as in GEM's Eq. 11): the nearest update that conflicts with no task.
+  Solved on the Gram matrix as `upgrad`'s problems (`dual_cone_weights`).
+
+  Args:
+    As `upgrad`.
+
+  Returns:
+    A `Weighting` (needs "gram") with state `SolverState`.
+
+  References:
+    Quinton, Rey, "Jacobian Descent for Multi-Objective Optimization", arXiv 2406.16232
+    (2024); Lopez-Paz, Ranzato, "Gradient Episodic Memory for Continual Learning", NeurIPS
+    2017.
+  """
+  check_num_tasks(num_tasks)
+  preference = preference_vector(pref_vector, num_tasks, 1.0 / num_tasks)
+  return _dual_cone("dualproj", num_tasks, preference, False, norm_eps, reg_eps,
+                               max_iters, tol, shared, head_gradients)
