@@ -356,21 +356,28 @@ def test_imgrad_subproblem_matches_scipy(seed, variant):
 
 # ------------------------------------------------------------------------ common checks
 
-@pytest.mark.parametrize("name", DETERMINISTIC)
+# The dual-cone QPs and the closed forms of test_methods_more.py pin their weights down to
+# rounding (on gradients of P >= k + 2 coordinates, as drawn there).
+EXACT_WEIGHTS = ("upgrad", "dualproj", "aligned_mtl", "config")
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC + EXACT_WEIGHTS)
 def test_permuting_tasks_permutes_weights(seed, name):
   rng = np.random.default_rng(seed)
-  jac = random_jacobian(rng, k=4)
+  jac = random_jacobian(rng, k=4, p=int(rng.integers(6, 41)) if name in EXACT_WEIGHTS else None)
   perm = rng.permutation(4)
   agg = methods.get(name, 4)
   weights, _ = run_weighting(agg, gram32(jac))
   permuted, _ = run_weighting(agg, gram32(jac[perm]))
-  # Directions agree tightly; weights more loosely, since an ill-conditioned Gram matrix
-  # determines them less well than the direction (MGDA's stop at a duality gap of 1e-6).
+  # Directions agree tightly; the weights of the iterative solvers more loosely, since an
+  # ill-conditioned Gram matrix determines them less well than the direction (MGDA's stop
+  # at a duality gap of 1e-6).
   scale = np.abs(weights).max() * np.linalg.norm(jac, axis=1).max()
   np.testing.assert_allclose(permuted @ jac[perm], weights @ jac, atol=1e-3 * scale,
                              err_msg=f"seed={seed}")
-  np.testing.assert_allclose(permuted, weights[perm], atol=1e-2 * np.abs(weights).max(),
-                             err_msg=f"seed={seed}")
+  tolerance = (dict(rtol=2e-3, atol=2e-4 * np.abs(weights).max()) if name in EXACT_WEIGHTS
+               else dict(atol=1e-2 * np.abs(weights).max()))
+  np.testing.assert_allclose(permuted, weights[perm], **tolerance, err_msg=f"seed={seed}")
 
 
 @pytest.mark.parametrize("name", GRAM_METHODS + ("graddrop",))

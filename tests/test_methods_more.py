@@ -16,7 +16,6 @@ from conftest import TanhMLP, assert_close, check_end_to_end
 
 GRAM_METHODS = ("upgrad", "dualproj", "aligned_mtl", "config", "gradvac", "sdmgrad")
 ALL_METHODS = GRAM_METHODS + ("moco",)
-DETERMINISTIC = ("upgrad", "dualproj", "aligned_mtl", "config")  # sdmgrad: in its own test
 
 
 def random_jacobian(rng, k=None, p=None):
@@ -319,18 +318,8 @@ def test_moco_needs_params_and_losses():
 
 
 # ------------------------------------------------------------------------ common checks
-
-@pytest.mark.parametrize("name", DETERMINISTIC)
-def test_permuting_tasks_permutes_weights(seed, name):
-  rng = np.random.default_rng(seed)
-  jac = random_jacobian(rng, k=4)
-  perm = rng.permutation(4)
-  agg = methods.get(name, 4)
-  weights, _ = run_weighting(agg, gram32(jac))
-  permuted, _ = run_weighting(agg, gram32(jac[perm]))
-  np.testing.assert_allclose(permuted, weights[perm], rtol=2e-3,
-                             atol=2e-4 * np.abs(weights).max(), err_msg=f"seed={seed}")
-
+# (Permuting the tasks permutes the weights: test_methods_gradient.py, for every
+# deterministic Gram method.)
 
 @pytest.mark.parametrize("name", ALL_METHODS)
 def test_jit_and_eager_agree(seed, name):
@@ -396,13 +385,32 @@ def test_gradvac_leaves_zero_gradients_alone(seed):
   assert np.all(np.isfinite(weights)) and np.abs(weights).max() < 1e3, f"seed={seed}"
 
 
-@pytest.mark.parametrize("name", GRAM_METHODS)
+def assert_products_at_full_precision(lowered):
+  dots = [line for line in lowered.as_text().splitlines() if "dot_general" in line]
+  assert dots and all("HIGHEST" in line for line in dots), [d for d in dots
+                                                            if "HIGHEST" not in d][:2]
+
+
+# Every registered weighting of the Gram matrix but IMTL-G (a linear solve) and PCGrad
+# (elementwise sums), which form no matrix product.
+GRAM_PRODUCTS = tuple(n for n in methods.names() if n not in ("imtl_g", "pcgrad") and
+                      methods.get(n, 3).needs.kind in ("gram", "representation_gram"))
+
+
+@pytest.mark.parametrize("name", GRAM_PRODUCTS)
 def test_solver_products_run_at_full_precision(name):
   # TPUs (bf16 passes) and TF32 GPUs would otherwise round the k x k products far above
   # the solvers' tolerances.
   agg = methods.get(name, 3)
   stats = TaskStats(gram=jnp.eye(3), key=jax.random.key(0))
-  text = jax.jit(agg.weights).lower(stats, agg.init(None)).as_text()
-  dots = [line for line in text.splitlines() if "dot_general" in line]
-  assert dots and all("HIGHEST" in line for line in dots), [d for d in dots
-                                                            if "HIGHEST" not in d][:2]
+  assert_products_at_full_precision(jax.jit(agg.weights).lower(stats, agg.init(None)))
+
+
+@pytest.mark.parametrize("solve", [
+    solvers.min_norm_point,
+    lambda g: solvers.simplex_minimize(lambda w: w @ (g @ w), jnp.full(3, 1.0 / 3)),
+    solvers.power_balance,
+    lambda g: solvers.nonnegative_qp(g, jnp.ones(3)),
+])
+def test_solvers_run_at_full_precision_wherever_called(solve):
+  assert_products_at_full_precision(jax.jit(solve).lower(jnp.eye(3)))
