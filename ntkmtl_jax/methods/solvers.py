@@ -1,10 +1,13 @@
 """Small solvers on the k x k Gram matrix of task gradients, in pure jnp, jittable.
 
-No library solves these problems on device inside a jitted step (the reference codes call
-SciPy, cvxpy or quadprog on the CPU), so they are written here: Frank-Wolfe and
-accelerated projected gradient on the simplex, damped Newton for the Nash-MTL / FairGrad
-systems, and an active-set method for the non-negative QP of the dual-cone methods. The
-simplex projection is optax's (`optax.projections.projection_simplex`).
+Hand-written because no dependency solves these problems on device inside a jitted step:
+the reference codes call SciPy, cvxpy or quadprog on the CPU; optax ships the simplex
+projection (used here, `optax.projections.projection_simplex`) but no constrained solver;
+jaxopt, which had projected gradient and box-constrained QP solvers, is no longer
+developed. So: Frank-Wolfe and accelerated projected gradient on the simplex, damped
+Newton for the Nash-MTL / FairGrad systems, and an active-set method for the non-negative
+QP of the dual-cone methods. All trace their products at full precision
+(`_common.full_precision`), wherever they are called from.
 
 Every solver runs a `lax.while_loop` with a fixed iteration bound, so a step always
 finishes in bounded time on any backend, and reports what happened in a `SolverResult`
@@ -62,7 +65,8 @@ def min_norm_point(gram: jax.Array, *, method: str = "frank_wolfe", max_iters: i
                    tol: float = 1e-6, init: jax.Array | None = None) -> SolverResult:
   """Minimum-norm point of the convex hull of k vectors, from their Gram matrix.
 
-  Finds w on the simplex minimising w^T G w = ||sum_i w_i g_i||^2.
+  Finds w on the simplex minimising w^T G w = ||sum_i w_i g_i||^2. Hand-written (see the
+  module docstring): no library minimises over the simplex on device.
 
   - "frank_wolfe" (default; MGDA's solver): pairwise Frank-Wolfe with exact line search,
     each iteration moving weight from the active vertex with the largest gradient (G w)_i
@@ -142,7 +146,8 @@ def simplex_minimize(fun: Callable[[jax.Array], jax.Array], x0: jax.Array, *,
 
   Accelerated projected gradient (FISTA) with backtracking on the step size and the
   gradient-based adaptive restart; gradients by `jax.grad(fun)`, the projection by
-  `project_to_simplex`. Step sizes and restarts are decided from gradients only, never from
+  `project_to_simplex` (optax's). Hand-written: optax has the projection but no projected
+  solver with a convergence test. Step sizes and restarts are decided from gradients only, never from
   differences of objective values, which near the optimum fall below float32 precision.
 
   Tolerance: stops when the unit-step gradient mapping ||x - P(x - grad f(x))|| (zero
@@ -224,7 +229,8 @@ def power_balance(gram: jax.Array, alpha: float = 1.0, x0: jax.Array | None = No
   w^(1 - 1/alpha) / (1 - 1/alpha), so it is solved by damped Newton steps (Armijo
   backtracking, steps kept inside w > 0). G is first divided by its Frobenius norm s (as
   Nash-MTL's authors do); the solution of the scaled system maps back to the original one
-  as w = s^(-alpha / (alpha + 1)) * w_scaled.
+  as w = s^(-alpha / (alpha + 1)) * w_scaled. Hand-written (see the module docstring): the
+  authors call cvxpy and SciPy on the CPU.
 
   Tolerance: stops when max_i |w_i^(1/alpha) (G w)_i - 1| <= tol, the elementwise relative
   residual of the system. Non-convergence: the system has no solution when some w >= 0,
@@ -311,8 +317,9 @@ def nonnegative_qp(gram: jax.Array, linear: jax.Array, *, max_iters: int = 100,
   """Solves min_z 1/2 z^T G z + c^T z subject to z >= 0, for a positive definite G.
 
   A primal active-set method (Lawson & Hanson's NNLS iteration written on the normal
-  equations): starting from z = 0, it frees the coordinate whose partial derivative is most
-  negative, solves the equality-constrained problem on the free coordinates exactly (one
+  equations), hand-written (see the module docstring; torchjd calls quadprog on the CPU):
+  starting from z = 0, it frees the coordinate whose partial derivative is most negative,
+  solves the equality-constrained problem on the free coordinates exactly (one
   k x k linear solve with the fixed coordinates masked out), and, when that solution leaves
   the orthant, moves back along the segment to the first coordinate that hits zero and
   fixes it. Each iteration either frees a coordinate or fixes one; on small problems (k
