@@ -10,6 +10,7 @@ keyword defaults are the published hyper-parameters.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Callable
 
 from ntkmtl_jax.weighting import Method
@@ -45,6 +46,11 @@ def get(name: str, num_tasks: int, **hparams) -> Method:
   if unknown and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
     raise ValueError(f"Method {name!r} has no hyper-parameter(s) {unknown}; it takes "
                      f"{[p for p in params if p != 'num_tasks']}.")
+  for hp, value in hparams.items():
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if any(isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v)
+           for v in values):
+      raise ValueError(f"Method {name!r}: hyper-parameter {hp}={value!r} must be finite.")
   return factory(num_tasks, **hparams)
 
 
