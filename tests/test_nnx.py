@@ -168,17 +168,21 @@ def test_dropout_advances_and_replays():
   assert _dropout_count(state.model_state["encoder"]["drop"]) == 3
 
 
-@pytest.mark.parametrize("method", ["famo", "nash_mtl", "ntkmtl", "mgda_ub", "pcgrad"])
+@pytest.mark.parametrize("method", ["famo", "nash_mtl", "ntkmtl_n2", "mgda_ub", "pcgrad"])
 def test_every_family_trains(method):
+  """Losses, Gram, kernel over 2 chunks, representation and gradient methods, with Dropout
+  whose counter advances once per step whatever the method computes."""
   model = _MultiTask(dropout=0.1, seed=3)
   fns = nnx_task_functions(model, _task_losses)
-  agg = nm.methods.get(method, K, shared=fns.shared)
+  agg = (nm.ntkmtl(K, num_chunks=2, shared=fns.shared) if method == "ntkmtl_n2"
+         else nm.methods.get(method, K, shared=fns.shared))
   step = nm.make_train_step(fns.loss_fn, agg, optax.adam(1e-2), has_state=True,
                             encode=fns.encode, decode=fns.decode)
   state = step.init(*fns.init())
   for _ in range(2):
     state, metrics = step(state, _batch(3))
   assert bool(metrics["finite"]) and int(state.skipped) == 0
+  assert _dropout_count(state.model_state["encoder"]["drop"]) == 2
   update_module(model, state.params, state.model_state)
   written = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   np.testing.assert_array_equal(written["heads"]["kernel"], state.params["heads"]["kernel"])

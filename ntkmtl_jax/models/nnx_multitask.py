@@ -119,11 +119,7 @@ def nnx_task_functions(model: nnx.Module, task_losses: Callable[[Any, PyTree], j
   state0 = nnx.to_pure_dict(state_template) or None
   paths = _trunk_paths(trunk)
   for path in paths:
-    node = params0
-    for name in path:
-      node = node.get(name, node.get(int(name)) if name.isdigit() else None) \
-          if isinstance(node, dict) else None
-    if not node:
+    if not _entry(params0, path):
       raise ValueError(f"trunk={'.'.join(path)!r} holds no nnx.Param of the model; its "
                        f"top-level parameter entries are {sorted(map(str, params0))}.")
 
@@ -189,6 +185,15 @@ def nnx_task_functions(model: nnx.Module, task_losses: Callable[[Any, PyTree], j
                        encode_with_state if split_model else None,
                        decode_losses if split_model else None,
                        predict, shared, init)
+
+
+def _entry(tree: dict, path: tuple[str, ...]):
+  """`tree[path]` in a pure dict (whose list indices are ints), or None."""
+  for name in path:
+    if not isinstance(tree, dict):
+      return None
+    tree = tree.get(int(name)) if name.isdigit() and int(name) in tree else tree.get(name)
+  return tree
 
 
 def _submodule(module, path: tuple[str, ...]):
