@@ -3,7 +3,8 @@
 A multi-task model here is an `encoder` (shared, may hold mutable collections such as
 `batch_stats`) and `heads` (task-specific, stateless), with parameters
 `{"encoder": ..., "heads": ...}`. `task_functions` returns the pure functions that
-`make_train_step` takes, with `has_state=True` conventions.
+`make_train_step` takes, with `has_state=True` conventions; `nnx_multitask.nnx_task_functions`
+does the same for a Flax NNX model.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ class TaskFunctions(NamedTuple):
   predict: Callable
   shared: Callable
   init: Callable
+
+  def losses_at(self, model_state: PyTree = None) -> Callable:
+    """`(params, batch) -> (k,)` losses at a fixed `model_state` (the new state dropped):
+    the `apply_fn` that `ntk_weights`, `task_jacobian` and `spectra.task_spectra` take."""
+    return lambda params, batch: self.loss_fn(params, model_state, batch)[0]
 
 
 def shared_encoder_mask(params: PyTree) -> PyTree:
