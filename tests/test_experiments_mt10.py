@@ -146,27 +146,31 @@ def test_aggregated_update_equals_method_on_per_task_gradients(small, method):
   config, *_, batch, _, _ = small
   agent, state, new_state = _one_update_with_sgd(method, config, batch, NUM_TASKS, OBS_DIM,
                                                  ACTION_DIM)
-  next_noise, actor_noise = sac.update_noise(state.key, state.step, len(batch["task"]),
-                                             ACTION_DIM)
-  alpha = sac.alpha_per_sample(state.log_alpha, batch["task"], config.per_task_alpha)
-  target_q = sac.critic_target(agent.networks, state.actor.params, state.target_critic_params,
-                               batch, alpha, next_noise, config.discount)
   critic_loss = sac.critic_task_losses(agent.networks, NUM_TASKS)
-  critic_batch = dict(obs=batch["obs"], action=batch["action"], target_q=target_q)
-  grads = [jax.grad(lambda p, i=i: critic_loss(p, critic_batch)[i])(state.critic.params)
-           for i in range(NUM_TASKS)]
-  expected = jax.tree.map(lambda p, d: p - d, state.critic.params,
-                          _expected_direction(method, grads))
-  chex_close(new_state.critic.params, expected)
-
   actor_loss = sac.actor_task_losses(agent.networks, NUM_TASKS)
-  actor_batch = dict(obs=batch["obs"], noise=actor_noise, alpha=alpha,
-                     critic_params=new_state.critic.params)
-  grads = [jax.grad(lambda p, i=i: actor_loss(p, actor_batch)[i])(state.actor.params)
-           for i in range(NUM_TASKS)]
-  expected = jax.tree.map(lambda p, d: p - d, state.actor.params,
-                          _expected_direction(method, grads))
-  chex_close(new_state.actor.params, expected)
+
+  @jax.jit
+  def per_task_gradients(state, new_critic_params):
+    """Each task's gradient on its own, one jax.grad per task."""
+    next_noise, actor_noise = sac.update_noise(state.key, state.step, len(batch["task"]),
+                                               ACTION_DIM)
+    alpha = sac.alpha_per_sample(state.log_alpha, batch["task"], config.per_task_alpha)
+    target_q = sac.critic_target(agent.networks, state.actor.params,
+                                 state.target_critic_params, batch, alpha, next_noise,
+                                 config.discount)
+    critic_batch = dict(obs=batch["obs"], action=batch["action"], target_q=target_q)
+    actor_batch = dict(obs=batch["obs"], noise=actor_noise, alpha=alpha,
+                       critic_params=new_critic_params)  # the actor sees the updated critic
+    critic = [jax.grad(lambda p, i=i: critic_loss(p, critic_batch)[i])(state.critic.params)
+              for i in range(NUM_TASKS)]
+    actor = [jax.grad(lambda p, i=i: actor_loss(p, actor_batch)[i])(state.actor.params)
+             for i in range(NUM_TASKS)]
+    return critic, actor
+
+  critic_grads, actor_grads = per_task_gradients(state, new_state.critic.params)
+  for old, new, grads in ((state.critic.params, new_state.critic.params, critic_grads),
+                          (state.actor.params, new_state.actor.params, actor_grads)):
+    chex_close(new, jax.tree.map(lambda p, d: p - d, old, _expected_direction(method, grads)))
   # Target critics move by tau toward the updated critics.
   tau = config.critic_tau
   chex_close(new_state.target_critic_params,
@@ -175,7 +179,9 @@ def test_aggregated_update_equals_method_on_per_task_gradients(small, method):
 
 
 def chex_close(actual, expected):
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+  raw = lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+    a, e = raw(a), raw(e)
     np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=2e-4, atol=2e-5)
 
 
@@ -235,3 +241,26 @@ def test_missing_metaworld_names_the_fix(monkeypatch):
 def test_ntkmtl_sr_is_refused_with_the_reason():
   with pytest.raises(ValueError, match="shared representation"):
     sac.make_agent(configs.get_config("tiny").replace(method="ntkmtl_sr"), 49, 4, 10)
+
+
+def test_checkpoint_restores_agent_and_replay_and_resumes(mt10_env, tmp_path):
+  pytest.importorskip("orbax.checkpoint")
+  # One env for training and evaluation keeps the test fast (evaluation resets it).
+  config = configs.get_config("tiny").replace(num_train_steps=12, init_steps=4, eval_freq=6,
+                                              max_episode_steps=6)
+  first = train.train_and_evaluate(config, str(tmp_path), envs=(mt10_env, mt10_env),
+                                   progress=False)
+  path = train.latest_checkpoint(str(tmp_path))
+  assert path.endswith("step_000000012")
+  template = sac.make_agent(config, 49, 4, 10).init(jax.random.key(5))
+  buffer = input_pipeline.MultiTaskReplayBuffer(10, config.replay_capacity_per_task, 49, 4)
+  state, step, history = train.restore_checkpoint(path, template, buffer)
+  assert step == 12 and [row["step"] for row in history] == [0, 6, 12]
+  chex_close(state, first["state"])
+  assert list(buffer.size) == [12] * 10
+  second = train.train_and_evaluate(config.replace(num_train_steps=18), str(tmp_path),
+                                    envs=(mt10_env, mt10_env), progress=False)
+  assert [row["step"] for row in second["history"]] == [0, 6, 12, 18]
+  assert int(second["state"].step) == int(first["state"].step) + 6
+  for name in ("results.json", "history.csv", "per_task.csv", "report.md", "success_curve.png"):
+    assert (tmp_path / name).exists(), name
