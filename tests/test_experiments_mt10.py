@@ -207,7 +207,7 @@ def test_real_mt10_steps_and_updates(mt10_env):
     obs = next_obs
   config = configs.get_config("tiny")
   for method in ("ls", "ntkmtl", "nash_mtl"):
-    agent = sac.make_agent(config.replace(method=method), 49, 4, 10)
+    agent = train.cached_agent(config.replace(method=method), 49, 4, 10)
     state = agent.init(jax.random.key(0))
     before = state.critic.params
     before = jax.tree.map(np.asarray, before)

@@ -102,6 +102,23 @@ def restore_checkpoint(path: str, template: sac.SACState,
   return _from_saveable(tree, template), meta["step"], meta["history"]
 
 
+# Fields of `MT10Config` that shape the compiled agent; runs that agree on them (other seeds,
+# a resumed run with more steps) reuse one agent and skip recompilation.
+_AGENT_FIELDS = ("method", "method_hparams", "actor_lr", "critic_lr", "alpha_lr", "hidden_dim",
+                 "num_layers", "log_std_bounds", "discount", "init_temperature",
+                 "per_task_alpha", "critic_tau", "critic_target_update_freq",
+                 "actor_update_freq", "max_grad_norm")
+_AGENTS: dict[str, sac.Agent] = {}
+
+
+def cached_agent(config: MT10Config, obs_dim: int, action_dim: int, num_tasks: int) -> sac.Agent:
+  """`sac.make_agent`, built once per distinct agent configuration in this process."""
+  key = repr(([getattr(config, f) for f in _AGENT_FIELDS], obs_dim, action_dim, num_tasks))
+  if key not in _AGENTS:
+    _AGENTS[key] = sac.make_agent(config, obs_dim, action_dim, num_tasks)
+  return _AGENTS[key]
+
+
 def train_and_evaluate(config: MT10Config, workdir: str | None, *, envs=None,
                        progress: bool = True) -> dict:
   """Trains multi-task SAC with `config.method` on MT10 and evaluates it.
@@ -133,7 +150,7 @@ def train_and_evaluate(config: MT10Config, workdir: str | None, *, envs=None,
   num_tasks = env.num_envs
   obs_dim = env.single_observation_space.shape[0]
   action_dim = env.single_action_space.shape[0]
-  agent = sac.make_agent(config, obs_dim, action_dim, num_tasks)
+  agent = cached_agent(config, obs_dim, action_dim, num_tasks)
   state = agent.init(jax.random.key(config.seed))
   buffer = input_pipeline.MultiTaskReplayBuffer(num_tasks, config.replay_capacity_per_task,
                                                 obs_dim, action_dim, seed=config.seed)
