@@ -1,5 +1,6 @@
 """MT10 configs: `default` (the paper's setting), `short` (a CPU run of minutes) and `tiny`
-(seconds, for tests). `get_config(name)` returns an `MT10Config`."""
+(20 steps of small networks, for tests: its time is building the ten environments and
+compiling). `get_config(name)` returns an `MT10Config`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A smoke run of seconds: small networks, a few steps, one evaluation."""
+"""A smoke run: small networks, 20 steps, evaluations at steps 0 and 20."""
 
 from experiments.mt10.configs import default
 
