@@ -1,0 +1,235 @@
+"""The MT10 training loop (MTRL's order: act, update, step the ten environments), periodic
+evaluation, orbax checkpoints with the replay buffer, and `train_and_evaluate`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.mt10 import input_pipeline, report, sac
+from experiments.mt10.configs import MT10Config
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def evaluate(agent: sac.Agent, actor_params, env, num_episodes: int,
+             max_episode_steps: int, seed: int | None = None) -> dict:
+  """Runs the deterministic policy (tanh of the mean) for `num_episodes` per task.
+
+  A task's episode succeeds when Meta-World reports `success` at any step of it (MTRL).
+
+  Returns:
+    dict with per-task `success` and `return` (means over the episodes), and their means.
+  """
+  num_tasks = env.num_envs
+  successes, returns = np.zeros(num_tasks), np.zeros(num_tasks)
+  for episode in range(num_episodes):
+    obs, _ = env.reset(seed=None if seed is None else seed + episode)
+    success, total, alive = np.zeros(num_tasks, bool), np.zeros(num_tasks), np.ones(num_tasks, bool)
+    for _ in range(max_episode_steps):
+      action = np.asarray(agent.act_deterministic(actor_params, obs))
+      obs, reward, terminated, truncated, info = env.step(action)
+      success |= input_pipeline.step_success(info, num_tasks) & alive
+      total += np.where(alive, reward, 0.0)
+      alive &= ~(terminated | truncated)
+      if not alive.any():
+        break
+    successes += success
+    returns += total
+  successes /= num_episodes
+  returns /= num_episodes
+  return dict(success=successes.tolist(), mean_success=float(successes.mean()),
+              episode_return=returns.tolist(), mean_return=float(returns.mean()))
+
+
+def _to_saveable(state):
+  """PRNG keys as raw uint32 data (orbax stores plain arrays)."""
+  return jax.tree.map(lambda x: jax.random.key_data(x)
+                      if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, state)
+
+
+def _from_saveable(tree, template):
+  return jax.tree.map(lambda t, x: jax.random.wrap_key_data(x)
+                      if jnp.issubdtype(t.dtype, jax.dtypes.prng_key) else x, template, tree)
+
+
+def save_checkpoint(workdir: str, step: int, state: sac.SACState,
+                    buffer: input_pipeline.MultiTaskReplayBuffer, history: list) -> str:
+  """Writes the agent (orbax), the replay buffer (.npz) and the history; keeps the latest."""
+  import orbax.checkpoint as ocp
+  root = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+  path = os.path.join(root, f"step_{step:09d}")
+  if os.path.exists(path):
+    shutil.rmtree(path)
+  os.makedirs(root, exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(path, "agent"), _to_saveable(state))
+  checkpointer.wait_until_finished()
+  buffer.save(os.path.join(path, "replay_buffer.npz"))
+  with open(os.path.join(path, "meta.json"), "w") as f:
+    json.dump(dict(step=step, history=history), f)
+  for old in os.listdir(root):
+    if old.startswith("step_") and old != os.path.basename(path):
+      shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+  return path
+
+
+def latest_checkpoint(workdir: str | None) -> str | None:
+  root = os.path.join(workdir or "", CHECKPOINT_DIR)
+  if not workdir or not os.path.isdir(root):
+    return None
+  done = sorted(d for d in os.listdir(root)
+                if d.startswith("step_") and os.path.exists(os.path.join(root, d, "meta.json")))
+  return os.path.join(root, done[-1]) if done else None
+
+
+def restore_checkpoint(path: str, template: sac.SACState,
+                       buffer: input_pipeline.MultiTaskReplayBuffer):
+  """Restores (state, step, history) from `save_checkpoint`'s folder; fills `buffer`."""
+  import orbax.checkpoint as ocp
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(template))
+  tree = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, "agent")),
+                                            abstract)
+  buffer.load(os.path.join(path, "replay_buffer.npz"))
+  with open(os.path.join(path, "meta.json")) as f:
+    meta = json.load(f)
+  return _from_saveable(tree, template), meta["step"], meta["history"]
+
+
+# Fields of `MT10Config` that shape the compiled agent; runs that agree on them (other seeds,
+# a resumed run with more steps) reuse one agent and skip recompilation.
+_AGENT_FIELDS = ("method", "method_hparams", "actor_lr", "critic_lr", "alpha_lr", "hidden_dim",
+                 "num_layers", "log_std_bounds", "discount", "init_temperature",
+                 "per_task_alpha", "critic_tau", "critic_target_update_freq",
+                 "actor_update_freq", "max_grad_norm")
+_AGENTS: dict[str, sac.Agent] = {}
+
+
+def cached_agent(config: MT10Config, obs_dim: int, action_dim: int, num_tasks: int) -> sac.Agent:
+  """`sac.make_agent`, built once per distinct agent configuration in this process."""
+  key = repr(([getattr(config, f) for f in _AGENT_FIELDS], obs_dim, action_dim, num_tasks))
+  if key not in _AGENTS:
+    _AGENTS[key] = sac.make_agent(config, obs_dim, action_dim, num_tasks)
+  return _AGENTS[key]
+
+
+def train_and_evaluate(config: MT10Config, workdir: str | None, *, envs=None,
+                       progress: bool = True) -> dict:
+  """Trains multi-task SAC with `config.method` on MT10 and evaluates it.
+
+  Evaluates at step 0, every `eval_freq` steps and at the end; checkpoints at each
+  evaluation (when `workdir` and `config.checkpoint`) and resumes from the latest one
+  found in `workdir`: the agent and the replay buffer are restored exactly, the
+  environments restart their episodes.
+
+  Args:
+    config: an `MT10Config`.
+    workdir: where checkpoints and the report (JSON, CSV, PNG, Markdown) go; None keeps
+      nothing on disk.
+    envs: optional (train_env, eval_env) built by `input_pipeline.make_mt10_env`.
+    progress: show a tqdm progress bar (steps/s and the latest metrics).
+
+  Returns:
+    dict with `history` (one row per evaluation), `final` (the last evaluation),
+    `task_names`, `config` and `seconds`.
+  """
+  start_time = time.time()
+  if envs is None:
+    env_kwargs = dict(max_episode_steps=config.max_episode_steps,
+                      reward_function_version=config.reward_function_version)
+    envs = (input_pipeline.make_mt10_env(config.seed, reward_normalization=config.reward_normalization,
+                                         **env_kwargs),
+            input_pipeline.make_mt10_env(config.seed, reward_normalization=None, **env_kwargs))
+  env, eval_env = envs
+  num_tasks = env.num_envs
+  obs_dim = env.single_observation_space.shape[0]
+  action_dim = env.single_action_space.shape[0]
+  agent = cached_agent(config, obs_dim, action_dim, num_tasks)
+  state = agent.init(jax.random.key(config.seed))
+  buffer = input_pipeline.MultiTaskReplayBuffer(num_tasks, config.replay_capacity_per_task,
+                                                obs_dim, action_dim, seed=config.seed)
+  start_step, history = 0, []
+  checkpoint = latest_checkpoint(workdir) if config.checkpoint else None
+  if checkpoint:
+    state, start_step, history = restore_checkpoint(checkpoint, state, buffer)
+  warmup_updates = config.init_steps if config.warmup_updates is None else config.warmup_updates
+  action_rng = np.random.default_rng(config.seed + 1 + start_step)
+  act_key = jax.random.key(config.seed + 2)
+  obs, _ = env.reset(seed=config.seed + start_step)
+  metrics, last_losses = None, {}
+  updates_time, updates_done, env_time = 0.0, 0, 0.0
+
+  def record_evaluation(step):
+    result = evaluate(agent, state.actor.params, eval_env, config.num_eval_episodes,
+                      config.max_episode_steps, seed=config.seed + 10_000)
+    row = dict(step=step, env_steps=step * num_tasks, **result, **last_losses,
+               seconds=time.time() - start_time)
+    history.append(row)
+    return row
+
+  steps = range(start_step, config.num_train_steps)
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(steps, desc=f"MT10 {config.method}", unit="step", initial=start_step,
+               total=config.num_train_steps, mininterval=2.0)
+    steps = bar
+  for step in steps:
+    if step % config.eval_freq == 0 and not (history and history[-1]["step"] == step):
+      row = record_evaluation(step)
+      message = (f"step {step}: mean success {row['mean_success']:.2f}, mean return "
+                 f"{row['mean_return']:.1f}, updates/s {updates_done / max(updates_time, 1e-9):.2f}")
+      bar.write(message) if bar is not None else print(message, flush=True)
+      if workdir and config.checkpoint and step > start_step:
+        save_checkpoint(workdir, step, state, buffer, history)
+    if step < config.init_steps:
+      action = action_rng.uniform(-1.0, 1.0, (num_tasks, action_dim)).astype(np.float32)
+    else:
+      action = np.asarray(agent.act(state.actor.params, obs, jax.random.fold_in(act_key, step)))
+    if step >= config.init_steps:
+      t0 = time.time()
+      for _ in range(warmup_updates if step == config.init_steps else 1):
+        batch = buffer.sample(config.batch_size_per_task)
+        state, metrics = agent.update(state, batch)
+        updates_done += 1
+      jax.block_until_ready(metrics)
+      updates_time += time.time() - t0
+    t0 = time.time()
+    next_obs, reward, terminated, truncated, info = env.step(action)
+    env_time += time.time() - t0
+    # Time-limit truncation bootstraps (MTRL's "infinite bootstrap"); only termination ends.
+    buffer.add(obs, action, reward, input_pipeline.next_observation(next_obs, info),
+               1.0 - terminated.astype(np.float32))
+    obs = next_obs
+    if metrics is not None and (step % config.log_every == 0 or step == config.num_train_steps - 1):
+      last_losses = dict(critic_loss=float(np.mean(metrics["critic_losses"])),
+                         actor_loss=float(np.mean(metrics["actor_losses"])),
+                         alpha=float(np.mean(metrics["alpha"])),
+                         skipped_updates=int(metrics["skipped"]))
+      if bar is not None:
+        bar.set_postfix(critic=f"{last_losses['critic_loss']:.3g}",
+                        actor=f"{last_losses['actor_loss']:.3g}",
+                        alpha=f"{last_losses['alpha']:.3g}",
+                        updates_per_s=f"{updates_done / max(updates_time, 1e-9):.2f}")
+  if bar is not None:
+    bar.close()
+  if not (history and history[-1]["step"] == config.num_train_steps):
+    record_evaluation(config.num_train_steps)
+  if workdir and config.checkpoint and config.num_train_steps > start_step:
+    save_checkpoint(workdir, config.num_train_steps, state, buffer, history)
+  result = dict(method=config.method, seed=config.seed, task_names=list(input_pipeline.TASK_NAMES),
+                history=history, final=history[-1], seconds=time.time() - start_time,
+                env_steps_per_s=(config.num_train_steps - start_step) / max(env_time, 1e-9),
+                updates_per_s=updates_done / max(updates_time, 1e-9),
+                config={k: (list(v) if isinstance(v, tuple) else v)
+                        for k, v in vars(config).items()})
+  if workdir:
+    report.write_run_report(result, workdir)
+  result["state"] = state
+  return result
