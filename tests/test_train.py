@@ -40,9 +40,13 @@ def test_strategies_agree(seed, aggregator):
       "mgda": lambda: nm.methods.get("mgda", 3, shared=model.shared),
   }[aggregator]
   reference, _ = _run(model, make(), "vmap")
+  # MGDA's Frank-Wolfe solver stops at a duality gap of 1e-6: Grams that differ by rounding
+  # (forward-mode rows when streamed, stacked gradients otherwise) move its weights by up to
+  # ~1e-3 of their size; the other methods' weights are closed forms of the statistics.
+  rtol = 1e-3 if aggregator == "mgda" else 1e-4
   for strategy in ("unroll", "chunked", "streaming", "sequential"):
     state, history = _run(model, make(), strategy)
-    jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-4, err_msg=f"{strategy} seed={seed}"),
+    jax.tree.map(lambda a, b: assert_close(a, b, rtol=rtol, err_msg=f"{strategy} seed={seed}"),
                  state.params, reference.params)
     assert bool(history[-1]["finite"])
 
