@@ -83,6 +83,7 @@ def _random_graphs(rng, batch, atoms):
   return charges, positions
 
 
+@pytest.mark.one_seed
 def test_mpnn_size_padding_and_permutation_invariance(seed):
   rng = np.random.default_rng(seed)
   functions = qm9_functions()

@@ -20,10 +20,6 @@ BENCH = types.SimpleNamespace(name="toy", description="toy benchmark", task_name
                               metric_tasks=(0, 1, 2))
 
 
-def _seed():
-  return int(np.random.SeedSequence().entropy % 2**32)
-
-
 def _history(rng, steps, with_eigen):
   k = len(TASKS)
   return History(steps=np.arange(1, steps + 1, dtype=float),
@@ -49,8 +45,7 @@ def _runs(rng, seeds=3, methods=("ls", "ntkmtl", "famo"), steps=30):
   return runs
 
 
-def test_summary_matches_independent_computation():
-  seed = _seed()
+def test_summary_matches_independent_computation(seed):
   rng = np.random.default_rng(seed)
   runs = _runs(rng)
   summary = report.summarize(runs, METRICS, HIGHER, (0, 1, 2))
@@ -84,8 +79,7 @@ def test_summary_matches_independent_computation():
   assert summary["stl"]["mean_rank"] is None
 
 
-def test_interrupted_and_incomplete_runs_are_left_out():
-  seed = _seed()
+def test_interrupted_and_incomplete_runs_are_left_out(seed):
   rng = np.random.default_rng(seed)
   runs = _runs(rng, seeds=2, methods=("ls",))
   runs[-1].interrupted = True  # ls, seed 1
@@ -95,8 +89,7 @@ def test_interrupted_and_incomplete_runs_are_left_out():
   assert "stl" not in no_stl and no_stl["ls"]["delta_m_mean"] is None
 
 
-def test_csv_json_and_table(tmp_path):
-  seed = _seed()
+def test_csv_json_and_table(tmp_path, seed):
   rng = np.random.default_rng(seed)
   runs = _runs(rng)
   summary, paths = report.write_reports(str(tmp_path), runs=runs, config={"x": 1},
@@ -122,8 +115,7 @@ def test_csv_json_and_table(tmp_path):
   assert next(line for line in lines if line.startswith("STL"))
 
 
-def test_plots_are_written_and_readable(tmp_path):
-  seed = _seed()
+def test_plots_are_written_and_readable(tmp_path, seed):
   rng = np.random.default_rng(seed)
   runs = _runs(rng, seeds=2, steps=25)
   _, paths = report.write_reports(str(tmp_path), runs=runs, config={}, benchmark=BENCH)
