@@ -6,9 +6,13 @@ import os
 import subprocess
 import sys
 
-import matplotlib.image
 import numpy as np
 import pytest
+
+# The compare runs write plots and use the MultiDigits data (sklearn's digits).
+matplotlib = pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn")
+import matplotlib.image  # noqa: E402
 
 from ntkmtl_jax import cli, loop
 

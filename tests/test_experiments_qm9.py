@@ -7,7 +7,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
+
+tfds = pytest.importorskip("tensorflow_datasets")
 
 from experiments import common
 from experiments.qm9 import configs, input_pipeline, train

@@ -3,10 +3,11 @@
 import jax
 import numpy as np
 import pytest
-from sklearn.datasets import load_digits
 
 from ntkmtl_jax import benchmarks, kernel
 from ntkmtl_jax.data import offline
+
+load_digits = pytest.importorskip("sklearn.datasets").load_digits  # MultiDigits is built on it
 
 
 @pytest.fixture(scope="module")

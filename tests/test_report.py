@@ -4,7 +4,6 @@ import csv
 import json
 import types
 
-import matplotlib.image
 import numpy as np
 import pytest
 from scipy import stats
@@ -116,6 +115,7 @@ def test_csv_json_and_table(tmp_path, seed):
 
 
 def test_plots_are_written_and_readable(tmp_path, seed):
+  image_lib = pytest.importorskip("matplotlib.image")
   rng = np.random.default_rng(seed)
   runs = _runs(rng, seeds=2, steps=25)
   _, paths = report.write_reports(str(tmp_path), runs=runs, config={}, benchmark=BENCH)
@@ -123,6 +123,6 @@ def test_plots_are_written_and_readable(tmp_path, seed):
   assert sorted(p.split("/")[-1] for p in pngs) == ["eigenvalues.png", "task_weights.png",
                                                     "training_curves.png"]
   for p in pngs:
-    image = matplotlib.image.imread(p)
+    image = image_lib.imread(p)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     assert image[..., :3].std() > 0.01  # not a blank canvas
