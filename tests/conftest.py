@@ -1,30 +1,50 @@
-"""Shared fixtures: fresh random seeds (printed on failure) and a small multi-task MLP with a
-hand-written float64 NumPy reference of its per-task gradients."""
+"""Shared fixtures: fixed random seeds, float32 matmuls pinned to full precision, and a
+small multi-task MLP with a hand-written float64 NumPy reference of its per-task gradients."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
 import jax
 import jax.numpy as jnp
 
-
-@pytest.fixture
-def seed(request):
-  """A fresh seed per test; shown in the failure report so a failure can be replayed."""
-  value = int(np.random.SeedSequence().entropy % (2**31))
-  request.node.user_properties.append(("seed", value))
-  return value
+# Every test that takes `seed` runs once per seed here, so a run is reproducible and a
+# failure names its seed in the test id (`test_x[seed1]`). NTKMTL_TEST_SEEDS="5,6,7" tries
+# others. Slow tests (end-to-end training, notebooks, pipelines) take the first seed only:
+# mark them `@pytest.mark.one_seed`.
+SEEDS = tuple(int(s) for s in os.environ.get("NTKMTL_TEST_SEEDS", "0,1,2").split(","))
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-  outcome = yield
-  report = outcome.get_result()
-  if report.when == "call" and report.failed:
-    seeds = [v for k, v in item.user_properties if k == "seed"]
-    if seeds:
-      report.sections.append(("random seed", f"seed = {seeds[0]}"))
+def pytest_configure(config):
+  config.addinivalue_line("markers", "one_seed: a slow test, run with the first seed only")
+  config.addinivalue_line(
+      "markers", "default_precision: run at the backend's default matmul precision instead "
+      "of 'highest' (e.g. TF32 on NVIDIA GPUs, bfloat16 passes on TPU)")
+
+
+def pytest_generate_tests(metafunc):
+  if "seed" in metafunc.fixturenames:
+    seeds = SEEDS[:1] if metafunc.definition.get_closest_marker("one_seed") else SEEDS
+    metafunc.parametrize("seed", seeds, ids=[f"seed{s}" for s in seeds])
+
+
+@pytest.fixture(autouse=True)
+def highest_matmul_precision(request, monkeypatch):
+  """Float32 matmuls and convolutions at full float32 precision, here and in subprocesses.
+
+  The tests compare float32 results with float64 NumPy references at float32 tolerances.
+  On NVIDIA GPUs the default precision of a float32 matmul is TF32 (10-bit mantissa), on
+  TPUs bfloat16 passes, so those comparisons would measure the backend's default precision
+  instead of the code; tests/test_default_precision.py checks what that default gives.
+  """
+  if request.node.get_closest_marker("default_precision"):
+    yield
+    return
+  monkeypatch.setenv("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+  with jax.default_matmul_precision("highest"):
+    yield
 
 
 class TanhMLP:

@@ -6,9 +6,13 @@ import os
 import subprocess
 import sys
 
-import matplotlib.image
 import numpy as np
 import pytest
+
+# The compare runs write plots and use the MultiDigits data (sklearn's digits).
+matplotlib = pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn")
+import matplotlib.image  # noqa: E402
 
 from ntkmtl_jax import cli, loop
 
@@ -16,12 +20,9 @@ TINY = ["--option", "num_train=256", "--option", "num_test=64", "--option", "hid
         "--steps", "6", "--batch-size", "32", "--quiet"]
 
 
-def _seed():
-  return int(np.random.SeedSequence().entropy % 2**32)
-
-
-def test_compare_end_to_end(tmp_path, capsys):
-  data_seed = _seed() % 1000
+@pytest.mark.one_seed
+def test_compare_end_to_end(tmp_path, capsys, seed):
+  data_seed = seed
   out = tmp_path / "run"
   code = cli.main(["compare", "--methods", "stl,ls,ntkmtl", "--seeds", "1", "--out", str(out),
                    "--option", f"data_seed={data_seed}"] + TINY)

@@ -7,8 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
-from sklearn.metrics import f1_score
+
+tfds = pytest.importorskip("tensorflow_datasets")
+f1_score = pytest.importorskip("sklearn.metrics").f1_score
+pytest.importorskip("PIL")  # the input pipeline resizes with it
 
 from experiments import common
 from experiments.celeba import configs, input_pipeline, train

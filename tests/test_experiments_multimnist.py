@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
+
+tfds = pytest.importorskip("tensorflow_datasets")
 
 from experiments import common
 from experiments.multimnist import configs, input_pipeline, main, train

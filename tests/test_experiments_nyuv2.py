@@ -92,6 +92,7 @@ def test_segnet_mtan_size_outputs_and_representation():
   assert [t.shape for t in z] == [(2, 288, 384, 64)] * 3
 
 
+@pytest.mark.one_seed
 def test_tiny_mtan_normals_are_unit_and_losses_match_their_definitions(seed):
   rng = np.random.default_rng(seed)
   functions = mtan.mtan_functions(13, ("segmentation", "depth", "normal"), filters=(4,))

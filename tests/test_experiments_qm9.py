@@ -7,7 +7,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
+
+tfds = pytest.importorskip("tensorflow_datasets")
 
 from experiments import common
 from experiments.qm9 import configs, input_pipeline, train
@@ -83,6 +84,7 @@ def _random_graphs(rng, batch, atoms):
   return charges, positions
 
 
+@pytest.mark.one_seed
 def test_mpnn_size_padding_and_permutation_invariance(seed):
   rng = np.random.default_rng(seed)
   functions = qm9_functions()

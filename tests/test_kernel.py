@@ -50,6 +50,7 @@ def test_paper_and_code_normalisations_differ_by_k_to_the_exponent(seed):
 
 
 @pytest.mark.parametrize("strategy", ["vmap", "unroll", "chunked"])
+@pytest.mark.one_seed
 def test_strategies_and_eigen_methods_agree(seed, strategy):
   rng = np.random.default_rng(seed)
   model = TanhMLP(rng, num_tasks=3, batch=12)

@@ -381,6 +381,7 @@ def test_permuting_tasks_permutes_weights(seed, name):
 
 
 @pytest.mark.parametrize("name", GRAM_METHODS + ("graddrop",))
+@pytest.mark.one_seed
 def test_jit_and_eager_agree(seed, name):
   rng = np.random.default_rng(seed)
   jac = random_jacobian(rng, k=3, p=12)
@@ -395,6 +396,7 @@ def test_jit_and_eager_agree(seed, name):
 
 
 @pytest.mark.parametrize("name", GRAM_METHODS + ("graddrop",))
+@pytest.mark.one_seed
 def test_end_to_end_in_train_step(seed, name):
   rng = np.random.default_rng(seed)
   model = TanhMLP(rng, num_tasks=3, task_scales=rng.uniform(0.5, 2.0, 3))

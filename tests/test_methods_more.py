@@ -322,6 +322,7 @@ def test_moco_needs_params_and_losses():
 # deterministic Gram method.)
 
 @pytest.mark.parametrize("name", ALL_METHODS)
+@pytest.mark.one_seed
 def test_jit_and_eager_agree(seed, name):
   rng = np.random.default_rng(seed)
   jac = random_jacobian(rng, k=3, p=12)
@@ -339,6 +340,7 @@ def test_jit_and_eager_agree(seed, name):
 
 
 @pytest.mark.parametrize("name", ALL_METHODS)
+@pytest.mark.one_seed
 def test_end_to_end_in_train_step(seed, name):
   rng = np.random.default_rng(seed)
   model = TanhMLP(rng, num_tasks=3, task_scales=rng.uniform(0.5, 2.0, 3))

@@ -19,10 +19,6 @@ QM9_STL = [0.060, 0.156, 60.54, 51.22, 0.419, 3.08, 39.3, 42.9, 41.7, 43.1, 0.06
 QM9_NTKMTL_SR = [0.081, 0.207, 75.95, 69.10, 1.176, 3.689, 40.14, 40.46, 40.48, 40.49, 0.074]
 
 
-def _seed():
-  return int(np.random.SeedSequence().entropy % 2**32)
-
-
 def _delta_m_reference(values, baseline, higher):
   total = 0.0
   for v, b, h in zip(values, baseline, higher):
@@ -47,8 +43,7 @@ def test_delta_m_qm9_ntkmtl_sr_row():
   assert value == pytest.approx(30.7, abs=0.1)
 
 
-def test_delta_m_matches_definition_on_random_values():
-  seed = _seed()
+def test_delta_m_matches_definition_on_random_values(seed):
   rng = np.random.default_rng(seed)
   m = int(rng.integers(1, 12))
   baseline = rng.uniform(0.1, 10.0, m) * rng.choice([-1, 1], m)
@@ -77,8 +72,7 @@ def test_mean_rank_hand_made_table_with_tie():
   assert metrics.mean_rank(table, [True, False]) == {"A": 2.75, "B": 2.25, "C": 1.0}
 
 
-def test_mean_rank_matches_scipy_rankdata():
-  seed = _seed()
+def test_mean_rank_matches_scipy_rankdata(seed):
   rng = np.random.default_rng(seed)
   methods, num_metrics = int(rng.integers(2, 8)), int(rng.integers(1, 6))
   values = rng.integers(0, 4, size=(methods, num_metrics)).astype(float)  # ties likely
@@ -91,9 +85,8 @@ def test_mean_rank_matches_scipy_rankdata():
                              err_msg=f"seed {seed}")
 
 
-def test_per_task_metrics_match_sklearn():
-  from sklearn import metrics as skm
-  seed = _seed()
+def test_per_task_metrics_match_sklearn(seed):
+  skm = pytest.importorskip("sklearn.metrics")
   rng = np.random.default_rng(seed)
   n = int(rng.integers(5, 200))
   logits = rng.normal(size=(n, 7))

@@ -3,14 +3,11 @@
 import jax
 import numpy as np
 import pytest
-from sklearn.datasets import load_digits
 
 from ntkmtl_jax import benchmarks, kernel
 from ntkmtl_jax.data import offline
 
-
-def _seed():
-  return int(np.random.SeedSequence().entropy % 2**32)
+load_digits = pytest.importorskip("sklearn.datasets").load_digits  # MultiDigits is built on it
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +16,7 @@ def digits_lookup():
   return {img.astype(np.float32).tobytes(): int(t) for img, t in zip(d.images / 16.0, d.target)}
 
 
-def test_multidigits_shapes_ranges_and_labels(digits_lookup):
-  seed = _seed()
+def test_multidigits_shapes_ranges_and_labels(digits_lookup, seed):
   data = offline.multidigits(300, 120, data_seed=seed)
   assert data.task_names == ("left", "right", "number")
   for split, n in ((data.train, 300), (data.test, 120)):
@@ -42,8 +38,7 @@ def test_multidigits_shapes_ranges_and_labels(digits_lookup):
                              rtol=1e-5)
 
 
-def test_multidigits_test_images_are_disjoint_from_train():
-  seed = _seed()
+def test_multidigits_test_images_are_disjoint_from_train(seed):
   data = offline.multidigits(2000, 500, data_seed=seed)
   halves = lambda x: {h.tobytes() for img in x.reshape(-1, 8, 16)
                       for h in (np.ascontiguousarray(img[:, :8]),
@@ -53,8 +48,7 @@ def test_multidigits_test_images_are_disjoint_from_train():
   assert len(train & test) <= 3, f"seed {seed}"
 
 
-def test_multidigits_deterministic_and_scaled():
-  seed = _seed()
+def test_multidigits_deterministic_and_scaled(seed):
   a = offline.multidigits(64, 32, data_seed=seed)
   b = offline.multidigits(64, 32, data_seed=seed)
   c = offline.multidigits(64, 32, data_seed=seed + 1)
@@ -66,8 +60,7 @@ def test_multidigits_deterministic_and_scaled():
                              rtol=1e-6)
 
 
-def test_sines_amplitudes_frequencies_and_determinism():
-  seed = _seed()
+def test_sines_amplitudes_frequencies_and_determinism(seed):
   rng = np.random.default_rng(seed)
   k, imbalance = int(rng.integers(2, 5)), float(rng.uniform(2, 50))
   data = offline.sines(k, imbalance=imbalance, num_train=4096, num_test=64, data_seed=seed)
@@ -83,8 +76,7 @@ def test_sines_amplitudes_frequencies_and_determinism():
     offline.sines(3, imbalance=0.5)
 
 
-def test_batches_cover_each_epoch_once_and_are_seeded():
-  seed = _seed()
+def test_batches_cover_each_epoch_once_and_are_seeded(seed):
   split = offline.Split(np.arange(10, dtype=np.float32)[:, None], {"y": np.arange(10)})
   it = offline.batches(split, 3, seed=seed)
   epoch = [next(it) for _ in range(3)]  # 9 of 10 rows; the incomplete tail is dropped
@@ -106,16 +98,15 @@ def _eigenvalues(bench, seed):
   return np.asarray(eigenvalues(params, batch))
 
 
-def test_multidigits_regression_task_dominates_the_kernel():
-  seed = _seed()
+@pytest.mark.one_seed
+def test_multidigits_regression_task_dominates_the_kernel(seed):
   lam = _eigenvalues(benchmarks.get_benchmark("multidigits", num_train=256, num_test=64,
                                               data_seed=seed), seed)
   # The imbalance the demo is about: the number task's lambda dwarfs the digit tasks'.
   assert lam[2] > 1e3 * max(lam[0], lam[1]), f"seed {seed}: {lam}"
 
 
-def test_sines_imbalance_knob_sets_the_eigenvalue_ratio():
-  seed = _seed()
+def test_sines_imbalance_knob_sets_the_eigenvalue_ratio(seed):
   ratio = {}
   for imbalance in (1.0, 30.0):
     bench = benchmarks.get_benchmark("sines", imbalance=imbalance, min_frequency=1.0,

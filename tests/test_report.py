@@ -4,7 +4,6 @@ import csv
 import json
 import types
 
-import matplotlib.image
 import numpy as np
 import pytest
 from scipy import stats
@@ -18,10 +17,6 @@ HIGHER = (True, True, False)
 BENCH = types.SimpleNamespace(name="toy", description="toy benchmark", task_names=TASKS,
                               metric_names=METRICS, higher_is_better=HIGHER,
                               metric_tasks=(0, 1, 2))
-
-
-def _seed():
-  return int(np.random.SeedSequence().entropy % 2**32)
 
 
 def _history(rng, steps, with_eigen):
@@ -49,8 +44,7 @@ def _runs(rng, seeds=3, methods=("ls", "ntkmtl", "famo"), steps=30):
   return runs
 
 
-def test_summary_matches_independent_computation():
-  seed = _seed()
+def test_summary_matches_independent_computation(seed):
   rng = np.random.default_rng(seed)
   runs = _runs(rng)
   summary = report.summarize(runs, METRICS, HIGHER, (0, 1, 2))
@@ -84,8 +78,7 @@ def test_summary_matches_independent_computation():
   assert summary["stl"]["mean_rank"] is None
 
 
-def test_interrupted_and_incomplete_runs_are_left_out():
-  seed = _seed()
+def test_interrupted_and_incomplete_runs_are_left_out(seed):
   rng = np.random.default_rng(seed)
   runs = _runs(rng, seeds=2, methods=("ls",))
   runs[-1].interrupted = True  # ls, seed 1
@@ -95,8 +88,7 @@ def test_interrupted_and_incomplete_runs_are_left_out():
   assert "stl" not in no_stl and no_stl["ls"]["delta_m_mean"] is None
 
 
-def test_csv_json_and_table(tmp_path):
-  seed = _seed()
+def test_csv_json_and_table(tmp_path, seed):
   rng = np.random.default_rng(seed)
   runs = _runs(rng)
   summary, paths = report.write_reports(str(tmp_path), runs=runs, config={"x": 1},
@@ -122,8 +114,8 @@ def test_csv_json_and_table(tmp_path):
   assert next(line for line in lines if line.startswith("STL"))
 
 
-def test_plots_are_written_and_readable(tmp_path):
-  seed = _seed()
+def test_plots_are_written_and_readable(tmp_path, seed):
+  image_lib = pytest.importorskip("matplotlib.image")
   rng = np.random.default_rng(seed)
   runs = _runs(rng, seeds=2, steps=25)
   _, paths = report.write_reports(str(tmp_path), runs=runs, config={}, benchmark=BENCH)
@@ -131,6 +123,6 @@ def test_plots_are_written_and_readable(tmp_path):
   assert sorted(p.split("/")[-1] for p in pngs) == ["eigenvalues.png", "task_weights.png",
                                                     "training_curves.png"]
   for p in pngs:
-    image = matplotlib.image.imread(p)
+    image = image_lib.imread(p)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     assert image[..., :3].std() > 0.01  # not a blank canvas

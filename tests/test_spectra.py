@@ -87,6 +87,7 @@ def test_statistics_defining_properties(seed):
 
 
 @pytest.mark.parametrize("strategy", ["unroll", "streaming"])
+@pytest.mark.one_seed
 def test_train_step_uses_the_statistic(seed, strategy):
   rng, k, model = random_model(seed)
   n = 4
@@ -202,6 +203,7 @@ def test_group_tasks_threshold_recovers_blocks(seed):
     spectra.group_tasks(affinity, num_groups=0)
 
 
+@pytest.mark.one_seed
 def test_tracker_records_the_probe_at_the_right_steps(seed):
   rng, k, model = random_model(seed)
   n, every = 2, 2

@@ -29,6 +29,7 @@ def _run(model, agg, strategy, steps=2, optimizer=None, jit=True):
 
 
 @pytest.mark.parametrize("aggregator", ["ntkmtl", "ntkmtl_n2", "ls", "official", "mgda"])
+@pytest.mark.one_seed
 def test_strategies_agree(seed, aggregator):
   rng = np.random.default_rng(seed)
   model = TanhMLP(rng, num_tasks=3, batch=8, task_scales=rng.uniform(0.2, 5.0, 3))
@@ -51,6 +52,7 @@ def test_strategies_agree(seed, aggregator):
     assert bool(history[-1]["finite"])
 
 
+@pytest.mark.one_seed
 def test_step_equals_transform_on_task_gradients(seed):
   """One jitted step == jacrev task gradients -> official preset -> Adam, by hand."""
   rng = np.random.default_rng(seed)
@@ -74,6 +76,7 @@ def test_step_equals_transform_on_task_gradients(seed):
                                            @ model.params64["heads"]["w"] - model.y) ** 2, 0))
 
 
+@pytest.mark.one_seed
 def test_jit_and_eager_agree(seed):
   model = TanhMLP(np.random.default_rng(seed), num_tasks=3)
   for make in (lambda: nm.ntkmtl(3, shared=model.shared),
@@ -196,6 +199,7 @@ def _bn_model(k):
 
 
 @pytest.mark.parametrize("method", ["ntkmtl", "ntkmtl_n2", "ntkmtl_sr", "ls"])
+@pytest.mark.one_seed
 def test_flax_model_with_batchnorm(seed, method):
   rng = np.random.default_rng(seed)
   k = 3
@@ -219,7 +223,8 @@ def test_flax_model_with_batchnorm(seed, method):
   assert preds.shape == (8, k)
 
 
-def test_sharded_step_matches_single_device(tmp_path):
+@pytest.mark.one_seed
+def test_sharded_step_matches_single_device(tmp_path, seed):
   """The jitted step on a batch sharded over 8 CPU devices == the same step on one device."""
   script = textwrap.dedent("""
       import os, sys, numpy as np, jax, optax
@@ -252,7 +257,6 @@ def test_sharded_step_matches_single_device(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-  seed = int(np.random.SeedSequence().entropy % 2**31)
   out = subprocess.run([sys.executable, str(path), str(seed)], env=env, capture_output=True,
                        text=True, cwd=root, timeout=600)
   assert out.returncode == 0, f"seed={seed}\n{out.stdout}\n{out.stderr[-3000:]}"

@@ -1,0 +1,98 @@
+"""What users get at the backend's default matmul precision: ntk_weights and the directions
+of the Gram-based methods, float32 against float64 references, per-backend tolerances.
+
+Every other test pins float32 matmuls to "highest" (tests/conftest.py), so that a float64
+comparison measures the code. These tests do not: on NVIDIA GPUs a float32 matmul or
+convolution defaults to TF32 (10-bit mantissa, unit roundoff 2**-11), on TPUs to one pass
+of bfloat16 (7-bit mantissa), on CPUs to full float32. The tolerances below say how far
+the results may move from float64 because of that, relative to the largest entry.
+"""
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+import ntkmtl_jax as nm
+from ntkmtl_jax import methods
+from ntkmtl_jax.aggregator import TaskStats
+from conftest import TanhMLP, assert_close
+
+pytestmark = pytest.mark.default_precision
+
+# Relative tolerances per backend. cpu: float32 rounding, and for MGDA the Frank-Wolfe
+# solver's own stopping tolerance (seen with these seeds: 4e-7 for ntk_weights, 7e-5 for
+# MGDA's direction, at most 2e-6 for the other methods).
+# gpu: TF32; seen on an H200: 4e-4 for ntk_weights, 8e-5 for the solvers' directions.
+# tpu: one bfloat16 pass per matmul (unit roundoff 2**-8); not yet measured, set from the
+# mantissa width.
+TOLERANCES = {
+    "cpu": {"ntk_weights": 2e-4, "direction": 3e-4},
+    "gpu": {"ntk_weights": 2e-3, "direction": 1e-3},
+    "tpu": {"ntk_weights": 3e-2, "direction": 3e-2},
+}
+# Methods whose weights are chosen from the Gram matrix of the task gradients (or its
+# diagonal): the Gram is a float32 matmul, the rest is k x k.
+GRAM_BASED = tuple(n for n in methods.names() if methods.get(n, 2).needs in ("gram", "sq_norms"))
+# SDMGrad's default iteration does not converge and turns rounding differences into
+# different weights; small steps make it a contraction (as in test_methods_more.py).
+HPARAMS = {"sdmgrad": dict(learning_rate=0.05, momentum=0.0)}
+
+
+def tolerance(what):
+  return TOLERANCES.get(jax.default_backend(), TOLERANCES["gpu"])[what]
+
+
+@pytest.fixture(autouse=True)
+def backend_default_precision():
+  # Explicitly the backend default, even where JAX_DEFAULT_MATMUL_PRECISION is set.
+  with jax.default_matmul_precision("default"):
+    yield
+
+
+def test_gram_based_methods_are_found():
+  assert {"mgda", "nash_mtl", "imtl_g", "cagrad", "ntkmtl", "upgrad"} <= set(GRAM_BASED)
+
+
+@pytest.mark.parametrize("num_chunks", [1, 2])
+def test_ntk_weights_at_default_precision(seed, num_chunks):
+  rng = np.random.default_rng(seed)
+  k = 4
+  model = TanhMLP(rng, num_tasks=k, in_dim=32, hidden=64, batch=16,
+                  task_scales=rng.uniform(0.2, 5.0, k))
+  jac = model.numpy_chunk_jacobian(num_chunks)  # (k, n, P) float64
+  blocks = np.einsum("iap,jbp->ijab", jac, jac)
+  eigs = np.array([np.linalg.eigvalsh(blocks[i, i])[-1] for i in range(k)])
+  expected = (eigs.sum() / eigs) ** 0.5
+  out = jax.jit(lambda p, b: nm.ntk_weights(model.loss_fn, p, b, num_chunks=num_chunks,
+                                            shared=model.shared))(model.params, model.batch)
+  assert_close(out.eigenvalues, eigs, rtol=tolerance("ntk_weights"),
+               err_msg=f"{jax.default_backend()} seed={seed}")
+  assert_close(out.weights, expected, rtol=tolerance("ntk_weights"),
+               err_msg=f"{jax.default_backend()} seed={seed}")
+
+
+@pytest.mark.parametrize("name", GRAM_BASED)
+def test_gram_method_direction_at_default_precision(seed, name):
+  """The update from float32 task gradients == the same rule in float64: the Gram and the
+  weighted sum in NumPy float64, the k x k weighting rule run with jax in float64."""
+  rng = np.random.default_rng(seed)
+  k, p = 5, 2000
+  jac = rng.normal(size=(k, p)) * rng.uniform(0.2, 5.0, size=(k, 1))
+  losses = rng.uniform(0.5, 2.0, k)
+  key = jax.random.key(seed)
+  agg = methods.get(name, k, **HPARAMS.get(name, {}))
+  update, _ = jax.jit(agg.update)({"w": jnp.asarray(jac, jnp.float32)}, agg.init(None),
+                                  losses=jnp.asarray(losses, jnp.float32), key=key)
+
+  gram = jac @ jac.T
+  with jax.enable_x64(True), jax.default_matmul_precision("highest"):
+    agg64 = methods.get(name, k, **HPARAMS.get(name, {}))
+    stats = TaskStats(losses=jnp.asarray(losses), sq_norms=jnp.asarray(np.diag(gram)),
+                      gram=jnp.asarray(gram), key=key)
+    weights, _ = jax.jit(agg64.weighting)(stats, agg64.init(None))
+    weights = np.asarray(weights)
+  assert weights.dtype == np.float64
+  expected = weights @ jac
+  assert_close(update["w"], expected, rtol=tolerance("direction"),
+               err_msg=f"{name} on {jax.default_backend()} seed={seed}")
