@@ -103,7 +103,13 @@ def test_tiny_mtan_normals_are_unit_and_losses_match_their_definitions(seed):
   batch["depth"][0, :2] = 0.0
   params, state = jax.jit(functions.init)(jax.random.key(seed, impl="rbg"), batch)
   seg, depth, normal = jax.jit(functions.predict)(params, state, batch)
-  np.testing.assert_allclose(np.linalg.norm(normal, axis=-1), 1.0, rtol=1e-5)
+  # Unit length wherever the head's output is not zero. With 4 filters a pixel can be dead
+  # at init (its head output is exactly 0: two of 128 with seed 0); like F.normalize, the
+  # model maps it to 0, not NaN.
+  norms = np.linalg.norm(normal, axis=-1)
+  live = norms != 0
+  assert live.mean() > 0.9, f"seed={seed}: {np.sum(~live)} dead pixels"
+  np.testing.assert_allclose(norms[live], 1.0, rtol=1e-5, err_msg=f"seed={seed}")
   # Reference losses in NumPy from the eval-mode outputs.
   seg, depth, normal = (np.asarray(a, np.float64) for a in (seg, depth, normal))
   log_p = seg - np.log(np.exp(seg).sum(-1, keepdims=True))
