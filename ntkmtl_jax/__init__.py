@@ -6,7 +6,7 @@ from ntkmtl_jax.kernel import (NTKWeights, default_strategy, diagonal_blocks, ke
                                task_jacobian, weights_from_eigenvalues)
 from ntkmtl_jax.methods.ntkmtl import (NTKMTLState, clip_shared_by_global_norm, ntkmtl,
                                        ntkmtl_sr, official_ntkmtl)
-from ntkmtl_jax.sharding import replicate, shard_batch
+from ntkmtl_jax.sharding import process_rows, replicate, shard_batch, shard_process_batch
 from ntkmtl_jax.train import TrainState, TrainStep, make_train_step
 from ntkmtl_jax.weighting import (GradientRule, Method, Needs, TaskStats, Weighting, combine,
                                   is_method)
@@ -17,6 +17,7 @@ __all__ = [
     "GradientRule", "Method", "NTKMTLState", "NTKWeights", "Needs", "TaskStats", "TrainState",
     "TrainStep", "Weighting", "clip_shared_by_global_norm", "combine", "default_strategy",
     "diagonal_blocks", "is_method", "kernel_blocks", "largest_eigenvalue", "make_train_step",
-    "methods", "ntk_weights", "ntkmtl", "ntkmtl_sr", "official_ntkmtl", "replicate",
-    "representation_eigenvalues", "shard_batch", "task_jacobian", "weights_from_eigenvalues",
+    "methods", "ntk_weights", "ntkmtl", "ntkmtl_sr", "official_ntkmtl", "process_rows",
+    "replicate", "representation_eigenvalues", "shard_batch", "shard_process_batch",
+    "task_jacobian", "weights_from_eigenvalues",
 ]

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 import ntkmtl_jax as nm
 from ntkmtl_jax import methods
-from ntkmtl_jax.aggregator import TaskStats
+from ntkmtl_jax.weighting import TaskStats
 from conftest import TanhMLP, assert_close
 
 pytestmark = pytest.mark.default_precision
@@ -33,7 +33,7 @@ TOLERANCES = {
 }
 # Methods whose weights are chosen from the Gram matrix of the task gradients (or its
 # diagonal): the Gram is a float32 matmul, the rest is k x k.
-GRAM_BASED = tuple(n for n in methods.names() if methods.get(n, 2).needs in ("gram", "sq_norms"))
+GRAM_BASED = tuple(n for n in methods.names() if methods.get(n, 2).needs.kind in ("gram", "sq_norms"))
 # SDMGrad's default iteration does not converge and turns rounding differences into
 # different weights; small steps make it a contraction (as in test_methods_more.py).
 HPARAMS = {"sdmgrad": dict(learning_rate=0.05, momentum=0.0)}
@@ -90,7 +90,7 @@ def test_gram_method_direction_at_default_precision(seed, name):
     agg64 = methods.get(name, k, **HPARAMS.get(name, {}))
     stats = TaskStats(losses=jnp.asarray(losses), sq_norms=jnp.asarray(np.diag(gram)),
                       gram=jnp.asarray(gram), key=key)
-    weights, _ = jax.jit(agg64.weighting)(stats, agg64.init(None))
+    weights, _ = jax.jit(agg64.weights)(stats, agg64.init(None))
     weights = np.asarray(weights)
   assert weights.dtype == np.float64
   expected = weights @ jac
