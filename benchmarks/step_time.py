@@ -75,12 +75,16 @@ def make_case(name: str, batch_size: int, seed: int = 0, num_tasks: int | None =
 
 def configurations(k, shared, methods):
   rows = [("LS", lambda: nm.methods.get("ls", k, shared=shared), "unroll")]
-  for strategy in ("unroll", "vmap", "chunked", "streaming"):
+  for strategy in ("unroll", "vmap", "chunked", "streaming", "sequential"):
     rows.append((f"NTKMTL n=1 {strategy}", lambda: nm.official_ntkmtl(k, shared)[0], strategy))
-  rows.append(("NTKMTL n=4", lambda: nm.ntkmtl(k, num_chunks=4, shared=shared), "auto"))
+  for strategy in ("unroll", "streaming", "sequential"):
+    rows.append((f"NTKMTL n=4 {strategy}", lambda: nm.ntkmtl(k, num_chunks=4, shared=shared),
+                 strategy))
+  for strategy in ("unroll", "streaming", "sequential"):  # a Gram method
+    rows.append((f"MGDA {strategy}", lambda: nm.methods.get("mgda", k, shared=shared), strategy))
   rows.append(("NTKMTL-SR n=4", lambda: nm.ntkmtl_sr(k, num_chunks=4, shared=shared), "auto"))
   for name in methods:
-    if name in ("ls", "ntkmtl", "ntkmtl_sr"):
+    if name in ("ls", "ntkmtl", "ntkmtl_sr", "mgda"):
       continue
     rows.append((name, lambda name=name: nm.methods.get(name, k, shared=shared), "auto"))
   return rows
