@@ -9,6 +9,15 @@ import jax
 import jax.numpy as jnp
 
 
+def enable_x64(enabled: bool = True):
+  """Context manager for 64-bit jax numbers: `jax.enable_x64` where it exists (newer jax),
+  `jax.experimental.enable_x64` on the oldest supported jax (0.5.3)."""
+  if hasattr(jax, "enable_x64"):
+    return jax.enable_x64(enabled)
+  from jax.experimental import enable_x64 as experimental_enable_x64
+  return experimental_enable_x64(enabled)
+
+
 @pytest.fixture
 def seed(request):
   """A fresh seed per test; shown in the failure report so a failure can be replayed."""
