@@ -1,15 +1,20 @@
 # `make demo`: set up .venv and run the built-in offline comparison (no network, no GPU).
 # `make test`: set up .venv and run the test suite.
+# `make docs`: build the docs site into site/ (mkdocs, warnings as errors).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo test docs bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[data,plots,test]"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[docs]"
 	touch $@
 
 demo: $(VENV)/.installed
@@ -18,8 +23,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --durations=15 tests
 
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 bench: $(VENV)/.installed
 	$(PY) benchmarks/step_time.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from ntkmtl_jax import metrics as metrics_lib
+from ntkmtl_jax._optional import require
 from ntkmtl_jax.loop import RunResult
 
 STL = "stl"
@@ -174,10 +175,9 @@ def write_csv(path: str, summary: dict, metric_names: Sequence[str]) -> None:
 
 
 def _pyplot():
-  import matplotlib
+  matplotlib = require("matplotlib", "plots", "the PNG plots")
   matplotlib.use("Agg")  # Files only: works without a display.
-  import matplotlib.pyplot as plt
-  return plt
+  return require("matplotlib.pyplot", "plots")
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:

@@ -17,6 +17,15 @@ import jax.numpy as jnp
 SEEDS = tuple(int(s) for s in os.environ.get("NTKMTL_TEST_SEEDS", "0,1,2").split(","))
 
 
+def enable_x64(enabled: bool = True):
+  """Context manager for 64-bit jax numbers: `jax.enable_x64` where it exists (newer jax),
+  `jax.experimental.enable_x64` on the oldest supported jax (0.5.3)."""
+  if hasattr(jax, "enable_x64"):
+    return jax.enable_x64(enabled)
+  from jax.experimental import enable_x64 as experimental_enable_x64
+  return experimental_enable_x64(enabled)
+
+
 def pytest_configure(config):
   config.addinivalue_line("markers", "one_seed: a slow test, run with the first seed only")
   config.addinivalue_line(

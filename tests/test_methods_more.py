@@ -12,7 +12,7 @@ from ntkmtl_jax import methods
 from ntkmtl_jax.weighting import TaskStats
 from ntkmtl_jax.methods import alignment, conflict, solvers
 from ntkmtl_jax.train import make_train_step
-from conftest import TanhMLP, assert_close, check_end_to_end
+from conftest import TanhMLP, assert_close, check_end_to_end, enable_x64
 
 GRAM_METHODS = ("upgrad", "dualproj", "aligned_mtl", "config", "gradvac", "sdmgrad")
 ALL_METHODS = GRAM_METHODS + ("moco",)
@@ -237,7 +237,7 @@ def test_sdmgrad_matches_the_authors_iteration(seed):
   agg = methods.get("sdmgrad", k, lamda=lamda)
   # With the authors' step size 10 the projected iteration does not converge and amplifies
   # rounding, so the comparison runs in float64.
-  with jax.enable_x64(True):
+  with enable_x64(True):
     state = agg.init(None)
     w = np.full(k, 1.0 / k, np.float32).astype(np.float64)  # as the float32 initial state
     for step in range(2):  # the second step is warm-started from the first

@@ -38,6 +38,8 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
+from ntkmtl_jax._optional import require
+
 Batch = dict[str, np.ndarray]
 
 
@@ -95,7 +97,8 @@ def multidigits(num_train: int = 10_000, num_test: int = 2_000, *,
     An `OfflineDataset` with `x` of shape (N, 128) in [0, 1], int32 targets "left" and
     "right" in 0..9, and the float32 regression target named by `regression`.
   """
-  from sklearn.datasets import load_digits  # scikit-learn ships the images: no download.
+  # scikit-learn ships the images: no download, but it is the `data` extra.
+  load_digits = require("sklearn.datasets", "data", "the MultiDigits benchmark").load_digits
 
   if num_train < 1 or num_test < 1:
     raise ValueError(f"num_train and num_test must be positive, got {num_train}, {num_test}.")
