@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
   p.add_argument("--hp", action="append", metavar="NAME=VALUE",
                  help="method hyper-parameter, repeatable (e.g. exponent=0.75)")
+  p.add_argument("--resume", action="store_true",
+                 help="continue the run that --out holds (its checkpoints are in "
+                      "OUT/<method>-seed<seed>)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="discard an unfinished run that --out holds (a finished one is kept)")
 
   p = sub.add_parser(
       "spectrum", formatter_class=_formatter,
@@ -260,7 +265,8 @@ def _stl_runs(method, bench, hparams):
 
 
 def run_all(bench, plan, *, out: str | None, report_config: dict, title: str,
-            progress: bool = True, plots: bool = True, workdirs=None) -> tuple[int, list]:
+            progress: bool = True, plots: bool = True, workdirs=None, resume: bool = True,
+            overwrite: bool = False) -> tuple[int, list]:
   """Runs `plan` (a list of `training.Config`) on `bench`, then prints and writes the report.
 
   results.json is rewritten after each run, so Ctrl-C keeps the finished runs.
@@ -274,6 +280,7 @@ def run_all(bench, plan, *, out: str | None, report_config: dict, title: str,
     progress: show progress bars.
     plots: write the PNG plots.
     workdirs: per run, its checkpoint directory (None: no checkpoints).
+    resume, overwrite: what to do with a run a workdir already holds (`training.fit`'s).
 
   Returns:
     (exit status: 0, or 130 when interrupted; the `RunResult`s).
@@ -287,7 +294,7 @@ def run_all(bench, plan, *, out: str | None, report_config: dict, title: str,
       if label == "stl":
         label += f"[task {bench.task_names[config.hparams.get('task', 0)]}]"
       result = training.fit(bench, config, None if workdirs is None else workdirs[index],
-                            progress=progress,
+                            progress=progress, resume=resume, overwrite=overwrite,
                             description=f"[{index + 1}/{len(plan)}] {label} seed {config.seed}")
       runs.append(result)
       if result.interrupted:
@@ -347,9 +354,18 @@ def _run_all(args, bench, methods, seeds, hparams, command) -> int:
                        options=_key_values(args.option, ""), methods=methods, seeds=seeds,
                        steps=steps, batch_size=base.batch_size, hparams=hparams,
                        run=dataclasses.asdict(base))
-  code, _ = run_all(bench, plan, out=out, report_config=report_config,
-                    title=f"{bench.name}: {bench.description}; {steps} steps",
-                    progress=not args.quiet, plots=not args.no_plots)
+  checkpointed = command == "train"
+  from ntkmtl_jax.checkpoints import RunMismatchError
+  try:
+    code, _ = run_all(bench, plan, out=out, report_config=report_config,
+                      title=f"{bench.name}: {bench.description}; {steps} steps",
+                      progress=not args.quiet, plots=not args.no_plots,
+                      workdirs=[os.path.join(out, _run_label(c)) for c in plan]
+                      if checkpointed else None,
+                      resume=checkpointed and args.resume,
+                      overwrite=checkpointed and args.overwrite)
+  except RunMismatchError as error:
+    raise UsageError(str(error)) from None
   return code
 
 
@@ -483,6 +499,8 @@ def experiment_main(benchmark: str, get_config, argv: list[str] | None = None) -
   parser.add_argument("--data-dir", default=None, help="where the dataset lives")
   parser.add_argument("--workdir", default=None,
                       help="checkpoints and results; rerun with it to resume")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="discard an unfinished run of another config in --workdir")
   for flag, kind in (("--max-steps", int), ("--epochs", int), ("--batch-size", int),
                      ("--learning-rate", float), ("--seed", int), ("--strategy", str)):
     parser.add_argument(flag, type=kind, default=None)
@@ -511,9 +529,14 @@ def experiment_main(benchmark: str, get_config, argv: list[str] | None = None) -
     many = len(plan) > 1
     workdirs = [os.path.join(flags.workdir, _run_label(c)) if many else flags.workdir
                 for c in plan]
-  _, runs = run_all(bench, plan, out=flags.workdir, report_config=dataclasses.asdict(config),
-                    title=f"{benchmark}: {bench.description}", progress=False, plots=False,
-                    workdirs=workdirs)
+  from ntkmtl_jax.checkpoints import RunMismatchError
+  try:
+    _, runs = run_all(bench, plan, out=flags.workdir,
+                      report_config=dataclasses.asdict(config),
+                      title=f"{benchmark}: {bench.description}", progress=False, plots=False,
+                      workdirs=workdirs, overwrite=flags.overwrite)
+  except RunMismatchError as error:
+    raise SystemExit(str(error)) from None
   return runs
 
 

@@ -14,8 +14,9 @@ result. Without a validation split the final model is scored on the test split. 
 learning rate follows a per-epoch schedule (constant, cosine, step, or plateau on the
 validation score), applied as a factor after the optimiser through
 `optax.inject_hyperparams`, so any optax transformation can be the optimiser. With a
-`workdir`, `best/`, `latest/` (orbax), `history.npz` and `run_state.json` are written at
-the same points, and a run started again with the same `workdir` resumes where it stopped.
+`workdir`, crash-safe checkpoints (`ntkmtl_jax.checkpoints`: state, history and run state in
+one orbax checkpoint) are written at those points, and a run started again with the same
+`workdir` resumes where it stopped, with the same batches and augmentation.
 The `ntkmtl` command and the `experiments/` scripts both run this loop.
 """
 
@@ -35,6 +36,7 @@ import optax
 
 import ntkmtl_jax
 from ntkmtl_jax import kernel
+from ntkmtl_jax.checkpoints import RunCheckpoints, RunMismatchError, fingerprint
 from ntkmtl_jax.data.splits import Split, epoch_batches
 from ntkmtl_jax.models.multitask import TaskFunctions
 from ntkmtl_jax.train import TrainState, TrainStep
@@ -81,6 +83,8 @@ class Config:
       network of a hundred layers with threefry keys spends tens of seconds compiling
       random-number code.
     log_every: steps between progress-bar refreshes (and host transfers of the metrics).
+    checkpoint_every: with a workdir, also checkpoint every this many steps (0: at epoch
+      ends and where `max_steps` stops the run only).
   """
   benchmark: str = ""
   data_dir: str | None = None
@@ -108,6 +112,7 @@ class Config:
   seed: int = 0
   init_prng: str = "threefry2x32"
   log_every: int = 50
+  checkpoint_every: int = 0
 
   def replace(self, **changes) -> "Config":
     return dataclasses.replace(self, **changes)
@@ -394,39 +399,19 @@ def evaluate(benchmark: "Benchmark", params, model_state, split: Split,
 # Checkpoints.
 
 
-def _state_tree(state: TrainState) -> dict:
-  leaves = jax.tree.leaves(state._replace(key=jax.random.key_data(state.key)))
-  return {f"{i:05d}": leaf for i, leaf in enumerate(leaves)}
-
-
-def _state_from_tree(template: TrainState, tree: dict) -> TrainState:
-  plain = template._replace(key=jax.random.key_data(template.key))
-  restored = jax.tree.unflatten(jax.tree.structure(plain), [tree[k] for k in sorted(tree)])
-  return restored._replace(key=jax.random.wrap_key_data(restored.key,
-                                                         impl=jax.random.key_impl(template.key)))
-
-
-def save_state(directory: str, state: TrainState):
-  """Writes `state` to `directory` (orbax), replacing what is there."""
-  import orbax.checkpoint as ocp
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(directory), _state_tree(state), force=True)
-  checkpointer.wait_until_finished()
-
-
-def restore_state(directory: str, template: TrainState) -> TrainState:
-  """Restores a `save_state` checkpoint into the structure of `template`."""
-  import orbax.checkpoint as ocp
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(template))
-  tree = ocp.StandardCheckpointer().restore(os.path.abspath(directory), target)
-  return _state_from_tree(template, tree)
-
-
 def restore_checkpoint(benchmark: "Benchmark", config: Config, workdir: str,
                        which: str = "best") -> TrainState:
-  """The `TrainState` that `fit` saved under `workdir/which` ("best" or "latest")."""
+  """The `TrainState` that `fit` saved in `workdir`: "best" (the selected model) or "latest"."""
+  from ntkmtl_jax.checkpoints import RunCheckpoints
   step, _ = build_step(benchmark, config)
-  return restore_state(os.path.join(workdir, which), initial_state(benchmark, config, step))
+  template = initial_state(benchmark, config, step)
+  checkpoints = RunCheckpoints(workdir)
+  if which == "best":
+    return checkpoints.restore_best(template)
+  restored = checkpoints.restore(template)
+  if restored is None:
+    raise FileNotFoundError(f"No usable checkpoint in {workdir}.")
+  return restored[0]
 
 
 def write_json(path: str, data: dict):
@@ -467,9 +452,10 @@ class _Recorder:
     return out
 
   def load(self, arrays: dict):
-    self.host = {key: list(arrays[key]) for key in self.KEYS}
-    self.probe_steps = list(arrays["probe_steps"])
-    self.probe_values = list(arrays["probe_values"])
+    """Continues from `arrays()` of an earlier run (empty arrays may be left out)."""
+    self.host = {key: list(arrays.get(key, ())) for key in self.KEYS}
+    self.probe_steps = list(arrays.get("probe_steps", ()))
+    self.probe_values = list(arrays.get("probe_values", ()))
 
   def history(self, eigenvalues_in_step: bool) -> History:
     a = self.arrays()
@@ -498,16 +484,57 @@ def _progress_bar(total: int, initial: int, description: str, enabled: bool):
               dynamic_ncols=True)
 
 
+def _resume(checkpoints: RunCheckpoints, config: Config, run: dict, recorder: "_Recorder",
+            state: TrainState, resume: bool, overwrite: bool) -> dict:
+  """The run state to start from (with its "state"), after checking what the workdir holds."""
+  workdir = checkpoints.workdir
+  wanted = fingerprint(config)
+  run = dict(run, fingerprint=wanted, finished=False)
+  if not checkpoints.steps():
+    return dict(run, state=state)
+  restored = checkpoints.restore(state)
+  if restored is None:
+    if not overwrite:
+      raise RunMismatchError(f"{workdir} holds checkpoints but none restores; pass "
+                             "overwrite=True (--overwrite) to start the run over.")
+    checkpoints.clear()
+    return dict(run, state=state)
+  saved_state, saved_run, history = restored
+  same = saved_run["fingerprint"] == wanted
+  if overwrite:
+    if saved_run.get("finished"):
+      raise RunMismatchError(f"{workdir} holds a finished run; refusing to overwrite it: "
+                             "delete it or choose another directory.")
+    checkpoints.clear()
+    return dict(run, state=state)
+  if not same:
+    differ = sorted(k for k in wanted if saved_run["fingerprint"].get(k) != wanted[k])
+    raise RunMismatchError(f"{workdir} holds another run (different {', '.join(differ)}); "
+                           "choose another directory, or pass overwrite=True (--overwrite) to "
+                           "discard it.")
+  if not resume:
+    raise RunMismatchError(f"{workdir} holds a run of this config; pass resume=True "
+                           "(--resume) to continue it or overwrite=True (--overwrite) to "
+                           "start over.")
+  recorder.load(history)
+  print(f"Resuming {config.benchmark}/{config.method} at epoch {saved_run['epoch']}, batch "
+        f"{saved_run['batch']} (step {int(saved_state.step)}).")
+  return dict(saved_run, state=saved_state)
+
+
 def fit(benchmark: "Benchmark", config: Config, workdir: str | None = None, *, method=None,
         optimizer: optax.GradientTransformation | None = None, progress: bool = True,
         description: str | None = None,
-        callback: Callable[[int, TrainState, dict], None] | None = None) -> RunResult:
+        callback: Callable[[int, TrainState, dict], None] | None = None,
+        resume: bool = True, overwrite: bool = False) -> RunResult:
   """Trains `config.method` on `benchmark` and returns the run's record.
 
   Ctrl-C (KeyboardInterrupt) during training stops the run cleanly: the result has
   `interrupted=True`, the history of the steps taken, and metrics of the best model so far
-  (or of the current one, scored then). A run with a `workdir` resumes, when started again,
-  from the last epoch end (or `max_steps` stop) it saved.
+  (or of the current one, scored then). A run with a `workdir` checkpoints at every epoch end,
+  where `max_steps` stops it and every `config.checkpoint_every` steps
+  (`checkpoints.RunCheckpoints`); started again, it resumes from the newest usable
+  checkpoint and ends with the parameters an uninterrupted run ends with.
 
   Args:
     benchmark: the `Benchmark` (model functions, splits, metrics, selection rule).
@@ -520,9 +547,16 @@ def fit(benchmark: "Benchmark", config: Config, workdir: str | None = None, *, m
     description: the progress bar's label (default: the method's name and seed).
     callback: called as `callback(t, state, metrics)` after step t (1-based), e.g. a
       `spectra.SpectrumTracker`; it runs on the host, so keep it cheap or sparse.
+    resume: continue the run that `workdir` holds (False: refuse to touch it).
+    overwrite: discard an unfinished run (of this config or another) that `workdir` holds;
+      a finished run is never discarded.
 
   Returns:
     A `RunResult`.
+
+  Raises:
+    RunMismatchError: `workdir` holds a run of another config (without `overwrite`), a run
+      of this one (with neither `resume` nor `overwrite`), or a finished run to overwrite.
   """
   started = time.perf_counter()
   steps_per_epoch = len(benchmark.train) // config.batch_size
@@ -544,18 +578,10 @@ def fit(benchmark: "Benchmark", config: Config, workdir: str | None = None, *, m
   run = dict(epoch=0, batch=0, best_score=-math.inf, best_epoch=None, val_metrics=None,
              metrics=None, plateau_scale=1.0, plateau_best=-math.inf, plateau_wait=0,
              evaluations=[], step_times=[])
+  checkpoints = RunCheckpoints(workdir) if workdir else None
   if workdir:
-    os.makedirs(workdir, exist_ok=True)
-    run_path = os.path.join(workdir, "run_state.json")
-    history_path = os.path.join(workdir, "history.npz")
-    if os.path.exists(run_path) and os.path.isdir(os.path.join(workdir, "latest")):
-      with open(run_path) as f:
-        run.update(json.load(f))
-      state = restore_state(os.path.join(workdir, "latest"), state)
-      with np.load(history_path) as saved:
-        recorder.load(dict(saved))
-      print(f"Resuming {config.benchmark}/{config.method} at epoch {run['epoch']}, batch "
-            f"{run['batch']} (step {int(state.step)}).")
+    run = _resume(checkpoints, config, run, recorder, state, resume, overwrite)
+    state = run.pop("state")
 
   bar = _progress_bar(total_steps, int(state.step), description or f"{name} seed {config.seed}",
                       progress)
@@ -563,12 +589,8 @@ def fit(benchmark: "Benchmark", config: Config, workdir: str | None = None, *, m
 
   def checkpoint():
     if workdir:
-      save_state(os.path.join(workdir, "latest"), state)
-      arrays = recorder.arrays()
-      with open(history_path + ".tmp.npz", "wb") as f:
-        np.savez(f, **arrays)
-      os.replace(history_path + ".tmp.npz", history_path)
-      write_json(run_path, run)
+      run["finished"] = taken >= total_steps
+      checkpoints.save(state, run, recorder.arrays())
 
   def score_and_select(epoch):
     if benchmark.val is None:
@@ -583,7 +605,7 @@ def fit(benchmark: "Benchmark", config: Config, workdir: str | None = None, *, m
       run.update(best_score=score, best_epoch=epoch, val_metrics=val, metrics=test)
       entry["test"] = test
       if workdir:
-        save_state(os.path.join(workdir, "best"), state)
+        checkpoints.save_best(state)
     if config.lr_schedule == "plateau":
       if score > run["plateau_best"]:
         run.update(plateau_best=score, plateau_wait=0)
@@ -630,6 +652,9 @@ def fit(benchmark: "Benchmark", config: Config, workdir: str | None = None, *, m
         if taken >= total_steps:
           stopped = run["batch"] < steps_per_epoch
           break
+        if config.checkpoint_every and taken % config.checkpoint_every == 0 and \
+            run["batch"] < steps_per_epoch:
+          checkpoint()
       if stopped:
         score_and_select(epoch)
         checkpoint()

@@ -177,3 +177,22 @@ def test_missing_paper_dataset_says_what_to_do(tmp_path, capsys):
   assert code == 2
   assert "celeb_a" in err and "not found" in err and "--option data_dir=DIR" in err
   assert "Traceback" not in err
+
+
+def test_train_resumes_and_refuses_to_overwrite(tmp_path, capsys):
+  out = str(tmp_path / "run")
+  args = ["train", "--benchmark", "sines", "--option", "num_train=64", "--method", "ls",
+          "--batch-size", "16", "--no-plots", "--quiet", "--out", out]
+  assert cli.main(args + ["--steps", "3"]) == 0
+  capsys.readouterr()
+  assert cli.main(args + ["--steps", "6"]) == 2  # a run is there: say what to do
+  err = capsys.readouterr().err
+  assert "--resume" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+  assert cli.main(args + ["--steps", "6", "--resume"]) == 0
+  assert "Resuming sines/ls at epoch 0, batch 3 (step 3)" in capsys.readouterr().out
+  document = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert document["runs"][0]["steps"] == 6
+  assert np.asarray(document["runs"][0]["history"]["losses"]).shape == (6, 3)
+  assert cli.main(args + ["--steps", "6", "--overwrite"]) == 2  # finished: kept
+  err = capsys.readouterr().err
+  assert "refusing to overwrite" in err and len(err.strip().splitlines()) == 1

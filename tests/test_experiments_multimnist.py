@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 from experiments.multimnist import configs, main
 from ntkmtl_jax import benchmarks, cli, metrics, report, training
 from ntkmtl_jax.benchmarks import multimnist
+from ntkmtl_jax.checkpoints import RunCheckpoints
 from ntkmtl_jax.models.lenet import lenet_functions
 
 NUM_MOCK = 24  # tfds mock examples per split
@@ -116,8 +117,8 @@ def test_a_few_ls_steps_with_checkpoint_and_resume(tmp_path, capsys):
   assert second.skipped == 0 and np.all(np.isfinite(second.last_losses))
   assert second.history.losses.shape == (2, 2)  # the resumed run keeps the first step's record
   np.testing.assert_array_equal(second.history.losses[:1], first.history.losses)
-  assert os.path.isdir(os.path.join(workdir, "best")) and os.path.isdir(
-      os.path.join(workdir, "latest"))
+  assert os.path.isdir(os.path.join(workdir, "best"))
+  assert RunCheckpoints(workdir).steps()[0] == 2  # the newest checkpoint: where it stopped
   with open(os.path.join(workdir, "results.json")) as f:
     assert json.load(f)["steps"] == 2
   # The best checkpoint restores, and scores on validation what the run recorded for it.
