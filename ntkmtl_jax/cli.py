@@ -148,11 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
   p.add_argument("--hp", action="append", metavar="NAME=VALUE",
                  help="method hyper-parameter, repeatable (e.g. exponent=0.75)")
-  p.add_argument("--resume", action="store_true",
-                 help="continue the run that --out holds (its checkpoints are in "
-                      "OUT/<method>-seed<seed>)")
-  p.add_argument("--overwrite", action="store_true",
-                 help="discard an unfinished run that --out holds (a finished one is kept)")
+  for flag, text in (("--resume", "continue the run that --out holds (its checkpoints are in "
+                                   "OUT/<method>-seed<seed>)"),
+                     ("--overwrite", "discard an unfinished run that --out holds (a finished "
+                                      "one is kept)")):
+    p.add_argument(flag, action="store_true", help=text)
 
   p = sub.add_parser(
       "spectrum", formatter_class=_formatter,
