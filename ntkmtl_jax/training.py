@@ -35,11 +35,10 @@ import numpy as np
 import optax
 
 import ntkmtl_jax
-from ntkmtl_jax import kernel
+from ntkmtl_jax import TrainState, TrainStep, kernel
 from ntkmtl_jax.checkpoints import RunCheckpoints, RunMismatchError, fingerprint
 from ntkmtl_jax.data.splits import Split, epoch_batches
 from ntkmtl_jax.models.multitask import TaskFunctions
-from ntkmtl_jax.train import TrainState, TrainStep
 
 if TYPE_CHECKING:
   from ntkmtl_jax.benchmarks import Benchmark
