@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -52,6 +53,7 @@ PREFERRED_BASELINES = ("famo", "fairgrad", "mgda", "nash_mtl", "pcgrad", "cagrad
                        "imgrad", "dwa", "uw", "rlw", "si")
 CORE_METHODS = ("stl", "ls", "ntkmtl", "ntkmtl_sr")
 MAX_DEFAULT_BASELINES = 4  # Keeps the default comparison within minutes on 2 CPU cores.
+SCHEDULES = ("constant", "cosine", "step", "plateau")
 
 
 class UsageError(Exception):
@@ -92,12 +94,15 @@ def _add_common(p: argparse.ArgumentParser, *, out: bool = True):
                  help="benchmark option, repeatable (e.g. regression_scale=0.1 for multidigits, "
                       "imbalance=100 for sines)")
   p.add_argument("--steps", type=int, help="train steps per run (default: the benchmark's)")
+  p.add_argument("--epochs", type=int, help="epochs per run (default: the benchmark's)")
   p.add_argument("--batch-size", type=int, help="mini-batch size (default: the benchmark's)")
   p.add_argument("--lr", type=float, help="learning rate (default: the benchmark's)")
-  p.add_argument("--optimizer", default="adam", choices=("adam", "adamw", "sgd"),
-                 help="optimiser after the task aggregation (default: adam)")
-  p.add_argument("--schedule", choices=("constant", "cosine"),
-                 help="learning-rate schedule (default: the benchmark's)")
+  p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"),
+                 help="optimiser after the task aggregation (default: the benchmark's, adam)")
+  p.add_argument("--schedule", choices=SCHEDULES,
+                 help="per-epoch learning-rate schedule (default: the benchmark's)")
+  p.add_argument("--strategy", help="how task backward passes run: auto, unroll, vmap, "
+                 "chunked, streaming (default: auto)")
   p.add_argument("--max-grad-norm", type=float, default=None,
                  help="clip the shared update's global norm to this before the optimiser "
                       "(default: the benchmark's; 0 turns clipping off)")
@@ -143,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
   p.add_argument("--hp", action="append", metavar="NAME=VALUE",
                  help="method hyper-parameter, repeatable (e.g. exponent=0.75)")
+  for flag, text in (("--resume", "continue the run that --out holds (its checkpoints are in "
+                                   "OUT/<method>-seed<seed>)"),
+                     ("--overwrite", "discard an unfinished run that --out holds (a finished "
+                                      "one is kept)")):
+    p.add_argument(flag, action="store_true", help=text)
 
   p = sub.add_parser(
       "spectrum", formatter_class=_formatter,
@@ -209,19 +219,29 @@ def _benchmark(args):
                      "--option data_dir=DIR)") from e
 
 
-def _settings(args, bench):
-  from ntkmtl_jax.loop import OptimizerConfig
-  defaults = bench.defaults
-  steps = args.steps if args.steps is not None else defaults.get("steps", 500)
-  batch_size = args.batch_size if args.batch_size is not None else defaults.get("batch_size", 128)
-  lr = args.lr if args.lr is not None else defaults.get("learning_rate", 1e-3)
-  if steps < 1 or batch_size < 1 or lr <= 0:
-    raise UsageError("--steps, --batch-size and --lr must be positive")
-  clip = (args.max_grad_norm if args.max_grad_norm is not None else
-          defaults.get("max_grad_norm"))
-  optimizer = OptimizerConfig(args.optimizer, lr, clip or None,
-                              schedule=args.schedule or defaults.get("schedule", "constant"))
-  return steps, batch_size, optimizer
+def _base_config(args, bench):
+  """The benchmark's default run with the command line's settings."""
+  changes = {}
+  for flag, field in (("batch_size", "batch_size"), ("lr", "learning_rate"),
+                      ("optimizer", "optimizer"), ("schedule", "lr_schedule"),
+                      ("strategy", "strategy"), ("epochs", "num_epochs")):
+    if getattr(args, flag, None) is not None:
+      changes[field] = getattr(args, flag)
+  if args.steps is not None:
+    changes.update(max_steps=args.steps, num_epochs=args.epochs)
+  if args.max_grad_norm is not None:
+    changes["max_grad_norm"] = args.max_grad_norm or None
+  config = bench.config.replace(**changes)
+  if any(v is not None and v <= 0 for v in (config.max_steps, config.num_epochs)) or \
+      config.batch_size < 1 or config.learning_rate <= 0:
+    raise UsageError("--steps, --epochs, --batch-size and --lr must be positive")
+  if config.batch_size > len(bench.train):
+    raise UsageError(f"--batch-size {config.batch_size} is larger than the training split "
+                     f"({len(bench.train)} examples)")
+  steps = config.run_length(len(bench.train) // config.batch_size)[1]
+  if not config.probe_every:  # eigenvalue tracks for the plots, about 20 points per run
+    config = config.replace(probe_every=max(1, steps // 20))
+  return config, steps
 
 
 def _output_dir(args, command: str) -> str:
@@ -244,52 +264,109 @@ def _stl_runs(method, bench, hparams):
   return [hparams]
 
 
-def _run_all(args, bench, plan, out, config, command) -> int:
-  """Runs `plan` [(method, seed, hparams)], writing reports after each; handles Ctrl-C."""
-  from ntkmtl_jax import loop, report
-  steps, batch_size, optimizer = _settings(args, bench)
-  probe_every = bench.defaults.get("probe_every", max(1, steps // 20))
+def run_all(bench, plan, *, out: str | None, report_config: dict, title: str,
+            progress: bool = True, plots: bool = True, workdirs=None, resume: bool = True,
+            overwrite: bool = False) -> tuple[int, list]:
+  """Runs `plan` (a list of `training.Config`) on `bench`, then prints and writes the report.
+
+  results.json is rewritten after each run, so Ctrl-C keeps the finished runs.
+
+  Args:
+    bench: the `Benchmark`.
+    plan: the runs' configs.
+    out: where results.json, results.csv and the plots go (None: nowhere).
+    report_config: the settings recorded in results.json.
+    title: the table's title (the seeds and total time are added).
+    progress: show progress bars.
+    plots: write the PNG plots.
+    workdirs: per run, its checkpoint directory (None: no checkpoints).
+    resume, overwrite: what to do with a run a workdir already holds (`training.fit`'s).
+
+  Returns:
+    (exit status: 0, or 130 when interrupted; the `RunResult`s).
+  """
+  from ntkmtl_jax import report, training
   runs, interrupted = [], False
-  print(f"ntkmtl {command}: {bench.name} ({bench.description}); {len(plan)} run(s) of {steps} "
-        f"steps; writing to {out}", flush=True)
   start = time.perf_counter()
   try:
-    for index, (method, seed, hparams) in enumerate(plan, 1):
-      label = method + (f"[task {bench.task_names[hparams['task']]}]" if method == "stl" else "")
-      result = loop.fit(bench.functions, method, hparams=hparams, seed=seed,
-                        train_data=bench.train_data(seed, batch_size), steps=steps,
-                        optimizer=optimizer, evaluate=bench.evaluate, probe_every=probe_every,
-                        progress=not args.quiet,
-                        description=f"[{index}/{len(plan)}] {label} seed {seed}")
+    for index, config in enumerate(plan):
+      label = config.method_key
+      if label == "stl":
+        label += f"[task {bench.task_names[config.hparams.get('task', 0)]}]"
+      result = training.fit(bench, config, None if workdirs is None else workdirs[index],
+                            progress=progress, resume=resume, overwrite=overwrite,
+                            description=f"[{index + 1}/{len(plan)}] {label} seed {config.seed}")
       runs.append(result)
       if result.interrupted:
         interrupted = True
         break
-      report.write_json(os.path.join(out, "results.json"), config=config,
-                        benchmark=dict(name=bench.name), runs=runs, summary={},
-                        interrupted=True)
+      if out:
+        report.write_json(os.path.join(out, "results.json"), config=report_config,
+                          benchmark=dict(name=bench.name), runs=runs, summary={},
+                          interrupted=True)
   except KeyboardInterrupt:
     interrupted = True
   total = time.perf_counter() - start
-  config["wall_time_total"] = total
-  try:
-    summary, paths = report.write_reports(out, runs=runs, config=config, benchmark=bench,
-                                          plots=not args.no_plots, interrupted=interrupted)
-  except KeyboardInterrupt:
-    print(f"\nInterrupted while writing the reports; results.json in {out} holds the "
-          f"finished runs.", file=sys.stderr)
-    return 130
+  report_config["wall_time_total"] = total
+  summary = report.summarize(runs, bench.metric_names, bench.higher_is_better,
+                             bench.metric_tasks, bench.stl_row)
+  paths = []
+  if out:
+    try:
+      summary, paths = report.write_reports(out, runs=runs, config=report_config,
+                                            benchmark=bench, plots=plots,
+                                            interrupted=interrupted)
+    except KeyboardInterrupt:
+      print(f"\nInterrupted while writing the reports; results.json in {out} holds the "
+            f"finished runs.", file=sys.stderr)
+      return 130, runs
+  baseline = "the paper's STL row" if bench.stl_row is not None else "the STL runs"
   print()
   print(report.format_table(summary, bench.metric_names, bench.higher_is_better,
-                            title=f"{bench.name}: {bench.description}; seeds "
-                                  f"{sorted({r.seed for r in runs})}, {steps} steps, "
-                                  f"total {total:.0f} s"))
-  print(f"\nWrote {', '.join(os.path.basename(p) for p in paths)} to {out}")
+                            title=f"{title}; seeds {sorted({r.seed for r in runs})}, Delta m % "
+                                  f"against {baseline}, total {total:.0f} s"))
+  if paths:
+    print(f"\nWrote {', '.join(os.path.basename(p) for p in paths)} to {out}")
   if interrupted:
-    print(f"Interrupted: kept the {sum(not r.interrupted for r in runs)} finished runs in "
-          f"{out}.", file=sys.stderr)
-    return 130
-  return 0
+    print(f"Interrupted: kept the {sum(not r.interrupted for r in runs)} finished runs"
+          + (f" in {out}." if out else "."), file=sys.stderr)
+    return 130, runs
+  return 0, runs
+
+
+def _plan(base, methods, seeds, hparams_of) -> list:
+  """The run configs: each method for each seed; "stl" without a task is one run per task."""
+  plan = []
+  for seed in seeds:
+    for method in methods:
+      for hp in hparams_of(method):
+        plan.append(base.replace(method=method, seed=seed, hparams=hp))
+  return plan
+
+
+def _run_all(args, bench, methods, seeds, hparams, command) -> int:
+  base, steps = _base_config(args, bench)
+  out = _output_dir(args, command)
+  plan = _plan(base, methods, seeds, lambda m: _stl_runs(m, bench, hparams.get(m, {})))
+  print(f"ntkmtl {command}: {bench.name} ({bench.description}); {len(plan)} run(s) of {steps} "
+        f"steps; writing to {out}", flush=True)
+  report_config = dict(command=command, benchmark=bench.name,
+                       options=_key_values(args.option, ""), methods=methods, seeds=seeds,
+                       steps=steps, batch_size=base.batch_size, hparams=hparams,
+                       run=dataclasses.asdict(base))
+  checkpointed = command == "train"
+  from ntkmtl_jax.checkpoints import RunMismatchError
+  try:
+    code, _ = run_all(bench, plan, out=out, report_config=report_config,
+                      title=f"{bench.name}: {bench.description}; {steps} steps",
+                      progress=not args.quiet, plots=not args.no_plots,
+                      workdirs=[os.path.join(out, _run_label(c)) for c in plan]
+                      if checkpointed else None,
+                      resume=checkpointed and args.resume,
+                      overwrite=checkpointed and args.overwrite)
+  except RunMismatchError as error:
+    raise UsageError(str(error)) from None
+  return code
 
 
 # Commands.
@@ -297,13 +374,7 @@ def _run_all(args, bench, plan, out, config, command) -> int:
 
 def cmd_compare(args) -> int:
   bench = _benchmark(args)
-  if args.methods:
-    names = _check_methods(args.methods.split(","))
-  elif bench.defaults.get("methods"):
-    from ntkmtl_jax import methods
-    names = [m for m in bench.defaults["methods"] if m in methods.names()]
-  else:
-    names = default_methods()
+  names = _check_methods(args.methods.split(",")) if args.methods else default_methods()
   if args.seeds < 1:
     raise UsageError("--seeds must be at least 1")
   hp = _key_values(args.hp, "--hp")
@@ -313,45 +384,34 @@ def cmd_compare(args) -> int:
     if not dot:
       raise UsageError(f"--hp for compare must look like METHOD.NAME=VALUE, got {key!r}")
     per_method.setdefault(_method_key(method), {})[name] = value
-  steps, batch_size, optimizer = _settings(args, bench)
-  out = _output_dir(args, "compare")
-  plan = [(m, seed, h) for seed in range(args.seeds) for m in names
-          for h in _stl_runs(m, bench, per_method.get(m, {}))]
-  config = dict(command="compare", benchmark=bench.name, options=_key_values(args.option, ""),
-                methods=names, seeds=list(range(args.seeds)), steps=steps,
-                batch_size=batch_size, optimizer=vars(optimizer), hparams=per_method)
-  return _run_all(args, bench, plan, out, config, "compare")
+  return _run_all(args, bench, names, list(range(args.seeds)), per_method, "compare")
 
 
 def cmd_train(args) -> int:
   bench = _benchmark(args)
   method = _check_methods([args.method])[0]
   hp = _key_values(args.hp, "--hp")
-  steps, batch_size, optimizer = _settings(args, bench)
-  out = _output_dir(args, "train")
-  plan = [(method, args.seed, h) for h in _stl_runs(method, bench, hp)]
-  config = dict(command="train", benchmark=bench.name, options=_key_values(args.option, ""),
-                methods=[method], seeds=[args.seed], steps=steps, batch_size=batch_size,
-                optimizer=vars(optimizer), hparams={method: hp})
-  return _run_all(args, bench, plan, out, config, "train")
+  return _run_all(args, bench, [method], [args.seed], {method: hp}, "train")
 
 
 def cmd_spectrum(args) -> int:
   import jax
   import numpy as np
-  from ntkmtl_jax import kernel, loop
+  from ntkmtl_jax import kernel, training
   bench = _benchmark(args)
   method = _check_methods([args.method])[0]
-  steps, batch_size, optimizer = _settings(args, bench)
+  config, _ = _base_config(args, bench)
+  batch_size = config.batch_size
   if args.chunks < 1 or batch_size % args.chunks:
     raise UsageError(f"--chunks must divide the batch size ({batch_size})")
   out = _output_dir(args, "spectrum") if args.out else None
-  data = bench.train_data(args.seed, batch_size)
   fns = bench.functions
+  data = bench.train_data(args.seed, batch_size)
   if args.train_steps > 0:
-    result = loop.fit(fns, method, train_data=data, steps=args.train_steps,
-                      optimizer=optimizer, seed=args.seed, progress=not args.quiet,
-                      hparams={"task": 0} if method == "stl" else None)
+    result = training.fit(bench, config.replace(
+        method=method, seed=args.seed, max_steps=args.train_steps, num_epochs=None,
+        probe_every=0, hparams={"task": 0} if method == "stl" else {}),
+        progress=not args.quiet)
     params, model_state = result.params, result.model_state
   else:
     params, model_state = fns.init(jax.random.key(args.seed), next(data))
@@ -398,15 +458,92 @@ def cmd_list(args) -> int:
   from ntkmtl_jax import benchmarks, methods
   print("Benchmarks (ntkmtl compare --benchmark NAME):")
   for name in benchmarks.benchmark_names():
-    factory = benchmarks._REGISTRY[name]
-    doc = (factory if isinstance(factory, str) else (factory.__doc__ or "").strip()
-           .splitlines()[0])
-    print(f"  {name:<14}{doc}")
+    print(f"  {name:<14}{benchmarks.describe(name)}")
   print("Methods (--methods a,b,c; --hp METHOD.NAME=VALUE):")
   for name in methods.names():
     hps = ", ".join(f"{k}={v!r}" for k, v in methods.defaults(name).items() if k != "shared")
     print(f"  {name:<14}{hps}")
   return 0
+
+
+def experiment_main(benchmark: str, get_config, argv: list[str] | None = None) -> list:
+  """The command line of a benchmark folder (`python -m experiments.<name>.main`).
+
+  One run of the chosen config (`--config default|tiny`), or a comparison (`--methods`,
+  `--seeds`) printed as the `ntkmtl` command's table; `--workdir` holds each run's
+  checkpoints (a run started again with it resumes) and the reports. The runs go through
+  `training.fit`, as `ntkmtl train` and `ntkmtl compare` do: the same config gives the same
+  result whichever command ran it.
+
+  Args:
+    benchmark: the benchmark's registry name.
+    get_config: `get_config(name) -> training.Config` of the folder's `configs`.
+    argv: the arguments (default: the process's).
+
+  Returns:
+    The `RunResult`s, one per run.
+  """
+  from ntkmtl_jax import benchmarks
+  from ntkmtl_jax.data.splits import DatasetMissingError
+  parser = argparse.ArgumentParser(prog=f"python -m experiments.{benchmark}.main",
+                                   description=f"Train a multi-task method on {benchmark}.")
+  parser.add_argument("--config", default="default", choices=("default", "tiny"),
+                      help="default: the paper's hyper-parameters; tiny: a smoke run.")
+  parser.add_argument("--method", default=None, help="a name from ntkmtl_jax.methods.names()")
+  parser.add_argument("--methods", default=None,
+                      help="comma-separated methods to compare (\"stl\" runs one per task); "
+                      "overrides --method")
+  parser.add_argument("--seeds", default=None, help="comma-separated seeds (with --methods)")
+  parser.add_argument("--hp", action="append", default=[], metavar="NAME=VALUE",
+                      help="a method hyper-parameter (repeatable), e.g. --hp exponent=0.75")
+  parser.add_argument("--data-dir", default=None, help="where the dataset lives")
+  parser.add_argument("--workdir", default=None,
+                      help="checkpoints and results; rerun with it to resume")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="discard an unfinished run of another config in --workdir")
+  for flag, kind in (("--max-steps", int), ("--epochs", int), ("--batch-size", int),
+                     ("--learning-rate", float), ("--seed", int), ("--strategy", str)):
+    parser.add_argument(flag, type=kind, default=None)
+  flags = parser.parse_args(argv)
+  config = get_config(flags.config)
+  changes = {field: getattr(flags, flag) for flag, field in (
+      ("method", "method"), ("data_dir", "data_dir"), ("max_steps", "max_steps"),
+      ("epochs", "num_epochs"), ("batch_size", "batch_size"),
+      ("learning_rate", "learning_rate"), ("seed", "seed"), ("strategy", "strategy"))
+      if getattr(flags, flag) is not None}
+  try:
+    hp = _key_values(flags.hp, "--hp")
+  except UsageError as error:
+    raise SystemExit(str(error)) from None
+  config = config.replace(**changes, hparams={**config.hparams, **hp})
+  try:
+    bench = benchmarks.from_config(config)
+  except DatasetMissingError as error:
+    raise SystemExit(str(error)) from None
+  names = flags.methods.split(",") if flags.methods else [config.method]
+  seeds = [int(x) for x in flags.seeds.split(",")] if flags.seeds else [config.seed]
+  plan = _plan(config, [_method_key(n) for n in names], seeds,
+               lambda m: _stl_runs(m, bench, config.hparams))
+  workdirs = None
+  if flags.workdir:
+    many = len(plan) > 1
+    workdirs = [os.path.join(flags.workdir, _run_label(c)) if many else flags.workdir
+                for c in plan]
+  from ntkmtl_jax.checkpoints import RunMismatchError
+  try:
+    _, runs = run_all(bench, plan, out=flags.workdir,
+                      report_config=dataclasses.asdict(config),
+                      title=f"{benchmark}: {bench.description}", progress=False, plots=False,
+                      workdirs=workdirs, overwrite=flags.overwrite)
+  except RunMismatchError as error:
+    raise SystemExit(str(error)) from None
+  return runs
+
+
+def _run_label(config) -> str:
+  """A run's folder name: method (and STL task) and seed."""
+  task = f"-task{config.hparams['task']}" if config.method_key == "stl" else ""
+  return f"{config.method_key}{task}-seed{config.seed}"
 
 
 COMMANDS = dict(compare=cmd_compare, train=cmd_train, spectrum=cmd_spectrum, list=cmd_list)

@@ -5,8 +5,9 @@ seeds, the mean rank (MR) among the multi-task methods and Delta m % against sin
 learning (STL), both from `ntkmtl_jax.metrics`. The STL row is assembled from k runs per
 seed, run i trained on task i alone; each metric comes from the run trained on its task.
 
-Delta m % of a method is computed per seed against the STL baseline averaged over seeds,
-then reported as mean +- std (sample standard deviation, ddof=1) over seeds. MR ranks the
+Delta m % of a method is computed per seed against the STL baseline: the paper's STL row
+where the benchmark has one (`stl_row`), otherwise the STL runs averaged over seeds; it is
+reported as mean +- std (sample standard deviation, ddof=1) over seeds. MR ranks the
 methods' seed-mean metrics.
 """
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from ntkmtl_jax import metrics as metrics_lib
 from ntkmtl_jax._optional import require
-from ntkmtl_jax.loop import RunResult
+from ntkmtl_jax.training import RunResult
 
 STL = "stl"
 
@@ -57,13 +58,24 @@ def stl_metrics_by_seed(runs: Sequence[RunResult], metric_names: Sequence[str],
 
 
 def summarize(runs: Sequence[RunResult], metric_names: Sequence[str],
-              higher_is_better: Sequence[bool], metric_tasks: Sequence[int]) -> dict:
+              higher_is_better: Sequence[bool], metric_tasks: Sequence[int],
+              stl_row: Sequence[float] | None = None) -> dict:
   """The table: {method: row} in order of first appearance, STL first.
 
-  Each row has `metrics_mean`, `metrics_std` (per metric), `delta_m_mean`, `delta_m_std`
-  (None without complete STL runs; 0 for STL by definition), `mean_rank` (None for STL),
+  Each row has `metrics_mean`, `metrics_std` (per metric), `delta_m_mean`, `delta_m_std`,
+  `delta_m_per_seed` (None without a baseline), `mean_rank` (None for STL),
   `wall_time_mean`, `wall_time_std` and `seeds` (the seeds it averages). Interrupted runs
   are left out.
+
+  Args:
+    runs: the `RunResult`s (STL runs carry their task in `hparams["task"]`).
+    metric_names, higher_is_better, metric_tasks: the benchmark's metrics.
+    stl_row: the published STL metrics, the baseline of Delta m % (None: the STL runs'
+      seed mean, and the STL row's own Delta m is 0 by definition). Without STL runs the
+      STL row shows this one.
+
+  Returns:
+    The rows.
   """
   metric_names = list(metric_names)
   rows: dict[str, dict] = {}
@@ -72,11 +84,16 @@ def summarize(runs: Sequence[RunResult], metric_names: Sequence[str],
   for run in runs:
     if run.method != STL and not run.interrupted:
       per_method.setdefault(run_label(run), {})[run.seed] = run
-  baseline = (np.mean([v["metrics"] for v in stl.values()], axis=0) if stl else None)
+  if stl_row is not None:
+    baseline = np.asarray(stl_row, np.float64)
+  else:
+    baseline = np.mean([v["metrics"] for v in stl.values()], axis=0) if stl else None
   if stl:
     values = np.asarray([v["metrics"] for v in stl.values()])
     deltas = [metrics_lib.delta_m(v, baseline, higher_is_better) for v in values]
     rows[STL] = _row(values, deltas, [v["wall_time"] for v in stl.values()], list(stl))
+  elif stl_row is not None:
+    rows[STL] = _row(np.asarray([stl_row]), [0.0], [], [])
   for label, by_seed in per_method.items():
     seeds = sorted(by_seed)
     values = np.asarray([[by_seed[s].metrics[m] for m in metric_names] for s in seeds])
@@ -87,7 +104,7 @@ def summarize(runs: Sequence[RunResult], metric_names: Sequence[str],
   ranks = metrics_lib.mean_rank(multi, higher_is_better) if multi else {}
   for k, r in rows.items():
     r["mean_rank"] = ranks.get(k)
-  if STL in rows:
+  if STL in rows and stl_row is None:
     rows[STL]["delta_m_mean"], rows[STL]["delta_m_std"] = 0.0, 0.0
   return rows
 
@@ -99,7 +116,8 @@ def _row(values, deltas, walls, seeds) -> dict:
               delta_m_mean=None if deltas is None else float(np.mean(deltas)),
               delta_m_std=None if deltas is None else _std(deltas),
               delta_m_per_seed=None if deltas is None else [float(d) for d in deltas],
-              wall_time_mean=float(np.mean(walls)), wall_time_std=_std(walls),
+              wall_time_mean=float(np.mean(walls)) if len(walls) else float("nan"),
+              wall_time_std=_std(walls),
               seeds=[int(s) for s in seeds])
 
 
@@ -316,11 +334,12 @@ def write_reports(out_dir: str, *, runs: Sequence[RunResult], config: dict, benc
   `benchmark` is a `benchmarks.Benchmark` (only its names, metrics and directions are read).
   """
   summary = summarize(runs, benchmark.metric_names, benchmark.higher_is_better,
-                      benchmark.metric_tasks)
+                      benchmark.metric_tasks, benchmark.stl_row)
   meta = dict(name=benchmark.name, description=benchmark.description,
               task_names=list(benchmark.task_names), metric_names=list(benchmark.metric_names),
               higher_is_better=list(benchmark.higher_is_better),
-              metric_tasks=list(benchmark.metric_tasks))
+              metric_tasks=list(benchmark.metric_tasks),
+              stl_row=None if benchmark.stl_row is None else list(benchmark.stl_row))
   paths = [os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.csv")]
   write_json(paths[0], config=config, benchmark=meta, runs=runs, summary=summary,
              interrupted=interrupted)

@@ -167,12 +167,32 @@ def check_end_to_end(seed, model, aggregator, strategies=("unroll",), steps=3):
                  other, finals[0])
 
 
-def fit_a_few_steps(config, pipeline, method, num_tasks, steps=2):
-  """`experiments.common.fit` for `steps` steps with `method`: every step taken, none
-  skipped, `num_tasks` finite last losses. Returns the results for benchmark checks."""
-  from experiments import common
-  results = common.fit(config.replace(method=method, max_steps=steps), pipeline, None)
-  assert results["steps"] == steps and results["skipped"] == 0
-  assert len(results["last_losses"]) == num_tasks
-  assert np.all(np.isfinite(results["last_losses"]))
-  return results
+def check_published_delta_m(scoring, rows, published, tolerance):
+  """Delta m % of each published row against the paper's STL row matches the paper's value
+  within `tolerance` (published values are seed means of Delta m, not Delta m of the mean
+  row)."""
+  for method, value in published.items():
+    got = scoring.delta_m(dict(zip(scoring.metric_names, rows[method])))
+    assert got == pytest.approx(value, abs=tolerance), method
+
+
+def write_mtan_files(root, name, height=32, width=64):
+  """Random MTAN-layout files of `name` ("nyuv2" or "cityscapes"): 8 train, 4 val images."""
+  from ntkmtl_jax.data import mtan as layout
+  classes, label_dir, normals, seed = {"nyuv2": (13, "label", True, 1),
+                                       "cityscapes": (7, "label_7", False, 3)}[name]
+  for split, num in (("train", 8), ("val", 4)):
+    layout.write_example_files(root, split, num, height, width, classes, label_dir,
+                               normals=normals, seed=seed + (split == "val"))
+  return root
+
+
+def tiny_mtan_splits(name, data_dir):
+  """(train, test) splits of `experiments.<name>`'s tiny config on `data_dir`: the MTAN
+  layout's val/ is the test set (no separate test split), 8 and 4 images."""
+  import importlib
+  from ntkmtl_jax import benchmarks
+  config = importlib.import_module(f"experiments.{name}.configs").get_config("tiny")
+  bench = benchmarks.from_config(config.replace(data_dir=data_dir))
+  assert bench.test is None and (len(bench.train), len(bench.val)) == (8, 4)
+  return bench.train, bench.val

@@ -14,7 +14,7 @@ matplotlib = pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 import matplotlib.image  # noqa: E402
 
-from ntkmtl_jax import cli, loop
+from ntkmtl_jax import cli, training
 
 TINY = ["--option", "num_train=256", "--option", "num_test=64", "--option", "hidden=[16]",
         "--steps", "6", "--batch-size", "32", "--quiet"]
@@ -113,15 +113,15 @@ def test_help_runs_as_a_program():
 
 def test_ctrl_c_keeps_finished_runs(tmp_path, monkeypatch, capsys):
   calls = []
-  real_fit = loop.fit
+  real_fit = training.fit
 
-  def fit_then_interrupt(*args, **kwargs):
-    calls.append(kwargs.get("hparams"))
+  def fit_then_interrupt(bench, config, *args, **kwargs):
+    calls.append(config.hparams)
     if len(calls) == 2:
       raise KeyboardInterrupt
-    return real_fit(*args, **kwargs)
+    return real_fit(bench, config, *args, **kwargs)
 
-  monkeypatch.setattr(loop, "fit", fit_then_interrupt)
+  monkeypatch.setattr(training, "fit", fit_then_interrupt)
   out = tmp_path / "interrupted"
   code = cli.main(["compare", "--methods", "ls,ntkmtl", "--seeds", "2", "--out", str(out)]
                   + TINY)
@@ -133,18 +133,23 @@ def test_ctrl_c_keeps_finished_runs(tmp_path, monkeypatch, capsys):
 
 
 def test_fit_stops_cleanly_on_keyboard_interrupt():
+  import dataclasses
   from ntkmtl_jax import benchmarks
+  from ntkmtl_jax.data import Split
   bench = benchmarks.get_benchmark("sines", num_train=64)
-  source = bench.train_data(0, 16)
+  taken = []
 
-  def data():
-    for t in range(5):
-      yield next(source)
-    raise KeyboardInterrupt
+  def take(indices, rng):
+    if rng is not None:  # a training batch (the parameter initialisation reads one without)
+      taken.append(len(indices))
+      if len(taken) == 6:
+        raise KeyboardInterrupt
+    return bench.train.take(indices, rng)
 
-  result = loop.fit(bench.functions, "ls", train_data=data(), steps=50, progress=False,
-                    evaluate=bench.evaluate)
-  # Five batches, five steps (the first batch also initialises the parameters).
+  interrupted = dataclasses.replace(bench, train=Split(len(bench.train), take))
+  result = training.fit(interrupted, bench.config.replace(batch_size=16, max_steps=50),
+                        progress=False)
+  # Five batches, five steps; the sixth batch was interrupted while being read.
   assert result.interrupted and result.steps == 5
   assert result.history.losses.shape == (5, 3) and set(result.metrics) == set(bench.metric_names)
 
@@ -157,8 +162,9 @@ def test_fit_calls_the_callback_after_every_step():
   def callback(t, state, metrics):
     seen.append((t, int(state.step), np.asarray(metrics["losses"])))
 
-  result = loop.fit(bench.functions, "ntkmtl", train_data=bench.train_data(0, 16), steps=4,
-                    progress=False, callback=callback)
+  result = training.fit(bench, bench.config.replace(method="ntkmtl", batch_size=16,
+                                                    max_steps=4), progress=False,
+                        callback=callback)
   assert [t for t, _, _ in seen] == [1, 2, 3, 4]
   assert [s for _, s, _ in seen] == [1, 2, 3, 4]  # called after the step, with its state
   np.testing.assert_allclose(np.stack([l for _, _, l in seen]), result.history.losses,
@@ -172,3 +178,22 @@ def test_missing_paper_dataset_says_what_to_do(tmp_path, capsys):
   assert code == 2
   assert "celeb_a" in err and "not found" in err and "--option data_dir=DIR" in err
   assert "Traceback" not in err
+
+
+def test_train_resumes_and_refuses_to_overwrite(tmp_path, capsys):
+  out = str(tmp_path / "run")
+  args = ["train", "--benchmark", "sines", "--option", "num_train=64", "--method", "ls",
+          "--batch-size", "16", "--no-plots", "--quiet", "--out", out]
+  assert cli.main(args + ["--steps", "3"]) == 0
+  capsys.readouterr()
+  assert cli.main(args + ["--steps", "6"]) == 2  # a run is there: say what to do
+  err = capsys.readouterr().err
+  assert "--resume" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+  assert cli.main(args + ["--steps", "6", "--resume"]) == 0
+  assert "Resuming sines/ls at epoch 0, batch 3 (step 3)" in capsys.readouterr().out
+  document = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert document["runs"][0]["steps"] == 6
+  assert np.asarray(document["runs"][0]["history"]["losses"]).shape == (6, 3)
+  assert cli.main(args + ["--steps", "6", "--overwrite"]) == 2  # finished: kept
+  err = capsys.readouterr().err
+  assert "refusing to overwrite" in err and len(err.strip().splitlines()) == 1

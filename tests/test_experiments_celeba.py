@@ -1,5 +1,5 @@
-"""CelebA: the input pipeline on tfds' mock `celeb_a`, the paper's network, per-attribute F1,
-and a few train steps (LS, NTKMTL) on the tiny config."""
+"""CelebA: the input pipeline on tfds' mock `celeb_a`, the paper's network and per-attribute
+F1 (train steps of every benchmark: test_benchmark_runs.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ tfds = pytest.importorskip("tensorflow_datasets")
 f1_score = pytest.importorskip("sklearn.metrics").f1_score
 pytest.importorskip("PIL")  # the input pipeline resizes with it
 
-from experiments import common
-from experiments.celeba import configs, input_pipeline, train
+from experiments.celeba import configs
+from ntkmtl_jax.benchmarks import celeba
 from ntkmtl_jax.models.celeba import celeba_functions
-from conftest import fit_a_few_steps
 
 NUM_MOCK = 16
 
@@ -23,9 +22,9 @@ NUM_MOCK = 16
 def test_pipeline_on_mock_celeba_shapes_ranges_labels_and_splits():
   config = configs.get_config("default")
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
-    splits = input_pipeline.load_splits(config)
+    splits = celeba.load_splits(config.data_dir, **config.data)
     source = tfds.data_source("celeb_a", split="validation")
-    want = np.asarray([[bool(source[i]["attributes"][a]) for a in input_pipeline.ATTRIBUTES]
+    want = np.asarray([[bool(source[i]["attributes"][a]) for a in celeba.ATTRIBUTES]
                        for i in range(3)], np.int32)
   assert [len(s) for s in splits] == [NUM_MOCK] * 3
   batch = splits[1].take(np.arange(3))
@@ -38,7 +37,7 @@ def test_pipeline_on_mock_celeba_shapes_ranges_labels_and_splits():
 def test_resize_keeps_a_constant_image_constant(seed):
   colour = np.random.default_rng(seed).integers(0, 256, 3)
   image = np.broadcast_to(colour, (218, 178, 3)).astype(np.uint8)
-  out = input_pipeline.resize(image, 64)
+  out = celeba.resize(image, 64)
   assert out.shape == (64, 64, 3)
   np.testing.assert_allclose(out, np.broadcast_to(colour / 255.0, out.shape), atol=1e-6,
                              err_msg=f"seed={seed}")
@@ -62,7 +61,7 @@ def test_f1_accumulator_against_sklearn(seed):
   rng = np.random.default_rng(seed)
   logits = rng.normal(size=(50, 5))
   labels = rng.integers(0, 2, (50, 5))
-  acc = train.F1(("a", "b", "c", "d", "e"))
+  acc = celeba.F1(("a", "b", "c", "d", "e"))
   acc.update(logits[:20], {"y": labels[:20]})
   acc.update(logits[20:], {"y": labels[20:]})
   got = np.asarray(list(acc.result().values()))
@@ -71,26 +70,11 @@ def test_f1_accumulator_against_sklearn(seed):
 
 
 def test_model_selection_is_the_mean_validation_f1(seed):
-  config = configs.get_config("tiny")
-  values = dict(zip(config.metric_names, np.random.default_rng(seed).uniform(0, 100, 4)))
-  assert common.selection_score(config, values) == pytest.approx(np.mean(list(values.values())))
-  assert common.delta_m_of(config, values) is None  # the paper publishes no STL row
-
-
-@pytest.fixture(scope="module")
-def tiny_pipeline():
-  """One pipeline for the train-step tests, so they share the init and predict compilations."""
-  with tfds.testing.mock_data(num_examples=NUM_MOCK):
-    config = configs.get_config("tiny")
-    pipeline = train.create_pipeline(config)
-  return config, pipeline
-
-
-@pytest.mark.parametrize("method", ["ls", "ntkmtl"])
-def test_a_few_train_steps_have_finite_losses(method, tiny_pipeline):
-  config, pipeline = tiny_pipeline
-  results = fit_a_few_steps(config, pipeline, method, num_tasks=4)
-  assert set(results["metrics"]) == set(configs.get_config("tiny").metric_names)
+  scoring = celeba.scoring(configs.get_config("tiny").data["num_attributes"])
+  assert scoring.metric_names == tuple(f"{a} F1" for a in celeba.ATTRIBUTES[:4])
+  values = dict(zip(scoring.metric_names, np.random.default_rng(seed).uniform(0, 100, 4)))
+  assert scoring.selection_score(values) == pytest.approx(np.mean(list(values.values())))
+  assert scoring.delta_m(values) is None  # the paper publishes no STL row
 
 
 def test_missing_dataset_gives_one_clear_message(tmp_path):

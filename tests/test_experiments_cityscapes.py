@@ -1,5 +1,6 @@
 """Cityscapes: the MTAN `.npy` layout (label_7, depth) on generated files, SegNet-MTAN for
-two tasks, the metrics, Delta m % on the paper's rows, and a few train steps (LS, NTKMTL)."""
+two tasks, the metrics and Delta m % on the paper's rows (train steps of every benchmark:
+test_benchmark_runs.py)."""
 
 from __future__ import annotations
 
@@ -8,28 +9,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import common, mtan_data
-from experiments.cityscapes import configs, input_pipeline, train
-from experiments.cityscapes.configs import default
 from ntkmtl_jax import metrics
+from ntkmtl_jax.benchmarks import cityscapes
+from ntkmtl_jax.benchmarks.mtan import DenseMetrics
 from ntkmtl_jax.models import mtan
-from conftest import fit_a_few_steps
+from conftest import check_published_delta_m, tiny_mtan_splits, write_mtan_files
 
 H, W = 32, 64
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp("cityscapes"))
-  mtan_data.write_example_files(root, "train", 8, H, W, 7, "label_7", normals=False, seed=3)
-  mtan_data.write_example_files(root, "val", 4, H, W, 7, "label_7", normals=False, seed=4)
-  return root
+  return write_mtan_files(str(tmp_path_factory.mktemp("cityscapes")), "cityscapes", H, W)
 
 
 def test_pipeline_reads_the_mtan_layout(data_dir, seed):
-  config = configs.get_config("tiny").replace(data_dir=data_dir)
-  train_split, test_split = input_pipeline.load_splits(config)
-  assert (len(train_split), len(test_split)) == (8, 4)
+  train_split, test_split = tiny_mtan_splits("cityscapes", data_dir)
   batch = test_split.take(np.arange(4))
   assert set(batch) == {"image", "label", "depth"}
   assert batch["image"].shape == (4, H, W, 3) and batch["label"].dtype == np.int32
@@ -61,7 +56,7 @@ def test_segnet_mtan_two_tasks_size_and_outputs():
 
 
 def test_metrics_for_segmentation_and_depth_by_hand():
-  acc = mtan_data.DenseMetrics(("segmentation", "depth"), num_classes=2)
+  acc = DenseMetrics(("segmentation", "depth"), num_classes=2)
   logits = np.asarray([[[[1.0, 0.0], [0.0, 1.0]]]])  # predictions 0, 1
   acc.update((logits, np.asarray([[[[0.5], [0.1]]]])),
              {"label": np.asarray([[[0, 0]]]), "depth": np.asarray([[[[1.0], [0.2]]]])})
@@ -73,24 +68,9 @@ def test_metrics_for_segmentation_and_depth_by_hand():
 
 
 def test_delta_m_of_the_paper_rows():
-  config = configs.get_config("default")
-  assert metrics.delta_m(default.PAPER_ROWS["ntkmtl"], default.STL,
-                         config.higher_is_better) == pytest.approx(1.92, abs=0.005)
+  scoring = cityscapes.SCORING
+  assert metrics.delta_m(cityscapes.PAPER_ROWS["ntkmtl"], cityscapes.STL,
+                         scoring.higher_is_better) == pytest.approx(1.92, abs=0.005)
   # Published values are means over seeds of Delta m, so they differ from Delta m of the
   # mean row by up to ~0.1.
-  for method, published in default.PAPER_DELTA_M.items():
-    values = dict(zip(config.metric_names, default.PAPER_ROWS[method]))
-    assert common.delta_m_of(config, values) == pytest.approx(published, abs=0.11), method
-
-
-@pytest.fixture(scope="module")
-def tiny_pipeline(data_dir):
-  config = configs.get_config("tiny").replace(data_dir=data_dir)
-  return config, train.create_pipeline(config)
-
-
-@pytest.mark.parametrize("method", ["ls", "ntkmtl"])
-def test_a_few_train_steps_have_finite_losses(method, tiny_pipeline):
-  config, pipeline = tiny_pipeline
-  results = fit_a_few_steps(config, pipeline, method, num_tasks=2)
-  assert np.isfinite(results["delta_m"])
+  check_published_delta_m(scoring, cityscapes.PAPER_ROWS, cityscapes.PAPER_DELTA_M, 0.11)

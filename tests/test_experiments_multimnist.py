@@ -1,5 +1,6 @@
-"""MultiMNIST: the overlay construction on tfds' mock `mnist`, the LeNet, accuracy, and a few
-train steps (LS, NTKMTL) with a checkpoint and a resume."""
+"""MultiMNIST: the overlay construction on tfds' mock `mnist`, the LeNet, accuracy, a few
+train steps (LS, NTKMTL) with a checkpoint and a resume, and the same run from the `ntkmtl`
+command and from the experiment's command line."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from experiments import common
-from experiments.multimnist import configs, input_pipeline, main, train
-from ntkmtl_jax import metrics
+from experiments.multimnist import configs, main
+from ntkmtl_jax import benchmarks, cli, metrics, report, training
+from ntkmtl_jax.benchmarks import multimnist
+from ntkmtl_jax.checkpoints import RunCheckpoints
 from ntkmtl_jax.models.lenet import lenet_functions
 
 NUM_MOCK = 24  # tfds mock examples per split
@@ -29,7 +31,7 @@ def test_overlay_matches_an_independent_bilinear_resize(seed):
   canvas[:, :28, :28] = left / 255.0
   canvas[:, 8:, 8:] = np.maximum(canvas[:, 8:, 8:], right / 255.0)
   want = jax.image.resize(jnp.asarray(canvas), (3, 28, 28), "bilinear", antialias=False)
-  got = input_pipeline.overlay(left, right)
+  got = multimnist.overlay(left, right)
   assert got.shape == (3, 28, 28, 1) and got.dtype == np.float32
   np.testing.assert_allclose(got[..., 0], np.asarray(want), atol=1e-5, err_msg=f"seed={seed}")
 
@@ -37,7 +39,7 @@ def test_overlay_matches_an_independent_bilinear_resize(seed):
 def test_pipeline_on_mock_mnist_shapes_labels_and_split_sizes():
   config = configs.get_config("tiny")
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
-    train_split, val_split, test_split = input_pipeline.load_splits(config)
+    train_split, val_split, test_split = multimnist.load_splits(config.data_dir, **config.data)
     source = tfds.data_source("mnist", split="train")
     mnist_labels = np.asarray([source[i]["label"] for i in range(len(source))])
   val_size = config.data["val_size"]
@@ -68,7 +70,7 @@ def test_lenet_shapes_and_parameter_count():
 
 
 def test_accuracy_accumulator_against_hand_count():
-  acc = train.Accuracy()
+  acc = multimnist.Accuracy()
   logits = np.zeros((4, 2, 10))
   logits[np.arange(4), 0, [1, 2, 3, 4]] = 1.0  # left predictions 1, 2, 3, 4
   logits[np.arange(4), 1, [5, 5, 5, 5]] = 1.0  # right predictions all 5
@@ -82,17 +84,19 @@ def test_comparison_of_stl_and_ntkmtl_prints_and_writes_the_report(tmp_path, cap
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
     runs = main.main(["--config", "tiny", "--methods", "stl,ntkmtl", "--max-steps", "2",
                       "--workdir", workdir])
-  assert [(r["method"], r["hparams"].get("task")) for r in runs] == [
+  assert [(r.method, r.hparams.get("task")) for r in runs] == [
       ("stl", 0), ("stl", 1), ("ntkmtl", None)]
   ntk = runs[-1]
-  assert ntk["steps"] == 2 and ntk["skipped"] == 0
-  assert np.all(np.isfinite(ntk["last_losses"])) and len(ntk["last_losses"]) == 2
-  assert all(np.isfinite(v) for v in ntk["metrics"].values())
+  assert ntk.steps == 2 and ntk.skipped == 0
+  assert np.all(np.isfinite(ntk.last_losses)) and len(ntk.last_losses) == 2
+  assert all(np.isfinite(v) for v in ntk.metrics.values())
   # Delta m % against the STL runs (no published STL row for MultiMNIST).
-  stl = [runs[0]["metrics"]["left acc"], runs[1]["metrics"]["right acc"]]
-  want = metrics.delta_m([ntk["metrics"]["left acc"], ntk["metrics"]["right acc"]], stl,
+  stl = [runs[0].metrics["left acc"], runs[1].metrics["right acc"]]
+  want = metrics.delta_m([ntk.metrics["left acc"], ntk.metrics["right acc"]], stl,
                          [True, True]) if min(stl) > 0 else None
-  summary = common.summarize(configs.get_config("tiny"), runs)
+  scoring = multimnist.SCORING
+  summary = report.summarize(runs, scoring.metric_names, scoring.higher_is_better,
+                             scoring.metric_tasks, scoring.stl_row)
   assert list(summary) == ["stl", "ntkmtl"]
   if want is not None:
     assert summary["ntkmtl"]["delta_m_mean"] == pytest.approx(want)
@@ -106,36 +110,47 @@ def test_a_few_ls_steps_with_checkpoint_and_resume(tmp_path, capsys):
   workdir = str(tmp_path / "ls")
   config = configs.get_config("tiny").replace(method="ls")
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
-    pipeline = train.create_pipeline(config)
-  first = common.fit(config.replace(max_steps=1), pipeline, workdir)
-  second = common.fit(config.replace(max_steps=2), pipeline, workdir)
+    bench = benchmarks.from_config(config)
+  first = training.fit(bench, config.replace(max_steps=1), workdir, progress=False)
+  second = training.fit(bench, config.replace(max_steps=2), workdir, progress=False)
   assert "Resuming multimnist/ls" in capsys.readouterr().out
-  assert (first["steps"], second["steps"]) == (1, 2)
-  assert second["skipped"] == 0 and np.all(np.isfinite(second["last_losses"]))
-  assert os.path.isdir(os.path.join(workdir, "best")) and os.path.isdir(
-      os.path.join(workdir, "latest"))
+  assert (first.steps, second.steps) == (1, 2)
+  assert second.skipped == 0 and np.all(np.isfinite(second.last_losses))
+  assert second.history.losses.shape == (2, 2)  # the resumed run keeps the first step's record
+  np.testing.assert_array_equal(second.history.losses[:1], first.history.losses)
+  assert os.path.isdir(os.path.join(workdir, "best"))
+  assert RunCheckpoints(workdir).steps()[0] == 2  # the newest checkpoint: where it stopped
   with open(os.path.join(workdir, "results.json")) as f:
     assert json.load(f)["steps"] == 2
   # The best checkpoint restores, and scores on validation what the run recorded for it.
-  best = common.restore_checkpoint(config, pipeline, workdir, "best")
-  val = common.evaluate(pipeline, jax.jit(pipeline.functions.predict), best.params,
-                        best.model_state, pipeline.val, config.eval_batch_size)
-  assert val == second["val_metrics"]
+  best = training.restore_checkpoint(bench, config, workdir, "best")
+  val = training.evaluate(bench, best.params, best.model_state, bench.val,
+                          config.eval_batch_size)
+  assert val == second.val_metrics
 
 
-def test_registry_benchmark_runs_in_the_ntkmtl_loop(monkeypatch):
-  from experiments import registry
-  from ntkmtl_jax import benchmarks, loop
-  # Register into a copy of the registry, restored after the test.
-  monkeypatch.setattr(benchmarks, "_REGISTRY", dict(benchmarks._REGISTRY))
-  registry.register_all()
-  registry.register_all()  # idempotent
-  assert set(registry.NAMES) <= set(benchmarks.benchmark_names())
+def test_the_ntkmtl_command_and_the_experiment_run_the_same_protocol(tmp_path):
+  out = tmp_path / "cli"
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
-    bench = benchmarks.get_benchmark("multimnist", config="tiny")
+    code = cli.main(["train", "--benchmark", "multimnist", "--option", "val_size=8",
+                     "--method", "ntkmtl", "--steps", "2", "--batch-size", "8", "--quiet",
+                     "--no-plots", "--out", str(out)])
+    assert code == 0
+    [from_experiment] = main.main(["--config", "tiny", "--method", "ntkmtl", "--max-steps", "2"])
+  [from_cli] = json.loads((out / "results.json").read_text())["runs"]
+  # Same benchmark, method, optimiser, batches and model selection: the same run.
+  assert from_cli["steps"] == from_experiment.steps == 2
+  np.testing.assert_array_equal(from_cli["history"]["losses"], from_experiment.history.losses)
+  assert from_cli["metrics"] == from_experiment.metrics
+  assert from_cli["val_metrics"] == from_experiment.val_metrics
+
+
+def test_library_registry_builds_the_benchmark_for_the_loop():
+  with tfds.testing.mock_data(num_examples=NUM_MOCK):
+    bench = benchmarks.get_benchmark("multimnist", val_size=8)
   assert bench.metric_names == ("left acc", "right acc") and bench.num_tasks == 2
-  result = loop.fit(bench.functions, "ntkmtl_sr", train_data=bench.train_data(0, 8), steps=2,
-                    evaluate=bench.evaluate, progress=False)
+  result = training.fit(bench, bench.config.replace(method="ntkmtl_sr", batch_size=8,
+                                                    max_steps=2), progress=False)
   assert result.steps == 2 and result.skipped == 0
   assert np.all(np.isfinite(result.history.losses))
   assert set(result.metrics) == set(bench.metric_names)

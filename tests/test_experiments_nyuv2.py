@@ -1,6 +1,6 @@
 """NYUv2: the MTAN `.npy` layout on generated files, SegNet-MTAN (size, outputs, the
-representation z), the dense metrics against hand-computed examples, Delta m % on the
-paper's rows, and a few train steps (LS, NTKMTL)."""
+representation z), the dense metrics against hand-computed examples and Delta m % on the
+paper's rows (train steps of every benchmark: test_benchmark_runs.py)."""
 
 from __future__ import annotations
 
@@ -9,28 +9,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import common, mtan_data
-from experiments.nyuv2 import configs, input_pipeline, train
-from experiments.nyuv2.configs import default
-from ntkmtl_jax import metrics
+from experiments.nyuv2 import configs
+from ntkmtl_jax import benchmarks, metrics
+from ntkmtl_jax.benchmarks import nyuv2
+from ntkmtl_jax.benchmarks.mtan import DenseMetrics
+from ntkmtl_jax.data import DatasetMissingError, mtan as layout
 from ntkmtl_jax.models import mtan
-from conftest import fit_a_few_steps
+from conftest import check_published_delta_m, tiny_mtan_splits, write_mtan_files
 
 H, W = 32, 64
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp("nyuv2"))
-  mtan_data.write_example_files(root, "train", 8, H, W, 13, "label", normals=True, seed=1)
-  mtan_data.write_example_files(root, "val", 4, H, W, 13, "label", normals=True, seed=2)
-  return root
+  return write_mtan_files(str(tmp_path_factory.mktemp("nyuv2")), "nyuv2", H, W)
 
 
 def test_pipeline_reads_the_mtan_layout(data_dir):
-  config = configs.get_config("tiny").replace(data_dir=data_dir)
-  train_split, test_split = input_pipeline.load_splits(config)
-  assert (len(train_split), len(test_split)) == (8, 4)
+  train_split, test_split = tiny_mtan_splits("nyuv2", data_dir)
   batch = test_split.take(np.arange(3))
   assert batch["image"].shape == (3, H, W, 3) and batch["image"].dtype == np.float32
   assert batch["label"].shape == (3, H, W) and batch["label"].dtype == np.int32
@@ -44,7 +40,7 @@ def test_augmentation_keeps_shapes_labels_and_unflipped_normals(data_dir, seed):
   example = {k: np.load(f"{data_dir}/train/{k}/0.npy").astype(np.float32)
              for k in ("image", "label", "depth", "normal")}
   rng = np.random.default_rng(seed)
-  out = mtan_data.augment(example, rng)
+  out = layout.augment(example, rng)
   assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in example.items()}
   # Nearest-neighbour resizing keeps labels among the original ones; depth only shrinks.
   assert set(np.unique(out["label"])) <= set(np.unique(example["label"]))
@@ -64,14 +60,14 @@ def test_flip_negates_the_normals_x_component():
     def random(self):
       return 0.0
 
-  out = mtan_data.augment(example, Always())
+  out = layout.augment(example, Always())
   np.testing.assert_allclose(out["normal"][0, 0], [-0.6, 0.0, 0.8])
 
 
 def test_missing_data_gives_one_clear_message(tmp_path):
   config = configs.get_config("tiny").replace(data_dir=str(tmp_path))
-  with pytest.raises(common.DatasetMissingError, match="--data-dir") as error:
-    input_pipeline.load_splits(config)
+  with pytest.raises(DatasetMissingError, match="--data-dir") as error:
+    benchmarks.from_config(config)
   assert "lorenmt/mtan" in str(error.value)
 
 
@@ -128,7 +124,7 @@ def test_tiny_mtan_normals_are_unit_and_losses_match_their_definitions(seed):
 
 
 def test_dense_metrics_against_a_hand_computed_example():
-  acc = mtan_data.DenseMetrics(("segmentation", "depth", "normal"), num_classes=3)
+  acc = DenseMetrics(("segmentation", "depth", "normal"), num_classes=3)
   logits = np.zeros((1, 2, 3, 3))
   predicted = np.asarray([[0, 1, 2], [0, 0, 2]])
   logits[0, np.arange(2)[:, None], np.arange(3)[None, :], predicted] = 1.0
@@ -166,23 +162,7 @@ def test_histogram_scores_match_the_exact_ones(seed):
 
 
 def test_delta_m_of_the_paper_rows():
-  config = configs.get_config("default")
-  assert metrics.delta_m(default.PAPER_ROWS["ntkmtl"], default.STL,
-                         config.higher_is_better) == pytest.approx(-6.99, abs=0.005)
-  for method, published in default.PAPER_DELTA_M.items():
-    values = dict(zip(config.metric_names, default.PAPER_ROWS[method]))
-    assert common.delta_m_of(config, values) == pytest.approx(published, abs=0.015), method
-
-
-@pytest.fixture(scope="module")
-def tiny_pipeline(data_dir):
-  config = configs.get_config("tiny").replace(data_dir=data_dir)
-  return config, train.create_pipeline(config)
-
-
-@pytest.mark.parametrize("method", ["ls", "ntkmtl"])
-def test_a_few_train_steps_have_finite_losses(method, tiny_pipeline):
-  config, pipeline = tiny_pipeline
-  results = fit_a_few_steps(config, pipeline, method, num_tasks=3)
-  assert set(results["metrics"]) == set(config.metric_names)
-  assert np.isfinite(results["delta_m"])
+  scoring = nyuv2.SCORING
+  assert metrics.delta_m(nyuv2.PAPER_ROWS["ntkmtl"], nyuv2.STL,
+                         scoring.higher_is_better) == pytest.approx(-6.99, abs=0.005)
+  check_published_delta_m(scoring, nyuv2.PAPER_ROWS, nyuv2.PAPER_DELTA_M, 0.015)

@@ -1,6 +1,6 @@
 """QM9: dense graph features, the paper's split and units on tfds' mock `qm9`, the MPNN
-(size, masking, permutation invariance), MAE, Delta m % on the paper's rows, and a few train
-steps (LS, NTKMTL)."""
+(size, masking, permutation invariance), MAE and Delta m % on the paper's rows (train steps
+of every benchmark: test_benchmark_runs.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from experiments import common
-from experiments.qm9 import configs, input_pipeline, train
-from experiments.qm9.configs import default
+from experiments.qm9 import configs
 from ntkmtl_jax import metrics
+from ntkmtl_jax.benchmarks import qm9
 from ntkmtl_jax.models.qm9 import qm9_functions
-from conftest import fit_a_few_steps
+from conftest import check_published_delta_m
 
 NUM_MOCK = 20
 
@@ -27,9 +26,9 @@ def test_graph_features_of_water_by_hand():
   positions = np.zeros((1, 29, 3), np.float32)
   positions[0, 1] = (0.96, 0, 0)
   positions[0, 2] = (0.96 * np.cos(angle), 0.96 * np.sin(angle), 0)
-  g = input_pipeline.graph_features(charges, positions)
-  assert g["nodes"].shape == (1, 29, input_pipeline.NUM_NODE_FEATURES)
-  assert g["edges"].shape == (1, 29, 29, input_pipeline.NUM_EDGE_FEATURES)
+  g = qm9.graph_features(charges, positions)
+  assert g["nodes"].shape == (1, 29, qm9.NUM_NODE_FEATURES)
+  assert g["edges"].shape == (1, 29, 29, qm9.NUM_EDGE_FEATURES)
   np.testing.assert_array_equal(g["node_mask"][0, :4], [True, True, True, False])
   # Node features: one-hot H C N O F, Z, bonded degree, bonded hydrogens.
   np.testing.assert_array_equal(g["nodes"][0, 0], [0, 0, 0, 1, 0, 8, 2, 2])
@@ -44,25 +43,26 @@ def test_graph_features_of_water_by_hand():
 
 
 def test_split_is_a_partition_with_the_paper_sizes(seed):
-  train_idx, val_idx, test_idx = input_pipeline.split_indices(130_831, 10_000, 10_000, seed)
+  train_idx, val_idx, test_idx = qm9.split_indices(130_831, 10_000, 10_000, seed)
   assert (len(test_idx), len(val_idx), len(train_idx)) == (10_000, 10_000, 110_831)
   everything = np.concatenate([train_idx, val_idx, test_idx])
   np.testing.assert_array_equal(np.sort(everything), np.arange(130_831))
-  again = input_pipeline.split_indices(130_831, 10_000, 10_000, seed)
+  again = qm9.split_indices(130_831, 10_000, 10_000, seed)
   np.testing.assert_array_equal(again[2], test_idx)
 
 
 def test_pipeline_on_mock_qm9_units_standardisation_and_shapes():
   config = configs.get_config("tiny")
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
-    train_split, val_split, test_split, standardize = input_pipeline.load_splits(config)
+    train_split, val_split, test_split, standardize = qm9.load_splits(config.data_dir,
+                                                                     **config.data)
     source = tfds.data_source("qm9", split="train")
     raw = {t: np.asarray([source[i][t] for i in range(NUM_MOCK)], np.float64)
-           for t in input_pipeline.TARGETS}
+           for t in qm9.TARGETS}
   sizes = (len(train_split), len(val_split), len(test_split))
   assert sizes == (NUM_MOCK - 8, 4, 4)
   # Paper units: energies from Hartree to meV, the rest unchanged.
-  train_idx, _, _ = input_pipeline.split_indices(NUM_MOCK, 4, 4, config.data["split_seed"])
+  train_idx, _, _ = qm9.split_indices(NUM_MOCK, 4, 4, config.data["split_seed"])
   hartree = 27.211386245988 * 1000
   want = np.stack([raw["homo"] * hartree, raw["U0_atomization"] * hartree, raw["mu"]], axis=1)
   mean = want[train_idx].mean(0)
@@ -89,7 +89,7 @@ def test_mpnn_size_padding_and_permutation_invariance(seed):
   rng = np.random.default_rng(seed)
   functions = qm9_functions()
   charges, positions = _random_graphs(rng, 3, [5, 9, 17])
-  batch = {"graph": input_pipeline.graph_features(charges, positions),
+  batch = {"graph": qm9.graph_features(charges, positions),
            "y": np.zeros((3, 11), np.float32)}
   params, state = jax.jit(functions.init)(jax.random.key(seed), batch)
   predict = jax.jit(functions.predict)
@@ -110,13 +110,13 @@ def test_mpnn_size_padding_and_permutation_invariance(seed):
                              atol=1e-6, err_msg=f"seed={seed}")
   # Relabelling the atoms of a molecule leaves its prediction unchanged.
   order = np.concatenate([rng.permutation(17), np.arange(17, 29)])
-  permuted = input_pipeline.graph_features(charges[:, order], positions[:, order])
+  permuted = qm9.graph_features(charges[:, order], positions[:, order])
   np.testing.assert_allclose(predict(params, state, {"graph": permuted})[2], out[2],
                              rtol=1e-4, atol=1e-5, err_msg=f"seed={seed}")
 
 
 def test_mae_accumulator_by_hand():
-  acc = train.MAE(std=np.arange(1, 12, dtype=np.float64))
+  acc = qm9.MAE(std=np.arange(1, 12, dtype=np.float64))
   pred = np.zeros((3, 11))
   y = np.zeros((3, 11))
   y[:, 0] = [1.0, -2.0, 0.0]  # |err| mean 1 standardised -> 1 * std 1
@@ -130,28 +130,11 @@ def test_mae_accumulator_by_hand():
 
 
 def test_delta_m_of_the_paper_rows():
-  config = configs.get_config("default")
-  got = metrics.delta_m(default.PAPER_ROWS["ntkmtl_sr"], config.stl_row, config.higher_is_better)
+  scoring = qm9.SCORING
+  got = metrics.delta_m(qm9.PAPER_ROWS["ntkmtl_sr"], scoring.stl_row, scoring.higher_is_better)
   assert got == pytest.approx(30.7, abs=0.05)
-  for method, published in default.PAPER_DELTA_M.items():
-    values = dict(zip(config.metric_names, default.PAPER_ROWS[method]))
-    assert common.delta_m_of(config, values) == pytest.approx(published, abs=0.06), method
+  check_published_delta_m(scoring, qm9.PAPER_ROWS, qm9.PAPER_DELTA_M, 0.06)
   # Model selection (the official rule): the lower validation Delta m wins.
-  rows = {m: dict(zip(config.metric_names, r)) for m, r in default.PAPER_ROWS.items()}
-  best = max(rows, key=lambda m: common.selection_score(config, rows[m]))
+  rows = {m: dict(zip(scoring.metric_names, r)) for m, r in qm9.PAPER_ROWS.items()}
+  best = max(rows, key=lambda m: scoring.selection_score(rows[m]))
   assert best == "ntkmtl_sr"
-
-
-@pytest.fixture(scope="module")
-def tiny_pipeline():
-  with tfds.testing.mock_data(num_examples=NUM_MOCK):
-    config = configs.get_config("tiny")
-    pipeline = train.create_pipeline(config)
-  return config, pipeline
-
-
-@pytest.mark.parametrize("method", ["ls", "ntkmtl"])
-def test_a_few_train_steps_have_finite_losses(method, tiny_pipeline):
-  config, pipeline = tiny_pipeline
-  results = fit_a_few_steps(config, pipeline, method, num_tasks=11)
-  assert np.isfinite(results["delta_m"])

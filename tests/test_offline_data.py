@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ntkmtl_jax import benchmarks, kernel
-from ntkmtl_jax.data import offline
+from ntkmtl_jax.data import Split, endless_batches, epoch_batches, offline
 
 load_digits = pytest.importorskip("sklearn.datasets").load_digits  # MultiDigits is built on it
 
@@ -77,15 +77,28 @@ def test_sines_amplitudes_frequencies_and_determinism(seed):
 
 
 def test_batches_cover_each_epoch_once_and_are_seeded(seed):
-  split = offline.Split(np.arange(10, dtype=np.float32)[:, None], {"y": np.arange(10)})
-  it = offline.batches(split, 3, seed=seed)
+  split = Split.from_arrays({"x": np.arange(10, dtype=np.float32)[:, None], "y": np.arange(10)})
+  it = endless_batches(split, 3, seed)
   epoch = [next(it) for _ in range(3)]  # 9 of 10 rows; the incomplete tail is dropped
   rows = np.concatenate([b["y"] for b in epoch])
   assert len(set(rows.tolist())) == 9 and all(b["x"].shape == (3, 1) for b in epoch)
   np.testing.assert_array_equal(np.concatenate([b["x"][:, 0] for b in epoch]), rows)
-  again = offline.batches(split, 3, seed=seed)
+  again = endless_batches(split, 3, seed)
   np.testing.assert_array_equal(next(again)["y"], epoch[0]["y"])
-  assert sum(len(b["y"]) for b in offline.eval_batches(split, 4)) == 10
+  assert sum(len(b["y"]) for b in epoch_batches(split, 4, seed=None)) == 10
+
+
+def test_resumed_epoch_repeats_the_order_and_the_augmentation(seed):
+  draws = lambda batch, rng: dict(batch, noise=rng.random(len(batch["y"])))
+  split = Split.from_arrays({"y": np.arange(20)}, draws)
+  full = list(epoch_batches(split, 4, seed=seed, epoch=3))
+  resumed = list(epoch_batches(split, 4, seed=seed, epoch=3, skip=2))
+  assert len(full) == 5 and len(resumed) == 3
+  for a, b in zip(full[2:], resumed):
+    np.testing.assert_array_equal(a["y"], b["y"])
+    np.testing.assert_array_equal(a["noise"], b["noise"])
+  other_epoch = next(epoch_batches(split, 4, seed=seed, epoch=4))
+  assert not np.array_equal(other_epoch["noise"], full[0]["noise"])
 
 
 def _eigenvalues(bench, seed):

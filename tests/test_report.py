@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ntkmtl_jax import report
-from ntkmtl_jax.loop import History, RunResult
+from ntkmtl_jax import metrics, report
+from ntkmtl_jax.training import History, RunResult
 
 TASKS = ("a", "b", "c")
 METRICS = ("a acc", "b acc", "c MAE")
 HIGHER = (True, True, False)
 BENCH = types.SimpleNamespace(name="toy", description="toy benchmark", task_names=TASKS,
                               metric_names=METRICS, higher_is_better=HIGHER,
-                              metric_tasks=(0, 1, 2))
+                              metric_tasks=(0, 1, 2), stl_row=None)
 
 
 def _history(rng, steps, with_eigen):
@@ -86,6 +86,25 @@ def test_interrupted_and_incomplete_runs_are_left_out(seed):
   assert summary["ls"]["seeds"] == [0]
   no_stl = report.summarize([r for r in runs if r.method != "stl"], METRICS, HIGHER, (0, 1, 2))
   assert "stl" not in no_stl and no_stl["ls"]["delta_m_mean"] is None
+
+
+def test_a_published_stl_row_is_the_baseline(seed):
+  rng = np.random.default_rng(seed)
+  runs = _runs(rng, seeds=2, methods=("ls",))
+  published = rng.uniform(0.5, 2.0, 3)
+  summary = report.summarize(runs, METRICS, HIGHER, (0, 1, 2), stl_row=published)
+  ls = [r for r in runs if r.method == "ls"]
+  want = [metrics.delta_m([r.metrics[m] for m in METRICS], published, HIGHER) for r in ls]
+  np.testing.assert_allclose(summary["ls"]["delta_m_per_seed"], want, rtol=1e-12)
+  # The STL runs are scored against the published row too (no longer 0 by definition).
+  stl = report.stl_metrics_by_seed(runs, METRICS, (0, 1, 2))
+  np.testing.assert_allclose(summary["stl"]["delta_m_per_seed"],
+                             [metrics.delta_m(v["metrics"], published, HIGHER)
+                              for v in stl.values()], rtol=1e-12)
+  # Without STL runs the table shows the published row, at Delta m 0.
+  no_stl = report.summarize(ls, METRICS, HIGHER, (0, 1, 2), stl_row=published)
+  np.testing.assert_allclose(no_stl["stl"]["metrics_mean"], published)
+  assert no_stl["stl"]["delta_m_mean"] == 0.0 and no_stl["stl"]["mean_rank"] is None
 
 
 def test_csv_json_and_table(tmp_path, seed):

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-from experiments import common
-from experiments.cityscapes import configs, train
+from experiments.cityscapes import configs
+from ntkmtl_jax import cli
 
 
-def main(argv=None) -> list[dict]:
-  return common.main("cityscapes", configs.get_config, train.create_pipeline, argv)
+def main(argv=None) -> list:
+  return cli.experiment_main("cityscapes", configs.get_config, argv)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,10 @@
-"""NYUv2 training and evaluation: mIoU, pixel accuracy, abs/rel depth error, normal angle
-mean/median and % within 11.25/22.5/30 degrees; SegNet-MTAN; any method."""
+"""Training and evaluation on nyuv2: the library's loop on the library's benchmark."""
 
 from __future__ import annotations
 
-from experiments import common, mtan_data
-from experiments.nyuv2 import input_pipeline
-from ntkmtl_jax.models.mtan import FILTERS, mtan_functions
-
-TASK_NAMES = input_pipeline.TASKS
+from ntkmtl_jax import benchmarks, training
 
 
-def create_pipeline(config: common.Config) -> common.Pipeline:
-  train, test = input_pipeline.load_splits(config)
-  functions = mtan_functions(input_pipeline.NUM_CLASSES, TASK_NAMES,
-                             tuple(config.model.get("filters", FILTERS)))
-  return common.Pipeline(functions, TASK_NAMES, train, test, None,
-                         lambda: mtan_data.DenseMetrics(TASK_NAMES, input_pipeline.NUM_CLASSES))
-
-
-def train_and_evaluate(config: common.Config, workdir: str | None) -> dict:
-  """Trains `config.method` on NYUv2; returns `common.fit`'s results."""
-  return common.fit(config, create_pipeline(config), workdir)
+def train_and_evaluate(config: training.Config, workdir: str | None) -> training.RunResult:
+  """Trains `config.method` on the benchmark `config` names; checkpoints in `workdir`."""
+  return training.fit(benchmarks.from_config(config), config, workdir)

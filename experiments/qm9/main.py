@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-from experiments import common
-from experiments.qm9 import configs, train
+from experiments.qm9 import configs
+from ntkmtl_jax import cli
 
 
-def main(argv=None) -> list[dict]:
-  return common.main("qm9", configs.get_config, train.create_pipeline, argv)
+def main(argv=None) -> list:
+  return cli.experiment_main("qm9", configs.get_config, argv)
 
 
 if __name__ == "__main__":

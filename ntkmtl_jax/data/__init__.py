@@ -1,6 +1,10 @@
-"""Datasets: the built-in offline benchmarks (no download) and batching helpers."""
+"""Datasets: splits and batches, tfds access, the MTAN `.npy` layout and the built-in offline
+data (no download)."""
 
-from ntkmtl_jax.data.offline import (OfflineDataset, Split, batches, eval_batches, multidigits,
-                                     sines)
+from ntkmtl_jax.data.offline import OfflineDataset, TaskArrays, multidigits, sines
+from ntkmtl_jax.data.splits import (DatasetMissingError, Split, endless_batches, epoch_batches,
+                                    missing_dataset, open_tfds, read_examples)
 
-__all__ = ["OfflineDataset", "Split", "batches", "eval_batches", "multidigits", "sines"]
+__all__ = ["DatasetMissingError", "OfflineDataset", "Split", "TaskArrays", "endless_batches",
+           "epoch_batches", "missing_dataset", "multidigits", "open_tfds", "read_examples",
+           "sines"]

@@ -34,7 +34,7 @@ training seed, which only shuffles the mini-batches.
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -43,8 +43,11 @@ from ntkmtl_jax._optional import require
 Batch = dict[str, np.ndarray]
 
 
-class Split(NamedTuple):
-  """Arrays of one split; `x` is (N, features) float32, targets are named per task."""
+class TaskArrays(NamedTuple):
+  """The arrays of one split; `x` is (N, features) float32, targets are named per task.
+
+  `splits.Split.from_arrays(arrays.as_batch())` is the split the training loop reads.
+  """
   x: np.ndarray
   targets: dict[str, np.ndarray]
 
@@ -66,8 +69,8 @@ class OfflineDataset(NamedTuple):
     num_classes: classes per task (1 for regression).
     image_shape: (height, width) of the images, or None for non-image data.
   """
-  train: Split
-  test: Split
+  train: TaskArrays
+  test: TaskArrays
   task_names: tuple[str, ...]
   task_kinds: tuple[str, ...]
   num_classes: tuple[int, ...]
@@ -122,7 +125,7 @@ def multidigits(num_train: int = 10_000, num_test: int = 2_000, *,
       target = 10.0 * labels[left] + labels[right]
     else:
       target = 100.0 * x.mean(axis=1)
-    return Split(x, {"left": labels[left], "right": labels[right],
+    return TaskArrays(x, {"left": labels[left], "right": labels[right],
                      regression: (target * regression_scale).astype(np.float32)})
 
   train = make(pools[0], num_train)
@@ -177,34 +180,9 @@ def sines(num_tasks: int = 3, *, imbalance: float = 30.0, min_frequency: float =
     x = rng.uniform(-1.0, 1.0, size=(n, input_dim))
     phase = np.pi * frequencies * (x @ directions.T)  # (n, k)
     y = amplitudes * (np.sin(phase) + noise * rng.normal(size=phase.shape))
-    return Split(x.astype(np.float32), {name: y[:, i].astype(np.float32)
+    return TaskArrays(x.astype(np.float32), {name: y[:, i].astype(np.float32)
                                         for i, name in enumerate(names)})
 
   train, test = make(num_train), make(num_test)
   return OfflineDataset(train, test, names, ("regression",) * num_tasks, (1,) * num_tasks,
                         None)
-
-
-def batches(split: Split, batch_size: int, *, seed: int) -> Iterator[Batch]:
-  """Endless shuffled mini-batches of `split` (a new permutation each epoch).
-
-  Every batch has exactly `batch_size` rows (the tail of an epoch that does not fill one is
-  dropped), so a jitted step compiles once.
-  """
-  n = len(split)
-  if not 0 < batch_size <= n:
-    raise ValueError(f"batch_size must be in [1, {n}], got {batch_size}.")
-  rng = np.random.default_rng(seed)
-  data = split.as_batch()
-  while True:
-    order = rng.permutation(n)
-    for start in range(0, n - batch_size + 1, batch_size):
-      idx = order[start:start + batch_size]
-      yield {name: value[idx] for name, value in data.items()}
-
-
-def eval_batches(split: Split, batch_size: int = 1024) -> list[Batch]:
-  """The split in order, in batches of at most `batch_size` rows (the last may be smaller)."""
-  data = split.as_batch()
-  return [{name: value[s:s + batch_size] for name, value in data.items()}
-          for s in range(0, len(split), batch_size)]

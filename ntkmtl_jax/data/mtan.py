@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments import common
+from ntkmtl_jax.data.splits import Split, missing_dataset
 
 SCALES = (1.0, 1.2, 1.5)
 
@@ -84,7 +84,7 @@ def count_files(folder: str) -> int:
 
 
 def make_split(root: str, split: str, label_dir: str, tasks: Sequence[str], augmented: bool,
-               how: str) -> common.Split:
+               how: str) -> Split:
   """A split of the MTAN layout under `root/split`, read file by file.
 
   Batches hold `image` (B, H, W, 3), `label` (B, H, W) int32 (-1 = ignore), `depth`
@@ -97,10 +97,10 @@ def make_split(root: str, split: str, label_dir: str, tasks: Sequence[str], augm
     subdirs["normal"] = "normal"
   for sub in subdirs.values():
     if not os.path.isdir(os.path.join(folder, sub)):
-      raise common.missing_dataset(f"The MTAN-preprocessed folder {split}/{sub}", root, how)
+      raise missing_dataset(f"The MTAN-preprocessed folder {split}/{sub}", root, how)
   size = count_files(os.path.join(folder, "image"))
   if size == 0:
-    raise common.missing_dataset(f"Images (.npy) in {split}/image", root, how)
+    raise missing_dataset(f"Images (.npy) in {split}/image", root, how)
 
   def load(index: int) -> dict:
     example = {k: np.load(os.path.join(folder, sub, f"{index}.npy")).astype(np.float32)
@@ -117,7 +117,7 @@ def make_split(root: str, split: str, label_dir: str, tasks: Sequence[str], augm
     batch["label"] = np.rint(batch["label"]).astype(np.int32)
     return batch
 
-  return common.Split(size, take)
+  return Split(size, take)
 
 
 def write_example_files(root: str, split: str, num: int, height: int, width: int,
@@ -140,49 +140,3 @@ def write_example_files(root: str, split: str, num: int, height: int, width: int
       n /= np.linalg.norm(n, axis=-1, keepdims=True)
       n[rng.random((height, width)) < 0.1] = 0.0
       np.save(os.path.join(root, split, "normal", f"{i}.npy"), n)
-
-
-class DenseMetrics:
-  """Accumulates the MTAN benchmarks' metrics over evaluation batches: segmentation
-  (mIoU %, pixel accuracy %), depth (abs, rel error) and, for NYUv2, normals (mean and
-  median angle, % within 11.25 / 22.5 / 30 degrees).
-
-  Pixels are pooled over the whole split (the official scripts average per-batch values
-  over batches of 2; on a full test set the two agree to about the last digit shown).
-  """
-
-  def __init__(self, tasks: Sequence[str], num_classes: int):
-    from ntkmtl_jax import metrics
-    self.metrics = metrics
-    self.tasks = tuple(tasks)
-    self.num_classes = num_classes
-    self.confusion = np.zeros((num_classes, num_classes), np.int64)
-    self.depth = np.zeros(3)
-    self.histogram = 0
-    self.angle_sum = 0.0
-
-  def update(self, outputs, batch):
-    for task, out in zip(self.tasks, outputs):
-      if task == "segmentation":
-        self.confusion += self.metrics.confusion_matrix(np.argmax(out, -1), batch["label"],
-                                                        self.num_classes)
-      elif task == "depth":
-        self.depth += np.asarray(self.metrics.depth_error_sums(out, batch["depth"]))
-      else:
-        angles = self.metrics.normal_angle_errors(out, batch["normal"])
-        self.histogram = self.histogram + self.metrics.angle_histogram(angles)
-        self.angle_sum += float(angles.sum())
-
-  def result(self) -> dict:
-    out = {}
-    for task in self.tasks:
-      if task == "segmentation":
-        out["mIoU"], out["pix acc"] = self.metrics.segmentation_scores(self.confusion)
-      elif task == "depth":
-        count = max(self.depth[2], 1.0)
-        out["abs err"], out["rel err"] = self.depth[0] / count, self.depth[1] / count
-      else:
-        names = ("mean angle", "median angle", "<11.25", "<22.5", "<30")
-        out.update(zip(names, self.metrics.surface_normal_scores_from_histogram(
-            self.histogram, self.angle_sum)))
-    return out

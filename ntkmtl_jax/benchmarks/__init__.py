@@ -1,0 +1,232 @@
+"""A registry of multi-task benchmarks: model functions, data splits, metrics and defaults.
+
+    bench = ntkmtl_jax.benchmarks.get_benchmark("multidigits")
+    bench.task_names          # ("left", "right", "number")
+    bench.metric_names        # ("left acc", "right acc", "number MAE")
+    bench.config              # the benchmark's default run (a `training.Config`)
+    result = ntkmtl_jax.training.fit(bench, bench.config.replace(method="ntkmtl"))
+
+A benchmark is a `Benchmark` record (see its docstring). Built in: the offline
+`multidigits` and `sines` (no download), and the paper's `celeba`, `qm9`, `multimnist`
+(tfds) and `nyuv2`, `cityscapes` (the MTAN `.npy` layout), whose factories take
+`data_dir` and their data and model options. To add one, register a factory that builds
+it, with keyword options that have defaults:
+
+    @register_benchmark("mine")
+    def mine(data_dir=None, **options) -> Benchmark: ...
+
+or, so that importing this module stays cheap, an import path resolved on first use:
+`register_benchmark("mine", "my_package.mine:benchmark")`. `ntkmtl train --benchmark NAME`
+and `ntkmtl compare --benchmark NAME` dispatch through `get_benchmark`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from ntkmtl_jax import metrics as metrics_lib
+from ntkmtl_jax.data.splits import Split, endless_batches
+from ntkmtl_jax.models.multitask import TaskFunctions
+from ntkmtl_jax.training import Config
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Scoring:
+  """How a benchmark's metrics are read: direction, task, STL baseline, model selection.
+
+  Attributes:
+    metric_names: the reported metrics (one or more per task), in table order.
+    higher_is_better: per metric, whether larger is better (accuracy) or not (error).
+    metric_tasks: per metric, the index of the task it measures; Delta m % takes that
+      metric's baseline from the single-task (STL) run trained on this task.
+    stl_row: the paper's single-task metrics in `metric_names` order, the baseline of
+      Delta m % (None where the paper has none: then Delta m needs STL runs).
+  """
+  metric_names: tuple[str, ...]
+  higher_is_better: tuple[bool, ...]
+  metric_tasks: tuple[int, ...]
+  stl_row: tuple[float, ...] | None = None
+
+  def __post_init__(self):
+    if not len(self.higher_is_better) == len(self.metric_tasks) == len(self.metric_names):
+      raise ValueError("Scoring: metric_names, higher_is_better and metric_tasks must have one "
+                       "entry per metric.")
+
+  def _indices(self, task: int | None) -> list[int]:
+    return [i for i, t in enumerate(self.metric_tasks) if task is None or t == task]
+
+  def delta_m(self, values: dict, baseline: Sequence[float] | None = None,
+              task: int | None = None) -> float | None:
+    """Delta m % of `values` ({metric: value}) against `baseline` (default: `stl_row`).
+
+    Args:
+      values: the metrics.
+      baseline: the STL metrics in `metric_names` order.
+      task: restrict to the metrics of this task.
+
+    Returns:
+      Delta m % (lower is better), or None without a baseline.
+    """
+    baseline = self.stl_row if baseline is None else baseline
+    if baseline is None:
+      return None
+    idx = self._indices(task)
+    return metrics_lib.delta_m([values[self.metric_names[i]] for i in idx],
+                               [baseline[i] for i in idx],
+                               [self.higher_is_better[i] for i in idx])
+
+  def selection_score(self, values: dict, task: int | None = None) -> float:
+    """Model-selection score of validation metrics (higher is better).
+
+    -Delta m % against the STL row when there is one (the official QM9 rule), otherwise
+    the mean of the metrics oriented so that higher is better (mean F1 on CelebA, mean
+    accuracy on MultiMNIST). `task` restricts it to one task's metrics (STL runs).
+    """
+    if self.stl_row is not None:
+      return -self.delta_m(values, task=task)
+    return float(np.mean([values[self.metric_names[i]] * (1 if self.higher_is_better[i] else -1)
+                          for i in self._indices(task)]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+  """Everything needed to train and score methods on one multi-task problem.
+
+  Attributes:
+    name: registry name.
+    description: one line for `ntkmtl list` and reports.
+    task_names: the k tasks, in the order of the model's task losses.
+    scoring: the metrics and how they are read (`Scoring`).
+    functions: the model's pure functions (`models.multitask.TaskFunctions`, with the
+      `has_state=True` conventions: `loss_fn(params, model_state, batch)`).
+    train: the training `Split`.
+    val: the validation `Split` for model selection (None: the final model is the result).
+    test: the test `Split` (None: `val` is the test set, as in the MTAN layout).
+    new_accumulator: `() -> accumulator` with `update(outputs, batch)` (host NumPy
+      outputs of `functions.predict`) and `result() -> {metric_name: value}`.
+    config: the default run (`training.Config`): the official protocol of a paper
+      benchmark; the options the benchmark was built with are in its `data` and `model`.
+    paper_rows: published rows of other methods (for reference in reports and tests).
+  """
+  name: str
+  description: str
+  task_names: tuple[str, ...]
+  scoring: Scoring
+  functions: TaskFunctions
+  train: Split
+  val: Split | None
+  test: Split | None
+  new_accumulator: Callable[[], Any]
+  config: Config = dataclasses.field(default_factory=Config)
+  paper_rows: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    if any(not 0 <= t < len(self.task_names) for t in self.scoring.metric_tasks):
+      raise ValueError(f"Benchmark {self.name!r}: metric_tasks must index task_names.")
+
+  @property
+  def num_tasks(self) -> int:
+    return len(self.task_names)
+
+  @property
+  def metric_names(self) -> tuple[str, ...]:
+    return self.scoring.metric_names
+
+  @property
+  def higher_is_better(self) -> tuple[bool, ...]:
+    return self.scoring.higher_is_better
+
+  @property
+  def metric_tasks(self) -> tuple[int, ...]:
+    return self.scoring.metric_tasks
+
+  @property
+  def stl_row(self) -> tuple[float, ...] | None:
+    return self.scoring.stl_row
+
+  def selection_score(self, values: dict, task: int | None = None) -> float:
+    return self.scoring.selection_score(values, task)
+
+  def delta_m(self, values: dict, task: int | None = None) -> float | None:
+    return self.scoring.delta_m(values, task=task)
+
+  def train_data(self, seed: int, batch_size: int) -> Iterator[dict]:
+    """Endless training batches, epoch after epoch (the order `training.fit` uses)."""
+    return endless_batches(self.train, batch_size, seed)
+
+  def evaluate(self, params, model_state, split: str = "test") -> dict:
+    """The metrics of the model on the "test" (default) or "val" split."""
+    from ntkmtl_jax import training
+    chosen = self.val if split == "val" or self.test is None else self.test
+    return training.evaluate(self, params, model_state, chosen, self.config.eval_batch_size)
+
+
+_REGISTRY: dict[str, Callable[..., Benchmark] | str] = {}
+
+
+def register_benchmark(name: str, factory: Callable[..., Benchmark] | str | None = None):
+  """Registers a benchmark factory (or a "module:attribute" path) under `name`.
+
+  Usable as a decorator. The factory takes keyword options (all with defaults) and
+  returns a `Benchmark`.
+  """
+
+  def do(f):
+    if name in _REGISTRY and _REGISTRY[name] != f:
+      raise ValueError(f"A benchmark named {name!r} is already registered.")
+    _REGISTRY[name] = f
+    return f
+
+  return do if factory is None else do(factory)
+
+
+def benchmark_names() -> list[str]:
+  """Registered benchmark names, sorted."""
+  return sorted(_REGISTRY)
+
+
+def describe(name: str) -> str:
+  """One line on benchmark `name`: its description, or its factory's docstring's first line."""
+  factory = _REGISTRY[name]
+  if isinstance(factory, str):
+    factory = _resolve(factory)
+  owner = getattr(factory, "__self__", None)  # a bound method: e.g. `MTANDataset.benchmark`
+  if isinstance(getattr(owner, "description", None), str):
+    return owner.description
+  return (factory.__doc__ or "").strip().splitlines()[0]
+
+
+def _resolve(path: str) -> Callable[..., Benchmark]:
+  module, _, attribute = path.partition(":")
+  return getattr(importlib.import_module(module), attribute)
+
+
+def get_benchmark(name: str, **options) -> Benchmark:
+  """Builds the benchmark `name` with the given options (see each factory's docstring)."""
+  key = name.lower().replace("-", "_")
+  if key not in _REGISTRY:
+    raise ValueError(f"Unknown benchmark {name!r}. Known benchmarks: "
+                     f"{', '.join(benchmark_names())}.")
+  factory = _REGISTRY[key]
+  return (_resolve(factory) if isinstance(factory, str) else factory)(**options)
+
+
+def from_config(config: Config) -> Benchmark:
+  """The benchmark a `Config` names, built with its `data_dir`, `data` and `model` options."""
+  options = {**config.data, **config.model}
+  if config.data_dir is not None:
+    options["data_dir"] = config.data_dir
+  return get_benchmark(config.benchmark, **options)
+
+
+# Importing a benchmark module (its data pipeline and model) waits for the first use.
+for _name in ("multidigits", "sines"):
+  register_benchmark(_name, f"ntkmtl_jax.benchmarks.offline:{_name}")
+for _name in ("celeba", "qm9", "nyuv2", "cityscapes", "multimnist"):
+  register_benchmark(_name, f"ntkmtl_jax.benchmarks.{_name}:benchmark")

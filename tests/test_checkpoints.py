@@ -1,0 +1,112 @@
+"""Crash-safe checkpoints: a run killed (SIGKILL) at fixed moments and resumed ends with the
+parameters and history of an uninterrupted run, bit for bit; a damaged newest checkpoint is
+skipped with a reason; another run's workdir, or a finished run, is not overwritten."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ntkmtl_jax import benchmarks, training
+from ntkmtl_jax.checkpoints import RunCheckpoints, RunMismatchError
+
+# 64 examples in batches of 16: 4 steps an epoch; 11 steps stop in the third epoch.
+# Checkpoints at steps 3, 4 (epoch end), 6, 8 (epoch end), 9 and 11 (the stop).
+RUN = """
+import os, signal, sys
+import jax, numpy as np
+from ntkmtl_jax import benchmarks, training
+workdir, kill_at, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+bench = benchmarks.get_benchmark("sines", num_train=64, num_test=32, hidden=(8,))
+config = bench.config.replace(method="ntkmtl", batch_size=16, max_steps=11, checkpoint_every=3,
+                              probe_every=0)
+
+def kill(t, state, metrics):
+  if t == kill_at:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+result = training.fit(bench, config, workdir or None, progress=False, callback=kill)
+np.savez(out, losses=result.history.losses, *jax.tree.leaves(result.params))
+"""
+
+
+def _tiny():
+  bench = benchmarks.get_benchmark("sines", num_train=64, num_test=32, hidden=(8,))
+  return bench, bench.config.replace(method="ls", batch_size=16, max_steps=6,
+                                     checkpoint_every=3, probe_every=0)
+
+
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
+  script = tmp_path / "run.py"
+  script.write_text(RUN)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+
+  def run(workdir, kill_at, out):
+    return subprocess.run([sys.executable, str(script), workdir, str(kill_at), str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+  whole = run("", 0, tmp_path / "whole.npz")
+  assert whole.returncode == 0, whole.stderr
+  workdir = str(tmp_path / "run")
+  # Killed after step 1 (no checkpoint yet), 5 (between checkpoints), 8 (before the epoch
+  # end's checkpoint) and 10; each start resumes from the newest checkpoint.
+  for kill_at in (1, 5, 8, 10):
+    killed = run(workdir, kill_at, tmp_path / "unused.npz")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+  last = run(workdir, 0, tmp_path / "resumed.npz")
+  assert last.returncode == 0, last.stderr
+  assert "Resuming sines/ntkmtl at epoch 2, batch 1 (step 9)" in last.stdout
+  with np.load(tmp_path / "whole.npz") as a, np.load(tmp_path / "resumed.npz") as b:
+    assert sorted(a.files) == sorted(b.files)
+    for name in a.files:
+      np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_with_its_reason(tmp_path, capsys):
+  bench, config = _tiny()
+  workdir = str(tmp_path / "run")
+  first = training.fit(bench, config.replace(max_steps=5), workdir, progress=False)
+  steps = RunCheckpoints(workdir).steps()
+  assert steps[:2] == [5, 4]
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "5", "state"))
+  resumed = training.fit(bench, config, workdir, progress=False)
+  printed = capsys.readouterr().out
+  assert "Skipped the checkpoint of step 5" in printed
+  assert "Resuming sines/ls at epoch 1, batch 0 (step 4)" in printed
+  whole = training.fit(bench, config, None, progress=False)
+  assert resumed.steps == whole.steps == 6
+  np.testing.assert_array_equal(resumed.history.losses, whole.history.losses)
+  jax.tree.map(np.testing.assert_array_equal, resumed.params, whole.params)
+  np.testing.assert_array_equal(first.history.losses, whole.history.losses[:5])
+
+
+def test_another_run_or_a_finished_one_is_not_overwritten(tmp_path):
+  bench, config = _tiny()
+  finished = str(tmp_path / "finished")
+  training.fit(bench, config.replace(max_steps=3), finished, progress=False)
+  with pytest.raises(RunMismatchError, match=r"another run \(different seed\).*--overwrite"):
+    training.fit(bench, config.replace(seed=1), finished, progress=False)
+  with pytest.raises(RunMismatchError, match="--resume"):
+    training.fit(bench, config, finished, progress=False, resume=False)
+  with pytest.raises(RunMismatchError, match="finished run; refusing to overwrite"):
+    training.fit(bench, config, finished, progress=False, overwrite=True)
+
+  def interrupt(t, state, metrics):
+    if t == 4:
+      raise KeyboardInterrupt
+
+  unfinished = str(tmp_path / "unfinished")
+  stopped = training.fit(bench, config, unfinished, progress=False, callback=interrupt)
+  assert stopped.interrupted and RunCheckpoints(unfinished).steps() == [3]
+  other = training.fit(bench, config.replace(seed=1), unfinished, progress=False,
+                       overwrite=True)
+  fresh = training.fit(bench, config.replace(seed=1), None, progress=False)
+  assert other.steps == 6 and not other.interrupted
+  np.testing.assert_array_equal(other.history.losses, fresh.history.losses)
