@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import os
 import sys
 import textwrap
@@ -80,7 +81,10 @@ def _key_values(items: list[str] | None, what: str) -> dict:
     try:
       parsed = json.loads(value)
     except json.JSONDecodeError:
-      parsed = value
+      try:
+        parsed = float(value)  # nan, inf: refused later by name, not taken as text
+      except ValueError:
+        parsed = value
     out[key.strip().replace("-", "_")] = tuple(parsed) if isinstance(parsed, list) else parsed
   return out
 
@@ -111,6 +115,9 @@ def _add_common(p: argparse.ArgumentParser, *, out: bool = True):
                    help="output directory (default: runs/<benchmark>-<command>-<time>)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
   p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+  p.add_argument("--no-compilation-cache", action="store_true",
+                 help="do not keep compiled steps on disk for the next run ($NTKMTL_CACHE_DIR, "
+                      "else ~/.cache/ntkmtl-jax/xla)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,13 +213,17 @@ def default_methods() -> list[str]:
 
 def _benchmark(args):
   from ntkmtl_jax import benchmarks
+  if args.benchmark.lower() == "mt10":
+    raise UsageError("MT10 (multi-task SAC on Meta-World) runs one method at a time: "
+                     "ntkmtl train --benchmark mt10 --method NAME, or python -m "
+                     "experiments.mt10.main --methods a,b --seeds 0,1")
   if args.benchmark.lower().replace("-", "_") not in benchmarks.benchmark_names():
     raise UsageError(f"unknown benchmark {args.benchmark!r} (known: "
                      f"{', '.join(benchmarks.benchmark_names())})")
   options = _key_values(args.option, "--option")
   try:
     return benchmarks.get_benchmark(args.benchmark, **options)
-  except TypeError as e:
+  except (TypeError, ValueError) as e:
     raise UsageError(f"bad option for benchmark {args.benchmark!r}: {e}") from e
   except FileNotFoundError as e:  # a paper benchmark whose data is not there
     raise UsageError(f"{e}\n  (with the ntkmtl command, give the directory as "
@@ -233,8 +244,12 @@ def _base_config(args, bench):
     changes["max_grad_norm"] = args.max_grad_norm or None
   config = bench.config.replace(**changes)
   if any(v is not None and v <= 0 for v in (config.max_steps, config.num_epochs)) or \
-      config.batch_size < 1 or config.learning_rate <= 0:
-    raise UsageError("--steps, --epochs, --batch-size and --lr must be positive")
+      config.batch_size < 1 or not 0 < config.learning_rate < math.inf:
+    raise UsageError("--steps, --epochs, --batch-size and --lr must be positive (and --lr "
+                     "finite)")
+  if args.max_grad_norm is not None and not 0 <= args.max_grad_norm < math.inf:
+    raise UsageError(f"--max-grad-norm must be a finite norm >= 0 (0: no clipping), got "
+                     f"{args.max_grad_norm}")
   if config.batch_size > len(bench.train):
     raise UsageError(f"--batch-size {config.batch_size} is larger than the training split "
                      f"({len(bench.train)} examples)")
@@ -283,7 +298,8 @@ def run_all(bench, plan, *, out: str | None, report_config: dict, title: str,
     resume, overwrite: what to do with a run a workdir already holds (`training.fit`'s).
 
   Returns:
-    (exit status: 0, or 130 when interrupted; the `RunResult`s).
+    (exit status: 0; 130 when interrupted; 3 when a run skipped most of its steps (see
+    `training.skip_report`); the `RunResult`s).
   """
   from ntkmtl_jax import report, training
   runs, interrupted = [], False
@@ -331,7 +347,7 @@ def run_all(bench, plan, *, out: str | None, report_config: dict, title: str,
     print(f"Interrupted: kept the {sum(not r.interrupted for r in runs)} finished runs"
           + (f" in {out}." if out else "."), file=sys.stderr)
     return 130, runs
-  return 0, runs
+  return _skip_status(runs), runs
 
 
 def _plan(base, methods, seeds, hparams_of) -> list:
@@ -344,10 +360,36 @@ def _plan(base, methods, seeds, hparams_of) -> list:
   return plan
 
 
+def validate_plan(bench, plan) -> None:
+  """Builds every run's method and optimiser before any training, so that a bad
+  hyper-parameter, seed or chunking is one `UsageError` and not a traceback after the
+  earlier runs trained."""
+  from ntkmtl_jax import training
+  for config in plan:
+    if config.seed < 0:
+      raise UsageError(f"seeds must be >= 0, got {config.seed}")
+    try:
+      method, _ = training.build_optimizer(config, bench.num_tasks, bench.functions.shared)
+    except (TypeError, ValueError) as e:
+      raise UsageError(f"{config.method_key} {_format_hparams(config.hparams)}: {e}") from e
+    chunks = method.needs.num_chunks
+    if config.batch_size % chunks:
+      raise UsageError(f"{config.method_key} splits each batch into num_chunks={chunks}, "
+                       f"which does not divide the batch size {config.batch_size}: choose a "
+                       f"--batch-size that is a multiple of {chunks} or another num_chunks")
+
+
+def _format_hparams(hparams: dict) -> str:
+  return "(" + ", ".join(f"{k}={v!r}" for k, v in hparams.items()) + ")" if hparams else ""
+
+
 def _run_all(args, bench, methods, seeds, hparams, command) -> int:
   base, steps = _base_config(args, bench)
-  out = _output_dir(args, command)
   plan = _plan(base, methods, seeds, lambda m: _stl_runs(m, bench, hparams.get(m, {})))
+  validate_plan(bench, plan)
+  if not args.no_plots:
+    _require_plots()
+  out = _output_dir(args, command)
   print(f"ntkmtl {command}: {bench.name} ({bench.description}); {len(plan)} run(s) of {steps} "
         f"steps; writing to {out}", flush=True)
   report_config = dict(command=command, benchmark=bench.name,
@@ -369,6 +411,20 @@ def _run_all(args, bench, methods, seeds, hparams, command) -> int:
   return code
 
 
+def _require_plots():
+  from ntkmtl_jax._optional import require
+  require("matplotlib", "plots", "the PNG plots (or pass --no-plots)")
+
+
+def _skip_status(runs) -> int:
+  """3, after one line per run that skipped most of its steps; else 0."""
+  from ntkmtl_jax import training
+  reports = [r for r in map(training.skip_report, runs) if r]
+  for line in reports:
+    sys.stderr.write(f"ntkmtl: error: {line}\n")
+  return 3 if reports else 0
+
+
 # Commands.
 
 
@@ -384,14 +440,47 @@ def cmd_compare(args) -> int:
     if not dot:
       raise UsageError(f"--hp for compare must look like METHOD.NAME=VALUE, got {key!r}")
     per_method.setdefault(_method_key(method), {})[name] = value
+  stray = sorted(set(per_method) - set(names))
+  if stray:
+    raise UsageError(f"--hp names {', '.join(stray)}, which is not among the methods run "
+                     f"({', '.join(names)})")
   return _run_all(args, bench, names, list(range(args.seeds)), per_method, "compare")
 
 
 def cmd_train(args) -> int:
+  if args.benchmark.lower() == "mt10":
+    return _train_mt10(args)
   bench = _benchmark(args)
   method = _check_methods([args.method])[0]
   hp = _key_values(args.hp, "--hp")
   return _run_all(args, bench, [method], [args.seed], {method: hp}, "train")
+
+
+def _train_mt10(args) -> int:
+  """`ntkmtl train --benchmark mt10`: the MT10 runner of the repository's experiments/mt10
+  (multi-task SAC on Meta-World; a reinforcement-learning loop, not `training.fit`)."""
+  try:
+    from experiments.mt10 import main as mt10_main
+  except ImportError as e:
+    raise UsageError("MT10 runs from a source checkout (its multi-task SAC lives in the "
+                     "repository's experiments/mt10): run `python -m experiments.mt10.main` "
+                     f"from the repository root ({e})") from e
+  argv = ["--method", _check_methods([args.method])[0], "--seeds", str(args.seed)]
+  for option, value in _key_values(args.option, "--option").items():
+    if option == "config":
+      argv += ["--config", str(value)]
+    elif option == "num_train_steps":
+      argv += ["--num-train-steps", str(value)]
+    else:
+      raise UsageError(f"unknown MT10 option {option!r} (config, num_train_steps)")
+  if args.steps is not None:
+    argv += ["--num-train-steps", str(args.steps)]
+  if args.out:
+    argv += ["--workdir", args.out]
+  if args.quiet:
+    argv.append("--no-progress")
+  mt10_main.main(argv)
+  return 0
 
 
 def cmd_spectrum(args) -> int:
@@ -459,6 +548,8 @@ def cmd_list(args) -> int:
   print("Benchmarks (ntkmtl compare --benchmark NAME):")
   for name in benchmarks.benchmark_names():
     print(f"  {name:<14}{benchmarks.describe(name)}")
+  print(f"  {'mt10':<14}Meta-World MT10, multi-task SAC (ntkmtl train --benchmark mt10; the rl "
+        "extra, from a source checkout)")
   print("Methods (--methods a,b,c; --hp METHOD.NAME=VALUE):")
   for name in methods.names():
     hps = ", ".join(f"{k}={v!r}" for k, v in methods.defaults(name).items() if k != "shared")
@@ -531,12 +622,18 @@ def experiment_main(benchmark: str, get_config, argv: list[str] | None = None) -
                 for c in plan]
   from ntkmtl_jax.checkpoints import RunMismatchError
   try:
-    _, runs = run_all(bench, plan, out=flags.workdir,
-                      report_config=dataclasses.asdict(config),
-                      title=f"{benchmark}: {bench.description}", progress=False, plots=False,
-                      workdirs=workdirs, overwrite=flags.overwrite)
+    validate_plan(bench, plan)
+  except UsageError as error:
+    raise SystemExit(f"{parser.prog}: error: {error}") from None
+  try:
+    code, runs = run_all(bench, plan, out=flags.workdir,
+                         report_config=dataclasses.asdict(config),
+                         title=f"{benchmark}: {bench.description}", progress=False,
+                         plots=False, workdirs=workdirs, overwrite=flags.overwrite)
   except RunMismatchError as error:
     raise SystemExit(str(error)) from None
+  if code:  # 130: interrupted (checkpoints kept); 3: a run skipped most of its steps
+    raise SystemExit(code)
   return runs
 
 
@@ -556,9 +653,15 @@ def main(argv: list[str] | None = None) -> int:
   if args.command is None:
     parser.print_help()
     return 2
+  from ntkmtl_jax._optional import MissingExtraError
+  from ntkmtl_jax.data.splits import DatasetMissingError
+  if not getattr(args, "no_compilation_cache", True) and \
+      not os.environ.get("NTKMTL_NO_COMPILATION_CACHE"):
+    from ntkmtl_jax import compilation_cache
+    compilation_cache.enable()
   try:
     return COMMANDS[args.command](args)
-  except UsageError as e:
+  except (UsageError, MissingExtraError, DatasetMissingError) as e:
     sys.stderr.write(f"ntkmtl {args.command}: error: {e}\n")
     return 2
   except KeyboardInterrupt:

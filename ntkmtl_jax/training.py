@@ -227,6 +227,8 @@ class History:
       shared parameters (for n = 1, ||g_i||^2): from the train step for NTKMTL, or from a
       separate probe every `probe_every` steps for the other methods.
     eigen_source: "step", "probe" or "" (none recorded).
+    skip_cause: (T,) why each step was skipped: 0 applied, 1 non-finite losses, 2 non-finite
+      update from the method, 3 non-finite new parameters or optimiser/method/model state.
   """
   steps: np.ndarray
   losses: np.ndarray
@@ -235,6 +237,7 @@ class History:
   eigen_steps: np.ndarray
   eigenvalues: np.ndarray
   eigen_source: str = ""
+  skip_cause: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
 
   def to_dict(self) -> dict:
     out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -242,8 +245,26 @@ class History:
 
   @classmethod
   def from_dict(cls, d: dict) -> "History":
-    return cls(**{f.name: (np.asarray(d[f.name], np.float64) if f.name != "eigen_source"
-                           else d[f.name]) for f in dataclasses.fields(cls)})
+    return cls(**{f.name: (np.asarray(d.get(f.name, ()), np.float64)
+                           if f.name != "eigen_source" else d[f.name])
+                  for f in dataclasses.fields(cls)})
+
+
+# What `History.skip_cause` codes mean (0: the step was applied).
+SKIP_CAUSES = {1: "losses", 2: "update", 3: "state"}
+# A run that skipped more than this fraction of its steps did not train: `skip_report` says so.
+MAX_SKIPPED_FRACTION = 0.5
+
+
+def skip_report(result: "RunResult", max_fraction: float = MAX_SKIPPED_FRACTION) -> str | None:
+  """One line saying that `result` skipped most of its steps and why, or None if it trained."""
+  if not result.steps or result.skipped <= max_fraction * result.steps:
+    return None
+  causes = ", ".join(f"non-finite {name}: {count}"
+                     for name, count in result.skipped_by_cause.items() if count)
+  return (f"{result.method} seed {result.seed} skipped {result.skipped} of its {result.steps} "
+          f"steps ({causes}), so it did not train as configured. Check the learning rate, the "
+          "method's hyper-parameters and the data for NaN/inf.")
 
 
 @dataclasses.dataclass
@@ -258,7 +279,7 @@ class RunResult:
       split); {} when no step was taken.
     wall_time: seconds for the run, compilation and evaluation included.
     steps: the number of steps taken.
-    skipped: steps skipped because a loss or update was not finite.
+    skipped: steps skipped because something came out non-finite (`skipped_by_cause`).
     interrupted: whether the run was stopped (Ctrl-C) before its end.
     history: the `History`.
     val_metrics: validation metrics of the selected model (None without validation).
@@ -285,6 +306,14 @@ class RunResult:
   model_state: PyTree = None
 
   @property
+  def skipped_by_cause(self) -> dict:
+    """Skipped steps per cause: non-finite `losses`, `update` (the method's) or `state`
+    (new parameters, optimiser, method or model state)."""
+    cause = np.asarray(self.history.skip_cause)
+    return {name: int(np.sum(cause == code))
+            for code, name in SKIP_CAUSES.items()}
+
+  @property
   def last_losses(self) -> np.ndarray:
     """The task losses of the last step ((k,), empty before the first)."""
     return self.history.losses[-1] if len(self.history.losses) else np.zeros(0)
@@ -292,8 +321,8 @@ class RunResult:
   def to_dict(self, with_history: bool = True) -> dict:
     out = dict(method=self.method, seed=self.seed, hparams=_jsonable(self.hparams),
                metrics=self.metrics, wall_time=self.wall_time, steps=self.steps,
-               skipped=self.skipped, interrupted=self.interrupted,
-               val_metrics=self.val_metrics, best_epoch=self.best_epoch,
+               skipped=self.skipped, skipped_by_cause=self.skipped_by_cause,
+               interrupted=self.interrupted, val_metrics=self.val_metrics, best_epoch=self.best_epoch,
                evaluations=self.evaluations, step_time_s=self.step_time_s)
     if with_history:
       out["history"] = self.history.to_dict()
@@ -423,7 +452,7 @@ def write_json(path: str, data: dict):
 class _Recorder:
   """Per-step metrics, moved to the host every `log_every` steps, and eigenvalue probes."""
 
-  KEYS = ("losses", "weights", "grad_norm", "eigenvalues")
+  KEYS = ("losses", "weights", "grad_norm", "eigenvalues", "skip_cause")
 
   def __init__(self, num_tasks: int):
     self.k = num_tasks
@@ -432,7 +461,11 @@ class _Recorder:
     self.probe_steps, self.probe_values = [], []
 
   def add(self, metrics: dict):
-    self.pending.append({key: metrics[key] for key in self.KEYS if key in metrics})
+    record = {key: metrics[key] for key in self.KEYS if key in metrics}
+    if "nonfinite_losses" in metrics:  # the three causes exclude each other
+      record["skip_cause"] = (1 * metrics["nonfinite_losses"] + 2 * metrics["nonfinite_update"]
+                              + 3 * metrics["nonfinite_state"])
+    self.pending.append(record)
 
   def flush(self):
     for record in jax.device_get(self.pending):
@@ -443,7 +476,7 @@ class _Recorder:
   def arrays(self) -> dict:
     self.flush()
     shapes = dict(losses=(0, self.k), weights=(0, self.k), grad_norm=(0,),
-                  eigenvalues=(0, self.k))
+                  eigenvalues=(0, self.k), skip_cause=(0,))
     out = {key: np.stack(v) if v else np.zeros(shapes[key]) for key, v in self.host.items()}
     out["probe_steps"] = np.asarray(self.probe_steps, np.float64)
     out["probe_values"] = np.asarray(self.probe_values, np.float64).reshape(-1, self.k)
@@ -467,7 +500,7 @@ class _Recorder:
     return History(steps=np.arange(1, taken + 1, dtype=np.float64), losses=a["losses"],
                    weights=a["weights"], grad_norm=a["grad_norm"],
                    eigen_steps=np.asarray(eigen_steps, np.float64), eigenvalues=eigenvalues,
-                   eigen_source=source)
+                   eigen_source=source, skip_cause=a["skip_cause"])
 
 
 def _format(values) -> str:

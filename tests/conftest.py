@@ -27,6 +27,9 @@ def enable_x64(enabled: bool = True):
 
 
 def pytest_configure(config):
+  # The `ntkmtl` command keeps compiled steps on disk by default; the tests that call it in
+  # process must not fill the user's cache (tests/test_cli.py checks the cache on its own).
+  os.environ.setdefault("NTKMTL_NO_COMPILATION_CACHE", "1")
   config.addinivalue_line("markers", "one_seed: a slow test, run with the first seed only")
   config.addinivalue_line(
       "markers", "default_precision: run at the backend's default matmul precision instead "

@@ -89,6 +89,84 @@ def test_bad_arguments_give_one_line_and_exit_2(tmp_path, capsys, argv, message)
   assert message in err and len(err.strip().splitlines()) == 1, err
 
 
+SINES = ["--benchmark", "sines", "--option", "num_train=64", "--option", "num_test=32",
+         "--batch-size", "16", "--steps", "2", "--no-plots", "--quiet"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--hp", "nope=1"], "has no hyper-parameter(s) ['nope']"),
+    (["train", "--hp", "exponent=abc"], "exponent must be a positive finite number"),
+    (["train", "--hp", "exponent=-1"], "exponent must be a positive finite number"),
+    (["train", "--method", "ntkmtl_sr", "--hp", "exponent=-1"], "exponent must be a positive"),
+    (["train", "--hp", "num_chunks=0"], "num_chunks must be a positive integer"),
+    (["train", "--hp", "num_chunks=3"], "does not divide the batch size 16"),
+    (["train", "--method", "stl", "--hp", "task=7"], "task must be in [0, 3)"),
+    (["train", "--method", "cagrad", "--hp", "c=nan"], "c=nan must be finite"),
+    (["train", "--seed", "-1"], "seeds must be >= 0"),
+    (["train", "--lr", "nan"], "--lr finite"),
+    (["train", "--lr", "inf"], "--lr finite"),
+    (["train", "--max-grad-norm", "nan"], "--max-grad-norm must be a finite norm"),
+    (["train", "--max-grad-norm", "-1"], "--max-grad-norm must be a finite norm"),
+    (["train", "--batch-size", "100000"], "larger than the training split"),
+    (["train", "--option", "imbalance=0.5"], "must be >= 1"),
+    (["train", "--option", "num_tasks=0"], "num_tasks must be at least 1"),
+    (["compare", "--methods", "ls,ntkmtl", "--hp", "famo.gamma=0.1"],
+     "--hp names famo, which is not among the methods run"),
+    (["compare", "--methods", ","], "no method given"),
+    (["compare", "--benchmark", "mt10"], "ntkmtl train --benchmark mt10"),
+])
+def test_every_bad_argument_is_one_line_before_any_training(tmp_path, capsys, monkeypatch,
+                                                            argv, message):
+  from ntkmtl_jax import training
+  monkeypatch.setattr(training, "fit", lambda *a, **k: pytest.fail("training started"))
+  out = tmp_path / "out"
+  code = cli.main(argv[:1] + SINES + argv[1:] + ["--out", str(out)])
+  err = capsys.readouterr().err
+  assert code == 2, err
+  assert message in err and len(err.strip().splitlines()) == 1, err
+  assert not out.exists()  # refused before the output directory was made
+
+
+def test_a_run_that_skips_most_of_its_steps_exits_3(tmp_path, capsys):
+  """NaN in the data: every step is skipped (non-finite losses); the table is still written,
+  then one error line per such run, and exit status 3."""
+  out = tmp_path / "out"
+  code = cli.main(["train"] + SINES + ["--option", "noise=nan", "--out", str(out)])
+  err = capsys.readouterr().err
+  assert code == 3, err
+  assert "skipped 2 of its 2 steps (non-finite losses: 2)" in err
+  document = json.loads((out / "results.json").read_text())
+  assert document["runs"][0]["skipped_by_cause"] == {"losses": 2, "update": 0, "state": 0}
+
+
+def test_mt10_is_handed_to_its_runner(monkeypatch, tmp_path):
+  import types
+  import experiments.mt10
+  seen = []
+  fake = types.ModuleType("experiments.mt10.main")
+  fake.main = seen.append
+  monkeypatch.setitem(sys.modules, "experiments.mt10.main", fake)
+  monkeypatch.setattr(experiments.mt10, "main", fake, raising=False)
+  code = cli.main(["train", "--benchmark", "mt10", "--method", "nash-mtl", "--seed", "3",
+                   "--option", "config=tiny", "--steps", "5", "--out", str(tmp_path),
+                   "--quiet"])
+  assert code == 0
+  assert seen == [["--method", "nash_mtl", "--seeds", "3", "--config", "tiny",
+                   "--num-train-steps", "5", "--workdir", str(tmp_path), "--no-progress"]]
+
+
+def test_the_command_keeps_compiled_steps_for_the_next_run(tmp_path):
+  """Without --no-compilation-cache the command fills the persistent cache directory."""
+  cache = tmp_path / "cache"
+  env = dict(os.environ, NTKMTL_CACHE_DIR=str(cache))
+  env.pop("NTKMTL_NO_COMPILATION_CACHE", None)
+  result = subprocess.run([sys.executable, "-m", "ntkmtl_jax.cli", "train"] + SINES +
+                          ["--out", str(tmp_path / "out")], env=env, capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  assert cache.is_dir() and any(cache.iterdir())
+
+
 def test_non_writable_output_directory(tmp_path, capsys):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
@@ -197,3 +275,20 @@ def test_train_resumes_and_refuses_to_overwrite(tmp_path, capsys):
   assert cli.main(args + ["--steps", "6", "--overwrite"]) == 2  # finished: kept
   err = capsys.readouterr().err
   assert "refusing to overwrite" in err and len(err.strip().splitlines()) == 1
+
+
+def test_no_data_directory_anywhere_is_the_same_clear_message(monkeypatch, capsys):
+  """With no data_dir given and nothing prepared under tfds' default one, tfds finds the
+  builder but no split (a KeyError "... has not been generated yet"): one message, exit 2."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  def not_generated(*args, **kwargs):
+    raise KeyError("Trying to access `splits['train']` but `splits` is empty. This likely "
+                   "indicates the dataset has not been generated yet.")
+
+  monkeypatch.setattr(tfds, "data_source", not_generated)
+  code = cli.main(["train", "--benchmark", "qm9", "--quiet", "--no-plots"])
+  err = capsys.readouterr().err
+  assert code == 2 and "Traceback" not in err
+  assert "'qm9'" in err and "was not found in the default tfds data_dir" in err
+  assert "tfds build qm9" in err

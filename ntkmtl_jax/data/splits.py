@@ -49,8 +49,11 @@ def open_tfds(name: str, split: str, data_dir: str | None, how: str):
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as error:  # tfds raises several types for a missing or unprepared dataset
     text = str(error)
+    # No data_dir anywhere: tfds finds the builder but no prepared split ("`splits` is
+    # empty ... has not been generated yet", a KeyError).
     if isinstance(error, (FileNotFoundError, AssertionError)) or "not found" in text.lower() \
-        or "DatasetNotFound" in type(error).__name__ or "array_record" in text:
+        or "DatasetNotFound" in type(error).__name__ or "array_record" in text \
+        or (isinstance(error, KeyError) and "generated" in text):
       where = data_dir or "the default tfds data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
       raise missing_dataset(f"The tfds dataset {name!r} (split {split!r}, array_record "
                             f"format)", where, how) from error
