@@ -144,6 +144,23 @@ def assert_close(actual, desired, rtol=2e-4, err_msg=""):
                              atol=rtol * scale, err_msg=err_msg)
 
 
+def check_jit_and_eager(seed, method):
+  """The method's update of random (3, 12) task gradients of different sizes is the same
+  jitted and eager."""
+  rng = np.random.default_rng(seed)
+  jac = rng.normal(size=(3, 12)) * rng.uniform(0.2, 5.0, size=(3, 1))
+  grads = {"w": jnp.asarray(jac, jnp.float32)}
+  params = {"w": jnp.zeros(12)}
+  kwargs = dict(key=jax.random.key(seed), losses=jnp.asarray(rng.uniform(0.5, 2.0, 3),
+                                                             jnp.float32))
+  eager, s1 = method.update(grads, method.init(params), params, **kwargs)
+  jitted, s2 = jax.jit(method.update)(grads, method.init(params), params, **kwargs)
+  np.testing.assert_allclose(jitted["w"], eager["w"], rtol=1e-4,
+                             atol=1e-5 * np.abs(np.asarray(eager["w"])).max(),
+                             err_msg=f"seed={seed}")
+  np.testing.assert_allclose(s2.weights, s1.weights, rtol=1e-4, atol=1e-6)
+
+
 def check_end_to_end(seed, model, aggregator, strategies=("unroll",), steps=3):
   """Runs `steps` jitted train steps with each strategy: finite losses and weights, nothing
   skipped, the parameters move, and every strategy ends at the same parameters."""

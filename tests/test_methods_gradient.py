@@ -14,7 +14,7 @@ from ntkmtl_jax.weighting import TaskStats
 from ntkmtl_jax.methods import conflict
 from ntkmtl_jax.methods import solvers
 from ntkmtl_jax.train import make_train_step
-from conftest import TanhMLP, assert_close, check_end_to_end
+from conftest import TanhMLP, assert_close, check_end_to_end, check_jit_and_eager
 
 GRAM_METHODS = ("mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "fairgrad", "imgrad")
 DETERMINISTIC = ("mgda", "cagrad", "imtl_g", "nash_mtl", "fairgrad", "imgrad")
@@ -383,16 +383,7 @@ def test_permuting_tasks_permutes_weights(seed, name):
 @pytest.mark.parametrize("name", GRAM_METHODS + ("graddrop",))
 @pytest.mark.one_seed
 def test_jit_and_eager_agree(seed, name):
-  rng = np.random.default_rng(seed)
-  jac = random_jacobian(rng, k=3, p=12)
-  agg = methods.get(name, 3)
-  grads = {"w": jnp.asarray(jac, jnp.float32)}
-  key = jax.random.key(seed)
-  eager, s1 = agg.update(grads, agg.init(None), key=key)
-  jitted, s2 = jax.jit(agg.update)(grads, agg.init(None), key=key)
-  np.testing.assert_allclose(jitted["w"], eager["w"], rtol=1e-4,
-                             atol=1e-5 * np.abs(np.asarray(eager["w"])).max())
-  np.testing.assert_allclose(s2.weights, s1.weights, rtol=1e-4, atol=1e-6)
+  check_jit_and_eager(seed, methods.get(name, 3))
 
 
 @pytest.mark.parametrize("name", GRAM_METHODS + ("graddrop",))

@@ -12,7 +12,7 @@ from ntkmtl_jax import methods
 from ntkmtl_jax.weighting import TaskStats
 from ntkmtl_jax.methods import alignment, conflict, solvers
 from ntkmtl_jax.train import make_train_step
-from conftest import TanhMLP, assert_close, check_end_to_end, enable_x64
+from conftest import TanhMLP, assert_close, check_end_to_end, check_jit_and_eager, enable_x64
 
 GRAM_METHODS = ("upgrad", "dualproj", "aligned_mtl", "config", "gradvac", "sdmgrad")
 ALL_METHODS = GRAM_METHODS + ("moco",)
@@ -324,19 +324,7 @@ def test_moco_needs_params_and_losses():
 @pytest.mark.parametrize("name", ALL_METHODS)
 @pytest.mark.one_seed
 def test_jit_and_eager_agree(seed, name):
-  rng = np.random.default_rng(seed)
-  jac = random_jacobian(rng, k=3, p=12)
-  agg = methods.get(name, 3)
-  grads = {"w": jnp.asarray(jac, jnp.float32)}
-  params = {"w": jnp.zeros(12)}
-  kwargs = dict(key=jax.random.key(seed), losses=jnp.asarray(rng.uniform(0.5, 2.0, 3),
-                                                             jnp.float32))
-  eager, s1 = agg.update(grads, agg.init(params), params, **kwargs)
-  jitted, s2 = jax.jit(agg.update)(grads, agg.init(params), params, **kwargs)
-  np.testing.assert_allclose(jitted["w"], eager["w"], rtol=1e-4,
-                             atol=1e-5 * np.abs(np.asarray(eager["w"])).max(),
-                             err_msg=f"seed={seed}")
-  np.testing.assert_allclose(s2.weights, s1.weights, rtol=1e-4, atol=1e-6)
+  check_jit_and_eager(seed, methods.get(name, 3))
 
 
 @pytest.mark.parametrize("name", ALL_METHODS)
