@@ -311,3 +311,24 @@ def test_plain_optax_aggregators_run_on_stacked_task_gradients(seed):
     jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-5), state.params, reference.params)
   with pytest.raises(TypeError, match="optax aggregator"):
     nm.make_train_step(model.loss_fn, "ntkmtl", optax.sgd(0.1))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_params_train_with_kernel_and_solver_methods(dtype):
+  """Half-precision models: kernel blocks, Grams and the solvers work in float32 (eigvalsh and
+  the QP solvers have no half-precision kernels); the update keeps the parameters' dtype and
+  agrees with the float32 step to half precision."""
+  model = TanhMLP(np.random.default_rng(5), num_tasks=3, batch=8)
+  low = jax.tree.map(lambda a: a.astype(dtype), model.params)
+  low_batch = jax.tree.map(lambda a: a.astype(dtype), model.batch)
+  for make in (lambda: nm.ntkmtl(3, num_chunks=4, shared=model.shared),
+               lambda: nm.methods.get("nash_mtl", 3, shared=model.shared),
+               lambda: nm.methods.get("mgda", 3, shared=model.shared)):
+    step = nm.make_train_step(model.loss_fn, make(), optax.sgd(1e-2))
+    state, metrics = step(step.init(low), low_batch)
+    assert bool(metrics["finite"]), make().name
+    assert state.params["shared"]["w"].dtype == jnp.dtype(dtype)
+    reference = nm.make_train_step(model.loss_fn, make(), optax.sgd(1e-2))
+    ref_state, ref_metrics = reference(reference.init(model.params), model.batch)
+    np.testing.assert_allclose(np.asarray(metrics["weights"], np.float32),
+                               ref_metrics["weights"], rtol=0.1, err_msg=make().name)
