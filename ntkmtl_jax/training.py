@@ -26,6 +26,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -503,6 +505,31 @@ class _Recorder:
                    eigen_source=source, skip_cause=a["skip_cause"])
 
 
+class _StopOnSigint:
+  """While entered (in the main thread), a first SIGINT (Ctrl-C) only asks the loop to stop
+  at the next step boundary, where the loop checkpoints a consistent state; a second one
+  interrupts at once."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def _handle(self, signum, frame):
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGINT, self._handle)
+    return self
+
+  def __exit__(self, *unused):
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
+      self._previous = None
+
+
 def _format(values) -> str:
   return "/".join(f"{v:.3g}" for v in values)
 
@@ -560,9 +587,10 @@ def fit(benchmark: "Benchmark", config: Config, workdir: str | None = None, *, m
         resume: bool = True, overwrite: bool = False) -> RunResult:
   """Trains `config.method` on `benchmark` and returns the run's record.
 
-  Ctrl-C (KeyboardInterrupt) during training stops the run cleanly: the result has
-  `interrupted=True`, the history of the steps taken, and metrics of the best model so far
-  (or of the current one, scored then). A run with a `workdir` checkpoints at every epoch end,
+  Ctrl-C (SIGINT, or a KeyboardInterrupt) during training stops the run cleanly: the result
+  has `interrupted=True`, the history of the steps taken, and metrics of the best model so far
+  (or of the current one, scored then). With a `workdir`, a SIGINT stops at the next step
+  boundary and checkpoints there, so nothing trained is lost. A run with a `workdir` checkpoints at every epoch end,
   where `max_steps` stops it and every `config.checkpoint_every` steps
   (`checkpoints.RunCheckpoints`); started again, it resumes from the newest usable
   checkpoint and ends with the parameters an uninterrupted run ends with.
@@ -650,7 +678,9 @@ def fit(benchmark: "Benchmark", config: Config, workdir: str | None = None, *, m
 
   interrupted = False
   taken = int(state.step)  # counted on the host: reading state.step would wait for the step
+  sigint = _StopOnSigint()
   try:
+    sigint.__enter__()
     for epoch in range(run["epoch"], num_epochs):
       if taken >= total_steps and run["batch"] == 0:
         break  # stopped exactly at an epoch's end, which was already scored
@@ -662,6 +692,8 @@ def fit(benchmark: "Benchmark", config: Config, workdir: str | None = None, *, m
                                                  seed=config.seed, epoch=epoch,
                                                  skip=run["batch"])
       for batch in batches:
+        if sigint.requested:  # between steps: state, history and position agree
+          raise KeyboardInterrupt
         if probe is not None and (taken == 0 or (taken + 1) % config.probe_every == 0):
           recorder.probe_steps.append(taken + 1)
           recorder.probe_values.append(np.asarray(probe(state.params, state.model_state,
@@ -695,7 +727,12 @@ def fit(benchmark: "Benchmark", config: Config, workdir: str | None = None, *, m
       checkpoint()
   except KeyboardInterrupt:
     interrupted = True
+    if sigint.requested and workdir:
+      checkpoint()
+      say(f"Interrupted at step {taken}: saved a checkpoint in {workdir}; run again with it "
+          "to resume.")
   finally:
+    sigint.__exit__()
     if bar is not None:
       bar.close()
   if run["metrics"] is None and taken > 0:

@@ -1,4 +1,5 @@
-"""Crash-safe checkpoints: a run killed (SIGKILL) at fixed moments and resumed ends with the
+"""Crash-safe checkpoints: a run killed (SIGKILL, also inside a checkpoint write) or interrupted
+(SIGINT) at fixed moments and resumed ends with the
 parameters and history of an uninterrupted run, bit for bit; a damaged newest checkpoint is
 skipped with a reason; another run's workdir, or a finished run, is not overwritten."""
 
@@ -24,15 +25,30 @@ import os, signal, sys
 import jax, numpy as np
 from ntkmtl_jax import benchmarks, training
 workdir, kill_at, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+how = sys.argv[4] if len(sys.argv) > 4 else "KILL"
+seen = []  # the last step taken, for KILL_IN_WRITE
 bench = benchmarks.get_benchmark("sines", num_train=64, num_test=32, hidden=(8,))
 config = bench.config.replace(method="ntkmtl", batch_size=16, max_steps=11, checkpoint_every=3,
                               probe_every=0)
 
+if how == "KILL_IN_WRITE":  # SIGKILL inside the first checkpoint write after step kill_at,
+  import shutil             # once its files are written and before orbax commits them
+  def dying(real):
+    def call(*args, **kwargs):
+      if seen and seen[0] >= kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+      return real(*args, **kwargs)
+    return call
+  os.rename, os.replace, shutil.move = dying(os.rename), dying(os.replace), dying(shutil.move)
+
 def kill(t, state, metrics):
-  if t == kill_at:
-    os.kill(os.getpid(), signal.SIGKILL)
+  seen[:] = [t]
+  if t == kill_at and how in ("KILL", "INT"):
+    os.kill(os.getpid(), getattr(signal, "SIG" + how))
 
 result = training.fit(bench, config, workdir or None, progress=False, callback=kill)
+if result.interrupted:
+  sys.exit(130)
 np.savez(out, losses=result.history.losses, *jax.tree.leaves(result.params))
 """
 
@@ -65,6 +81,34 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
   assert "Resuming sines/ntkmtl at epoch 2, batch 1 (step 9)" in last.stdout
   with np.load(tmp_path / "whole.npz") as a, np.load(tmp_path / "resumed.npz") as b:
     assert sorted(a.files) == sorted(b.files)
+    for name in a.files:
+      np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_interrupted_or_killed_while_writing_and_resumed_matches_too(tmp_path):
+  """SIGINT stops at the step boundary, checkpoints there and exits 130; a SIGKILL inside a
+  checkpoint write leaves the earlier checkpoints usable. Resumed, both end bit for bit where
+  an uninterrupted run ends."""
+  script = tmp_path / "run.py"
+  script.write_text(RUN)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+
+  def run(workdir, kill_at, out, how="KILL"):
+    return subprocess.run([sys.executable, str(script), workdir, str(kill_at), str(out), how],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+  whole = run("", 0, tmp_path / "whole.npz")
+  assert whole.returncode == 0, whole.stderr
+  workdir = str(tmp_path / "run")
+  interrupted = run(workdir, 5, tmp_path / "unused.npz", "INT")
+  assert interrupted.returncode == 130, interrupted.stderr
+  assert "Interrupted at step 5: saved a checkpoint" in interrupted.stdout
+  killed = run(workdir, 7, tmp_path / "unused.npz", "KILL_IN_WRITE")  # in step 8's save
+  assert killed.returncode == -signal.SIGKILL, killed.stderr
+  last = run(workdir, 0, tmp_path / "resumed.npz")
+  assert last.returncode == 0, last.stderr
+  assert "Resuming sines/ntkmtl at epoch 1, batch 2 (step 6)" in last.stdout, last.stdout
+  with np.load(tmp_path / "whole.npz") as a, np.load(tmp_path / "resumed.npz") as b:
     for name in a.files:
       np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
