@@ -1,7 +1,7 @@
-"""Crash-safe checkpoints: a run killed (SIGKILL, also inside a checkpoint write) or interrupted
-(SIGINT) at fixed moments and resumed ends with the
-parameters and history of an uninterrupted run, bit for bit; a damaged newest checkpoint is
-skipped with a reason; another run's workdir, or a finished run, is not overwritten."""
+"""Crash-safe checkpoints: a run killed (SIGKILL, also inside a checkpoint write) or
+interrupted (SIGINT) at fixed moments and resumed ends with the parameters and history of an
+uninterrupted run, bit for bit; a damaged newest checkpoint is skipped with a reason; another
+run's workdir, or a finished run, is not overwritten."""
 
 from __future__ import annotations
 
