@@ -532,12 +532,12 @@ def cmd_spectrum(args) -> int:
     print(f"{n:<{width}}" + "".join(f"{cosine[i, j]:>10.3f}" for j in range(len(names))))
   if out:
     path = os.path.join(out, "spectrum.json")
-    with open(path, "w") as f:
-      json.dump(dict(benchmark=bench.name, task_names=list(names), chunks=args.chunks,
-                     train_steps=args.train_steps, method=method, seed=args.seed,
-                     eigenvalues=lam.tolist(), weights=np.asarray(ntk.weights).tolist(),
-                     representation_eigenvalues=np.asarray(sr_eig).tolist(),
-                     cosine=cosine.tolist(), blocks=blocks.tolist()), f, indent=1)
+    training.write_json(path, dict(
+        benchmark=bench.name, task_names=list(names), chunks=args.chunks,
+        train_steps=args.train_steps, method=method, seed=args.seed, eigenvalues=lam.tolist(),
+        weights=np.asarray(ntk.weights).tolist(),
+        representation_eigenvalues=np.asarray(sr_eig).tolist(), cosine=cosine.tolist(),
+        blocks=blocks.tolist()))
     print(f"Wrote {path}")
   return 0
 

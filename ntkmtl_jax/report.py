@@ -23,7 +23,7 @@ import numpy as np
 
 from ntkmtl_jax import metrics as metrics_lib
 from ntkmtl_jax._optional import require
-from ntkmtl_jax.training import RunResult
+from ntkmtl_jax.training import RunResult, replaced_file
 
 STL = "stl"
 
@@ -167,10 +167,8 @@ def write_json(path: str, *, config: dict, benchmark: dict, runs: Sequence[RunRe
   """results.json: the configuration, benchmark description, summary and every run."""
   document = dict(config=config, benchmark=benchmark, interrupted=interrupted,
                   summary=summary, runs=[r.to_dict() for r in runs])
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  with replaced_file(path) as f:  # never half-written; a planted symlink is not followed
     json.dump(document, f, indent=1, allow_nan=True)
-  os.replace(tmp, path)  # A Ctrl-C while writing never leaves a half-written file behind.
 
 
 def write_csv(path: str, summary: dict, metric_names: Sequence[str]) -> None:
@@ -179,7 +177,7 @@ def write_csv(path: str, summary: dict, metric_names: Sequence[str]) -> None:
             + [c for m in metric_names for c in (f"{m} mean", f"{m} std")]
             + ["mean_rank", "delta_m_mean", "delta_m_std", "wall_time_mean",
                "wall_time_std"])
-  with open(path, "w", newline="") as f:
+  with replaced_file(path, newline="") as f:
     writer = csv.writer(f)
     writer.writerow(header)
     for name, row in summary.items():
@@ -247,7 +245,8 @@ def plot_training_curves(path: str, runs: Sequence[RunResult], task_names: Seque
   if axes[0, -1].get_legend_handles_labels()[0]:
     axes[0, -1].legend(fontsize=7, ncol=2)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  with replaced_file(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=110)
   plt.close(fig)
 
 
@@ -277,7 +276,8 @@ def plot_task_weights(path: str, runs: Sequence[RunResult], task_names: Sequence
   if axes.flat[0].get_legend_handles_labels()[0]:
     axes.flat[0].legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  with replaced_file(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=110)
   plt.close(fig)
 
 
@@ -322,7 +322,8 @@ def plot_eigenvalues(path: str, runs: Sequence[RunResult], task_names: Sequence[
       axes[row, col].grid(alpha=0.3)
   axes[0, 0].legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  with replaced_file(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=110)
   plt.close(fig)
   return True
 

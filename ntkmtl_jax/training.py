@@ -22,11 +22,13 @@ The `ntkmtl` command and the `experiments/` scripts both run this loop.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import signal
+import tempfile
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -443,12 +445,30 @@ def restore_checkpoint(benchmark: "Benchmark", config: Config, workdir: str,
   return restored[0]
 
 
+@contextlib.contextmanager
+def replaced_file(path: str, mode: str = "w", **open_kwargs):
+  """A new file beside `path`, renamed over `path` when the block ends without an error.
+
+  A crash or Ctrl-C never leaves half a file, and a symlink planted at `path` is replaced,
+  not followed (the temporary file is created exclusively, so one planted at its name is
+  never opened either).
+  """
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                             prefix=os.path.basename(path) + ".", suffix=".tmp")
+  try:
+    with os.fdopen(fd, mode, **open_kwargs) as f:
+      yield f
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.lexists(tmp):
+      os.unlink(tmp)
+    raise
+
+
 def write_json(path: str, data: dict):
-  """Writes `data` to `path` through a temporary file (never half-written)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  """Writes `data` to `path` (see `replaced_file`)."""
+  with replaced_file(path) as f:
     json.dump(data, f, indent=1, default=float, allow_nan=True)
-  os.replace(tmp, path)
 
 
 class _Recorder:

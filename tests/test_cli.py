@@ -292,3 +292,19 @@ def test_no_data_directory_anywhere_is_the_same_clear_message(monkeypatch, capsy
   assert code == 2 and "Traceback" not in err
   assert "'qm9'" in err and "was not found in the default tfds data_dir" in err
   assert "tfds build qm9" in err
+
+
+def test_symlinks_planted_in_the_output_directory_are_replaced_not_followed(tmp_path):
+  out = tmp_path / "out"
+  out.mkdir()
+  victim = tmp_path / "victim.txt"
+  victim.write_text("keep me")
+  names = ("results.json", "results.csv", "training_curves.png", "results.json.tmp")
+  for name in names:
+    (out / name).symlink_to(victim)
+  code = cli.main(["compare", "--methods", "ls", "--seeds", "1", "--out", str(out)] + TINY)
+  assert code == 0
+  assert victim.read_text() == "keep me"
+  for name in names[:3]:
+    assert (out / name).is_file() and not (out / name).is_symlink(), name
+  json.loads((out / "results.json").read_text())
