@@ -312,7 +312,8 @@ def check_normalization(normalization: str) -> None:
 
 def weights_from_eigenvalues(eigenvalues: jax.Array, *, exponent: float = 0.5,
                              normalization: str = "sum",
-                             floor: float = EIGENVALUE_FLOOR) -> jax.Array:
+                             floor: float = EIGENVALUE_FLOOR,
+                             floored_weight: float | None = None) -> jax.Array:
   """NTKMTL task weights from the largest eigenvalue of each task's kernel block.
 
   normalization="sum" (the official code, default): w_i = (sum_j l_j / l_i) ** exponent.
@@ -321,14 +322,20 @@ def weights_from_eigenvalues(eigenvalues: jax.Array, *, exponent: float = 0.5,
 
   Eigenvalues below `floor * sum_j lambda_j` (a task whose gradient is zero) are raised to
   that floor, so every weight is finite: such a task gets weight (1 / floor) ** exponent,
-  which multiplies its zero gradient. If every eigenvalue is zero all weights are equal.
+  which multiplies its zero gradient; `floored_weight` gives such tasks that weight instead
+  (NTKMTL-SR uses 1, see `methods.ntkmtl.ntkmtl_sr`). If every eigenvalue is zero all weights
+  are equal.
   """
   check_normalization(normalization)
-  lam = jnp.asarray(eigenvalues)
-  tiny = jnp.finfo(lam.dtype).tiny
-  lam = jnp.maximum(lam, floor * jnp.sum(jnp.maximum(lam, 0.0)) + tiny)
+  raw = jnp.asarray(eigenvalues)
+  tiny = jnp.finfo(raw.dtype).tiny
+  threshold = floor * jnp.sum(jnp.maximum(raw, 0.0))
+  lam = jnp.maximum(raw, threshold + tiny)
   reference = jnp.sum(lam) if normalization == "sum" else jnp.mean(lam)
-  return (reference / lam) ** exponent
+  weights = (reference / lam) ** exponent
+  if floored_weight is None:
+    return weights
+  return jnp.where(raw <= threshold, jnp.asarray(floored_weight, weights.dtype), weights)
 
 
 class NTKWeights(NamedTuple):

@@ -90,6 +90,9 @@ def test_zero_gradient_task_gets_finite_weight(seed):
   # Every task dead: equal weights, no NaN.
   w0 = kernel.weights_from_eigenvalues(jnp.zeros(4))
   np.testing.assert_allclose(w0, np.full(4, 4 ** 0.5), rtol=1e-6)
+  # `floored_weight` replaces only the floored task's weight.
+  wf = kernel.weights_from_eigenvalues(eigs, floored_weight=1.0)
+  np.testing.assert_allclose(wf, np.concatenate([[1.0], np.asarray(w[1:])]), rtol=1e-6)
 
 
 def test_zero_gradient_task_in_ntk_weights(seed):

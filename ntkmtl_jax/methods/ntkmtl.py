@@ -22,6 +22,7 @@ import optax
 from ntkmtl_jax import kernel
 from ntkmtl_jax._tree import SharedSpec
 from ntkmtl_jax.methods import register
+from ntkmtl_jax.methods._common import check_num_tasks
 from ntkmtl_jax.weighting import Needs, TaskStats, Weighting
 
 
@@ -41,7 +42,7 @@ class NTKMTLState(NamedTuple):
 
 
 def _ntk_weights(num_tasks, exponent, normalization, eigenvalue_ema, scale_by_num_tasks,
-                 source, neutral_below_floor=False):
+                 source, floored_weight=None):
 
   def weights(stats: TaskStats, state: NTKMTLState):
     lam = getattr(stats, source)
@@ -53,12 +54,8 @@ def _ntk_weights(num_tasks, exponent, normalization, eigenvalue_ema, scale_by_nu
     if eigenvalue_ema is not None:
       previous = jnp.where(state.count > 0, state.eigenvalues.astype(lam.dtype), lam)
       lam = eigenvalue_ema * previous + (1.0 - eigenvalue_ema) * lam
-    w = kernel.weights_from_eigenvalues(lam, exponent=exponent, normalization=normalization)
-    if neutral_below_floor:
-      # A zero kernel means a zero shared gradient: any weight leaves the shared update
-      # alone, and 1 gives the task's head its ordinary gradient (not (1 / floor) ** exponent
-      # times it, which a weighted head update would apply).
-      w = jnp.where(lam <= kernel.EIGENVALUE_FLOOR * jnp.sum(jnp.maximum(lam, 0.0)), 1.0, w)
+    w = kernel.weights_from_eigenvalues(lam, exponent=exponent, normalization=normalization,
+                                        floored_weight=floored_weight)
     if scale_by_num_tasks:
       w = w * k
     return w, NTKMTLState(count=state.count + 1, weights=w.astype(state.weights.dtype),
@@ -68,9 +65,8 @@ def _ntk_weights(num_tasks, exponent, normalization, eigenvalue_ema, scale_by_nu
 
 
 def _check_hparams(exponent, eigenvalue_ema, num_tasks):
-  if num_tasks is not None and (isinstance(num_tasks, bool) or int(num_tasks) != num_tasks
-                                or num_tasks < 1):
-    raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}.")
+  if num_tasks is not None:
+    check_num_tasks(num_tasks)
   if isinstance(exponent, bool) or not isinstance(exponent, (int, float)) or \
       not 0 < float(exponent) < float("inf"):
     raise ValueError(f"exponent must be a positive finite number, got {exponent!r}.")
@@ -182,7 +178,7 @@ def ntkmtl_sr(num_tasks: int, *, exponent: float = 0.5, normalization: str = "su
   return Weighting(
       name="ntkmtl_sr", needs=Needs("representation", num_chunks),
       weights=_ntk_weights(num_tasks, exponent, normalization, eigenvalue_ema, False,
-                           "eigenvalues", neutral_below_floor=True),
+                           "eigenvalues", floored_weight=1.0),
       init=_init(num_tasks), shared=shared, head_gradients=head_gradients,
       hparams=dict(exponent=exponent, normalization=normalization, num_chunks=num_chunks,
                    eigenvalue_ema=eigenvalue_ema))
