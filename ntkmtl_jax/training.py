@@ -75,7 +75,12 @@ class Config:
       validation score has not improved for `plateau_patience` epochs, not below
       `plateau_min_lr`).
     max_grad_norm: global-norm clip of the shared update for gradient-based methods (None:
-      no clipping). Loss-weighting methods are not clipped, as the official code.
+      no clipping). That is what the NTKMTL and FairGrad repositories do for NTKMTL and
+      FairGrad (inside their own backward passes) and the original nash-mtl repository for
+      Nash-MTL; the NTKMTL and FAMO repositories' other gradient methods (MGDA, IMTL-G,
+      their Nash-MTL, ...) call the clip before the backward pass, where it does nothing,
+      and so run unclipped there. Loss-weighting methods are not clipped, as in those
+      repositories.
     eval_batch_size: batch of the evaluation passes.
     probe_every: for methods whose step does not produce the shared-parameter eigenvalues,
       compute lambda_i = ||g_i||^2 every `probe_every` steps outside the step (0: never).

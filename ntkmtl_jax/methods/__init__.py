@@ -4,7 +4,9 @@
     ntkmtl_jax.methods.names()  # every registered name
 
 Each entry is a factory `factory(num_tasks, **hparams) -> Weighting | GradientRule` whose
-keyword defaults are the published hyper-parameters.
+keyword defaults are the published hyper-parameters, registered with the properties the
+method claims (`PROPERTIES`); `ntkmtl_jax.testing.properties` checks every claim of every
+registered method, and the properties every method must have, on hard cases.
 """
 
 from __future__ import annotations
@@ -16,18 +18,56 @@ from typing import Callable
 from ntkmtl_jax.weighting import Method
 
 _REGISTRY: dict[str, Callable[..., Method]] = {}
+_CLAIMS: dict[str, dict[str, dict]] = {}
+
+# What a method may claim of its update d(J, losses) (J the task gradients, one per row).
+PROPERTIES = {
+    "permutation_equivariant":
+        "permuting the tasks (and their losses) permutes the weights and leaves the update "
+        "unchanged",
+    "scale_invariant":
+        "multiplying one task's loss, and so its gradient, by c > 0 leaves the update "
+        "unchanged",
+    "direction_scale_invariant":
+        "multiplying one task's loss, and so its gradient, by c > 0 leaves the update's "
+        "direction unchanged (its length may change)",
+    "linear_under_scaling":
+        "the update of diag(c) J is linear in c >= 0: d(diag(a c1 + b c2) J) = "
+        "a d(diag(c1) J) + b d(diag(c2) J)",
+    "non_conflicting":
+        "the update conflicts with no task: <d, g_i> >= 0 for every i",
+}
 
 
-def register(name: str, factory: Callable[..., Method] | None = None):
-  """Registers `factory` under `name` (usable as a decorator)."""
+def register(name: str, factory: Callable[..., Method] | None = None, *,
+             properties: tuple[str, ...] | dict[str, dict] = ()):
+  """Registers `factory` under `name` (usable as a decorator).
+
+  Args:
+    name: the registry name.
+    factory: `factory(num_tasks, **hparams) -> Method`; omit to use as a decorator.
+    properties: the `PROPERTIES` the method claims: names, or a dict from name to the
+      hyper-parameters under which the claim is exact (e.g. a vanishing ridge,
+      `{"non_conflicting": {"reg_eps": 1e-10}}`); the defaults otherwise.
+  """
+  claims = dict(properties) if isinstance(properties, dict) else {p: {} for p in properties}
+  unknown = [p for p in claims if p not in PROPERTIES]
+  if unknown:
+    raise ValueError(f"{name}: unknown properties {unknown}; known: {list(PROPERTIES)}.")
 
   def do(f):
     if name in _REGISTRY and _REGISTRY[name] is not f:
       raise ValueError(f"A method named {name!r} is already registered.")
     _REGISTRY[name] = f
+    _CLAIMS[name] = claims
     return f
 
   return do if factory is None else do(factory)
+
+
+def claims(name: str) -> dict[str, dict]:
+  """The properties method `name` claims, each with the hyper-parameters it holds under."""
+  return dict(_CLAIMS[name.lower().replace("-", "_")])
 
 
 def names() -> list[str]:

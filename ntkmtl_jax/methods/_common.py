@@ -116,10 +116,12 @@ def initial_state(state_cls, num_tasks: int, **fields):
 
 
 def preference_vector(pref_vector, num_tasks: int, default: float) -> np.ndarray:
-  """The preference vector as a float32 array of shape (k,), checked."""
+  """The preference vector as a float64 NumPy array of shape (k,), checked (the methods
+  cast it to the Gram matrix's dtype: 1/k rounded to float32 would cost a float64 Gram
+  3e-8)."""
   if pref_vector is None:
-    return np.full(num_tasks, default, np.float32)
-  pref = np.asarray(pref_vector, np.float32)
+    return np.full(num_tasks, default, np.float64)
+  pref = np.asarray(pref_vector, np.float64)
   if pref.shape != (num_tasks,) or not np.all(np.isfinite(pref)) or np.any(pref < 0):
     raise ValueError(f"pref_vector must be {num_tasks} finite non-negative numbers, got "
                      f"{pref_vector!r}.")

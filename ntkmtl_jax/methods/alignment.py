@@ -31,8 +31,9 @@ class IMTLGState(NamedTuple):
     count: number of updates made.
     weights: the last weights applied to the task gradients.
     conflicts: conflicting pairs (G_ij < 0, i < j) at the last step.
-    solver_failures: steps so far whose linear system was singular (solved with a 1e-8
-      ridge instead, as the reference code does).
+    solver_failures: steps so far whose linear system was singular to working precision
+      (smallest singular value below sqrt(eps) of the largest; solved with a 1e-8 ridge
+      instead, as the reference code does).
   """
   count: jax.Array
   weights: jax.Array
@@ -57,13 +58,18 @@ def imtl_g_weights(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
   # <g_1 - g_i, u_1 - u_j>
   system = (g_u[0, 0] - g_u[0, 1:][None, :] - g_u[1:, 0][:, None] + g_u[1:, 1:])
   rest = jnp.linalg.solve(system.T, first)
-  singular = ~jnp.all(jnp.isfinite(rest))
+  # Singular to working precision (a zero, duplicated or dependent gradient: D U^T has a
+  # zero row or column, and the solve returns large finite garbage rather than inf): the
+  # smallest singular value below sqrt(eps) of the largest.
+  singular_values = jnp.linalg.svd(system, compute_uv=False)
+  singular = ((singular_values[-1] <= jnp.sqrt(jnp.finfo(a.dtype).eps) * singular_values[0])
+              | ~jnp.all(jnp.isfinite(rest)))
   ridge = jnp.linalg.solve(system.T + EPS * jnp.eye(k - 1, dtype=a.dtype), first)
   rest = jnp.where(singular, ridge, rest)
   return jnp.concatenate([1.0 - jnp.sum(rest, keepdims=True), rest]), singular
 
 
-@register("imtl_g")
+@register("imtl_g", properties=("permutation_equivariant",))
 def imtl_g(num_tasks: int, *, shared: SharedSpec = None,
            head_gradients: str = "weighted") -> Weighting:
   """IMTL-G: the update whose projections on every unit task gradient are equal.
@@ -123,12 +129,17 @@ class AlignedMTLState(NamedTuple):
 
 
 @full_precision
-def aligned_mtl_transform(gram: jax.Array, scale_mode: str = "min"
+def aligned_mtl_transform(gram: jax.Array, scale_mode: str = "min",
+                          rcond: float | None = None
                           ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Aligned-MTL's balance matrix B, from the Gram matrix; returns (B, condition, rank).
 
-  With G = V diag(lambda) V^T restricted to the eigenvalues above lambda_max * k * eps (the
-  numerical rank r), B = sqrt(s) V diag(lambda)^(-1/2) V^T, s the smallest kept eigenvalue
+  With G = V diag(lambda) V^T restricted to the eigenvalues above lambda_max times `rcond`
+  (the numerical rank r; default k times float32's eps, the authors' code, which takes the
+  eigenvalues of G cast to float32, whatever the dtype here: a cutoff at k times float64's
+  eps would sit at the rounding of the eigenvalues, and the rank, with the answer, would
+  change with the last bits of G), B = sqrt(s) V diag(lambda)^(-1/2) V^T, s the smallest
+  kept eigenvalue
   ("min"), their lower median ("median") or their mean ("rmse"). The aligned gradients
   J^T B (column i: sum_l B_li g_l) are orthogonal with equal norms sqrt(s): their Gram
   matrix is B G B = s V V^T. When every eigenvalue is below the threshold (G = 0), B is the
@@ -137,7 +148,9 @@ def aligned_mtl_transform(gram: jax.Array, scale_mode: str = "min"
   k = gram.shape[0]
   a = normalized(gram)  # B does not change when G is scaled
   eigenvalues, vectors = jnp.linalg.eigh(0.5 * (a + a.T))
-  threshold = jnp.max(eigenvalues) * k * jnp.finfo(a.dtype).eps
+  if rcond is None:
+    rcond = k * float(jnp.finfo(jnp.float32).eps)
+  threshold = jnp.max(eigenvalues) * rcond
   keep = eigenvalues > threshold
   rank = jnp.sum(keep).astype(jnp.int32)
   kept = jnp.where(keep, eigenvalues, jnp.inf)
@@ -155,10 +168,10 @@ def aligned_mtl_transform(gram: jax.Array, scale_mode: str = "min"
   return balance, condition, rank
 
 
-@register("aligned_mtl")
+@register("aligned_mtl", properties=("permutation_equivariant",))
 def aligned_mtl(num_tasks: int, *, scale_mode: str = "min",
-                pref_vector: Sequence[float] | None = None, shared: SharedSpec = None,
-                head_gradients: str = "sum") -> Weighting:
+                pref_vector: Sequence[float] | None = None, rcond: float | None = None,
+                shared: SharedSpec = None, head_gradients: str = "sum") -> Weighting:
   """Aligned-MTL: sums the task gradients after aligning them to condition number one.
 
   The gradient matrix is replaced by its nearest (Procrustes) matrix with orthogonal
@@ -173,6 +186,8 @@ def aligned_mtl(num_tasks: int, *, scale_mode: str = "min",
       ("min", the paper and the authors' default), of the median one or of their mean
       ("rmse").
     pref_vector: the weights u of the aligned gradients (default ones).
+    rcond: eigenvalues of G below rcond times the largest are dropped (default k times
+      float32's eps, as the authors' code; see `aligned_mtl_transform`).
     shared: which parameters are shared.
     head_gradients: "sum" (task-specific parameters get their plain gradients, as the
       authors' code by default) or "weighted".
@@ -187,13 +202,15 @@ def aligned_mtl(num_tasks: int, *, scale_mode: str = "min",
   check_num_tasks(num_tasks)
   if scale_mode not in _ALIGNED_SCALES:
     raise ValueError(f"scale_mode must be one of {_ALIGNED_SCALES}, got {scale_mode!r}.")
-  preference = jnp.asarray(preference_vector(pref_vector, num_tasks, 1.0))
+  if rcond is not None and not 0 < rcond < 1:
+    raise ValueError(f"rcond must lie in (0, 1) or be None, got {rcond}.")
+  preference = preference_vector(pref_vector, num_tasks, 1.0)
 
   @full_precision
   def weighting(stats: TaskStats, state: AlignedMTLState):
     gram = gram_of(stats, "aligned_mtl", num_tasks)
-    balance, condition, rank = aligned_mtl_transform(gram, scale_mode)
-    weights = balance @ preference.astype(balance.dtype)
+    balance, condition, rank = aligned_mtl_transform(gram, scale_mode, rcond)
+    weights = balance @ jnp.asarray(preference, balance.dtype)
     return weights, AlignedMTLState(state.count + 1, weights.astype(jnp.float32),
                                     conflicting_pairs(gram), condition.astype(jnp.float32),
                                     rank)
@@ -202,7 +219,7 @@ def aligned_mtl(num_tasks: int, *, scale_mode: str = "min",
                                       condition_number=jnp.ones([], jnp.float32))
   return Weighting(name="aligned_mtl", needs=Needs("gram"), init=init, weights=weighting,
                    shared=shared, head_gradients=head_gradients,
-                   hparams=dict(scale_mode=scale_mode))
+                   hparams=dict(scale_mode=scale_mode, rcond=rcond))
 
 
 # --------------------------------------------------------------------------------- ConFIG
@@ -235,9 +252,12 @@ def config_weights(gram: jax.Array, rcond: float | None = None
   cosine matrix U^T U: the minimum-norm vector with <g_v, u_i> = 1 for every i, so its
   cosine with every task gradient is the same positive number. Its unit vector e is then
   scaled by sum_i <g_i, e> (ConFIG's default projection length). pinv(C) keeps the
-  eigenvalues of C above `rcond` times the largest (default k * eps of the dtype); those of
-  C are the squared singular values of U, so gradient directions dependent to about
-  sqrt(rcond) are treated as dependent.
+  eigenvalues of C above `rcond` times the largest (default sqrt(eps) of the dtype: 1.5e-8
+  in float64, 3.5e-4 in float32); those of C are the squared singular values of U, so
+  gradient directions dependent to about sqrt(rcond) (1.2e-4, 1.9e-2) are treated as
+  dependent. The cutoff sits well above the rounding of C (about k eps): at k eps, as
+  before, the numerical rank of exactly dependent gradients, and with it the answer,
+  changed with the last bits of G.
   """
   k = gram.shape[0]
   dtype = gram.dtype
@@ -247,21 +267,28 @@ def config_weights(gram: jax.Array, rcond: float | None = None
   safe = jnp.where(nonzero, norms, 1.0)
   cosines = jnp.where(nonzero[:, None] & nonzero[None, :], a / jnp.outer(safe, safe), 0.0)
   eigenvalues, vectors = jnp.linalg.eigh(0.5 * (cosines + cosines.T))
-  cutoff = (k * jnp.finfo(dtype).eps if rcond is None else rcond) * jnp.max(eigenvalues)
+  cutoff = (jnp.sqrt(jnp.finfo(dtype).eps) if rcond is None else rcond) * jnp.max(eigenvalues)
   keep = eigenvalues > cutoff
   inverse = jnp.where(keep, 1.0 / jnp.where(keep, eigenvalues, 1.0), 0.0)
   alpha = vectors @ (inverse * (vectors.T @ jnp.where(nonzero, 1.0, 0.0)))
-  direction_sq = jnp.maximum(alpha @ (cosines @ alpha), 0.0)
-  unit = jnp.where(nonzero, alpha / safe, 0.0) / (jnp.sqrt(direction_sq) + EPS)
+  # ||g_v|| >= 1 where the unit gradients admit <g_v, u_i> = 1 for all i; a least-squares
+  # g_v of norm below sqrt(eps) is rounding (e.g. two opposite gradients: pinv gives 0,
+  # there is no direction to take), and the update is 0.
+  norm = jnp.sqrt(jnp.maximum(alpha @ (cosines @ alpha), 0.0))
+  resolved = norm > jnp.sqrt(jnp.finfo(dtype).eps)
+  inv_norm = jnp.where(resolved, 1.0 / jnp.where(resolved, norm, 1.0), 0.0)
+  unit = jnp.where(nonzero, alpha / safe, 0.0) * inv_norm
   # sum_i <g_i, e> on the original scale: G = a * mean diagonal.
   length = jnp.sum(gram @ unit) / jnp.maximum(jnp.mean(jnp.diagonal(gram)),
                                               jnp.finfo(dtype).tiny)
-  projections = (cosines @ alpha) / (jnp.sqrt(direction_sq) + EPS)
-  cosine = jnp.min(jnp.where(nonzero, projections, jnp.inf))
+  projections = (cosines @ alpha) * inv_norm
+  # (0 where every gradient is zero: there is no cosine to take.)
+  cosine = jnp.where(jnp.any(nonzero), jnp.min(jnp.where(nonzero, projections, jnp.inf)), 0.0)
   return length * unit, cosine, jnp.sum(keep).astype(jnp.int32)
 
 
-@register("config")
+@register("config", properties=("permutation_equivariant", "direction_scale_invariant",
+                               "linear_under_scaling", "non_conflicting"))
 def config(num_tasks: int, *, rcond: float | None = None, shared: SharedSpec = None,
            head_gradients: str = "sum") -> Weighting:
   """ConFIG: the conflict-free update with equal cosine to every task gradient.
@@ -275,7 +302,8 @@ def config(num_tasks: int, *, rcond: float | None = None, shared: SharedSpec = N
 
   Args:
     num_tasks: k.
-    rcond: relative cutoff on the eigenvalues of the cosine matrix (default k * eps).
+    rcond: relative cutoff on the eigenvalues of the cosine matrix (default sqrt(eps) of
+      the dtype; see `config_weights`).
     shared: which parameters are shared.
     head_gradients: "sum" (task-specific parameters get their plain gradients) or
       "weighted".

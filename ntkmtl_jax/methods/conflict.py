@@ -66,7 +66,7 @@ def pcgrad_coefficients(gram: jax.Array, orders: jax.Array) -> jax.Array:
   return jax.lax.fori_loop(0, orders.shape[1], step, jnp.eye(k, dtype=gram.dtype))
 
 
-@register("pcgrad")
+@register("pcgrad", properties=("linear_under_scaling",))
 def pcgrad(num_tasks: int, *, reduction: str = "sum", shared: SharedSpec = None,
            head_gradients: str = "sum") -> Weighting:
   """PCGrad: projects each task gradient off the gradients it conflicts with.
@@ -150,7 +150,7 @@ def graddrop_direction(matrix: jax.Array, key: jax.Array,
   return direction, keep
 
 
-@register("graddrop")
+@register("graddrop", properties=("permutation_equivariant",))
 def graddrop(num_tasks: int, *, leak: float | Sequence[float] = 0.0,
              shared: SharedSpec = None, head_gradients: str = "sum") -> GradientRule:
   """GradDrop: keeps, per coordinate, only the task gradients of one randomly chosen sign.
@@ -246,13 +246,20 @@ def gradvac_coefficients(gram: jax.Array, orders: jax.Array, targets: jax.Array,
     dots = jnp.sum(coeffs * a[j, :], axis=1)
     norm_i = jnp.sqrt(jnp.maximum(jnp.sum(coeffs * (coeffs @ a), axis=1), 0.0))
     norm_j = norms[j]
-    phi = jnp.clip(dots / (norm_i * norm_j + EPS), -1.0, 1.0)
+    # Exact quotients, guarded where they are 0 / 0: an absolute 1e-8 in the denominators
+    # (the reimplementations' convention), on G normalised to unit mean diagonal, moves
+    # the cosine of a task 1e4 smaller than the others by order one.
+    norms_ij = norm_i * norm_j
+    phi = jnp.clip(jnp.where(norms_ij > 0, dots / jnp.where(norms_ij > 0, norms_ij, 1.0), 0.0),
+                   -1.0, 1.0)
     target = targets[rows, j]
-    # A zero gradient has no direction to correct toward (or to correct).
-    apply = other & (phi < target) & (norm_i > 0) & (norm_j > 0)
     root_target = jnp.sqrt(jnp.maximum(1.0 - target ** 2, 0.0))
+    # A zero gradient has no direction to correct toward (or to correct); a target cosine
+    # of 1 cannot be reached by adding a multiple of g_j.
+    apply = other & (phi < target) & (norm_i > 0) & (norm_j > 0) & (root_target > 0)
     root_phi = jnp.sqrt(jnp.maximum(1.0 - phi ** 2, 0.0))
-    w = norm_i * (target * root_phi - phi * root_target) / (norm_j * root_target + EPS)
+    denominator = jnp.where(apply, norm_j * root_target, 1.0)
+    w = norm_i * (target * root_phi - phi * root_target) / denominator
     coeffs = coeffs.at[rows, j].add(jnp.where(apply, w, 0.0))
     targets = targets.at[rows, j].set(jnp.where(other, (1.0 - beta) * target + beta * phi,
                                                 target))
@@ -262,7 +269,7 @@ def gradvac_coefficients(gram: jax.Array, orders: jax.Array, targets: jax.Array,
                            (jnp.eye(k, dtype=a.dtype), targets, zeros_int()))
 
 
-@register("gradvac")
+@register("gradvac", properties=("linear_under_scaling",))
 def gradvac(num_tasks: int, *, beta: float = 0.01, shared: SharedSpec = None,
             head_gradients: str = "sum") -> Weighting:
   """GradVac: raises each pair's gradient cosine to an adaptive target (Gradient Vaccine).

@@ -23,45 +23,66 @@ from ntkmtl_jax.methods._common import (SolverState, check_num_tasks, conflictin
 from ntkmtl_jax.weighting import Needs, TaskStats, Weighting
 
 
+RIDGES = ("per_task", "identity")
+
+
 @full_precision
 def dual_cone_weights(gram: jax.Array, preference: jax.Array, *, norm_eps: float = 1e-4,
-                      reg_eps: float = 1e-4, max_iters: int = 100, tol: float = 1e-5
-                      ) -> solvers.SolverResult:
+                      reg_eps: float = 1e-4, ridge: str = "per_task", max_iters: int = 100,
+                      tol: float = 1e-9) -> solvers.SolverResult:
   """Weights w >= u minimising w^T G w: J^T w is the projection of J^T u onto the dual cone.
 
   The projection of J^T u onto the dual cone {v : J v >= 0} of the task gradients (the rows
   of J) minimises ||v - J^T u||^2 subject to J v >= 0; its dual is min_{w >= u} w^T G w, and
   the projection is J^T w. As torchjd does, G is first divided by its trace (replaced by 0
-  when the trace is below `norm_eps`) and `reg_eps` times the identity is added so that the
-  problem is strictly convex; the dual is then solved exactly by `solvers.nonnegative_qp` on
-  z = w - u. `preference` may be (k,) or a batch (m, k) of vectors u.
+  when the trace is below `norm_eps`) and a ridge is added so that the problem is strictly
+  convex; the dual is then solved exactly by `solvers.nonnegative_qp` on z = w - u.
+  `preference` may be (k,) or a batch (m, k) of vectors u.
+
+  The ridge: torchjd adds reg_eps I (`ridge="identity"`). On G / tr(G) a task whose
+  gradient is 1e4 times smaller than another's has a diagonal entry near 1e-8, which a
+  ridge of 1e-4 swamps: its constraint is all but dropped, and the update conflicts with
+  it (by 8.2 against a product of 5e7 with the other task, on scales 1 and 1e4). The
+  default `"per_task"` adds reg_eps k G_ii / tr(G) to entry i instead: the same reg_eps I
+  when every task has the same gradient norm, and each task's ridge on its own scale
+  otherwise (floored at eps of the dtype, for a zero gradient).
 
   Returns:
     A `SolverResult` with `x` the weights w (shape of `preference`).
   """
+  if ridge not in RIDGES:
+    raise ValueError(f"ridge must be one of {RIDGES}, got {ridge!r}.")
   k = gram.shape[0]
   trace = jnp.trace(gram)
   normalized = jnp.where(trace < norm_eps, 0.0, gram / jnp.where(trace < norm_eps, 1.0, trace))
-  regularized = normalized + reg_eps * jnp.eye(k, dtype=gram.dtype)
-  preference = preference.astype(gram.dtype)
+  if ridge == "identity":
+    diagonal = jnp.full((k,), reg_eps, gram.dtype)
+  else:
+    relative = jnp.where(trace < norm_eps, 1.0, k * jnp.diagonal(normalized))
+    diagonal = reg_eps * jnp.maximum(relative, jnp.finfo(gram.dtype).eps)
+  regularized = normalized + jnp.diag(diagonal)
+  preference = jnp.asarray(preference, gram.dtype)
   solve = lambda u: solvers.nonnegative_qp(regularized, regularized @ u, max_iters=max_iters,
                                            tol=tol)
   result = solve(preference) if preference.ndim == 1 else jax.vmap(solve)(preference)
   return result._replace(x=result.x + preference)
 
 
-def _dual_cone(name, num_tasks, preference, per_task, norm_eps, reg_eps,
-                          max_iters, tol, shared, head_gradients):
+def _dual_cone(name, num_tasks, preference, per_task, norm_eps, reg_eps, ridge,
+               max_iters, tol, shared, head_gradients):
   if norm_eps < 0 or reg_eps <= 0 or max_iters < 1 or tol <= 0:
     raise ValueError(f"{name}: need norm_eps >= 0, reg_eps > 0, max_iters >= 1 and tol > 0; "
                      f"got {norm_eps}, {reg_eps}, {max_iters}, {tol}.")
-  preference = jnp.asarray(np.diag(preference) if per_task else preference)
+  if ridge not in RIDGES:
+    raise ValueError(f"{name}: ridge must be one of {RIDGES}, got {ridge!r}.")
+  # NumPy float64, cast to the Gram matrix's dtype where it is used.
+  preference = np.diag(preference) if per_task else preference
 
   @full_precision
   def weighting(stats: TaskStats, state: SolverState):
     gram = gram_of(stats, name, num_tasks)
     result = dual_cone_weights(gram, preference, norm_eps=norm_eps, reg_eps=reg_eps,
-                               max_iters=max_iters, tol=tol)
+                               ridge=ridge, max_iters=max_iters, tol=tol)
     weights = jnp.sum(result.x, axis=0) if per_task else result.x
     failed = ~jnp.all(result.converged)
     return weights, SolverState(state.count + 1, weights.astype(jnp.float32),
@@ -71,13 +92,14 @@ def _dual_cone(name, num_tasks, preference, per_task, norm_eps, reg_eps,
   init = lambda params: initial_state(SolverState, num_tasks)
   return Weighting(name=name, needs=Needs("gram"), init=init, weights=weighting,
                    shared=shared, head_gradients=head_gradients,
-                   hparams=dict(norm_eps=norm_eps, reg_eps=reg_eps))
+                   hparams=dict(norm_eps=norm_eps, reg_eps=reg_eps, ridge=ridge))
 
 
-@register("upgrad")
+@register("upgrad", properties={"permutation_equivariant": {}, "linear_under_scaling": {},
+                               "non_conflicting": {"reg_eps": 1e-13}})
 def upgrad(num_tasks: int, *, pref_vector: Sequence[float] | None = None,
-           norm_eps: float = 1e-4, reg_eps: float = 1e-4, max_iters: int = 100,
-           tol: float = 1e-5, shared: SharedSpec = None,
+           norm_eps: float = 1e-4, reg_eps: float = 1e-4, ridge: str = "per_task",
+           max_iters: int = 100, tol: float = 1e-9, shared: SharedSpec = None,
            head_gradients: str = "sum") -> Weighting:
   """UPGrad: the average of every task gradient's projection onto the dual cone.
 
@@ -94,10 +116,13 @@ def upgrad(num_tasks: int, *, pref_vector: Sequence[float] | None = None,
       projections).
     norm_eps: the Gram matrix is divided by its trace unless the trace is below this; below
       it (all gradients tiny) the problem is solved as if G = 0, giving w = u, as torchjd.
-    reg_eps: ridge added to the normalised Gram matrix.
+    reg_eps: size of the ridge added to the normalised Gram matrix.
+    ridge: "per_task" (reg_eps k G_ii / tr(G) on entry i, each task on its own scale) or
+      "identity" (reg_eps I, torchjd's; see `dual_cone_weights`).
     max_iters: bound on the active-set iterations.
-    tol: tolerance on the KKT residual (see `solvers.nonnegative_qp`); past the bound the
-      feasible iterate is used and the step counted in `SolverState.solver_failures`.
+    tol: relative tolerance on the KKT conditions (see `solvers.nonnegative_qp`, exact
+      after about k iterations); past the bound the feasible iterate is used and the step
+      counted in `SolverState.solver_failures`.
     shared: which parameters are shared: None (all), a pytree of bools or a function.
     head_gradients: "sum" (task-specific parameters get their plain gradients) or
       "weighted".
@@ -111,14 +136,15 @@ def upgrad(num_tasks: int, *, pref_vector: Sequence[float] | None = None,
   """
   check_num_tasks(num_tasks)
   preference = preference_vector(pref_vector, num_tasks, 1.0 / num_tasks)
-  return _dual_cone("upgrad", num_tasks, preference, True, norm_eps, reg_eps,
-                               max_iters, tol, shared, head_gradients)
+  return _dual_cone("upgrad", num_tasks, preference, True, norm_eps, reg_eps, ridge,
+                    max_iters, tol, shared, head_gradients)
 
 
-@register("dualproj")
+@register("dualproj",
+          properties={"permutation_equivariant": {}, "non_conflicting": {"reg_eps": 1e-13}})
 def dualproj(num_tasks: int, *, pref_vector: Sequence[float] | None = None,
-             norm_eps: float = 1e-4, reg_eps: float = 1e-4, max_iters: int = 100,
-             tol: float = 1e-5, shared: SharedSpec = None,
+             norm_eps: float = 1e-4, reg_eps: float = 1e-4, ridge: str = "per_task",
+             max_iters: int = 100, tol: float = 1e-9, shared: SharedSpec = None,
              head_gradients: str = "sum") -> Weighting:
   """DualProj: the projection of the mean task gradient onto the dual cone.
 
@@ -139,5 +165,5 @@ def dualproj(num_tasks: int, *, pref_vector: Sequence[float] | None = None,
   """
   check_num_tasks(num_tasks)
   preference = preference_vector(pref_vector, num_tasks, 1.0 / num_tasks)
-  return _dual_cone("dualproj", num_tasks, preference, False, norm_eps, reg_eps,
-                               max_iters, tol, shared, head_gradients)
+  return _dual_cone("dualproj", num_tasks, preference, False, norm_eps, reg_eps, ridge,
+                    max_iters, tol, shared, head_gradients)

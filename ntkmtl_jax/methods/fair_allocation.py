@@ -78,26 +78,36 @@ def _fair_allocation(name, num_tasks, alpha, factor, every, max_iters, tol, shar
                    head_gradients=head_gradients, hparams=hparams)
 
 
-@register("nash_mtl")
-def nash_mtl(num_tasks: int, *, update_weights_every: int = 1, optim_niter: int = 20,
-             tol: float = 1e-4, shared: SharedSpec = None,
+@register("nash_mtl", properties=("permutation_equivariant", "scale_invariant", "non_conflicting"))
+def nash_mtl(num_tasks: int, *, update_weights_every: int = 1, optim_niter: int = 50,
+             tol: float = 1e-9, shared: SharedSpec = None,
              head_gradients: str = "weighted") -> Weighting:
   """Nash-MTL: the Nash bargaining solution, weights a > 0 with G a = 1 / a.
 
-  The authors approach the solution by `optim_niter` = 20 concave-convex steps, each a
-  cvxpy/ECOS solve on the CPU; here the system is solved directly by damped Newton steps
-  on its convex potential (`solvers.power_balance` with alpha = 1), at most `optim_niter`
-  of them, inside the step. When the solve does not converge (the system has no solution
-  when 0 is in the convex hull of the gradients, e.g. two opposite ones), the previous
-  weights are kept, as the authors do, and the failure is counted in the state. The
-  authors clip the shared update's global norm to 1 afterwards: chain
-  `clip_shared_by_global_norm(1.0, shared)` after this method.
+  The authors approach the solution by 20 concave-convex steps (`optim_niter=20`), each a
+  cvxpy/ECOS solve on the CPU, and stop early when ||G a - 1 / a|| < 1e-3 (G divided by
+  its norm) or when a moves by less than 1e-6, which stalls on imbalanced tasks
+  (max |a_i (G a)_i - 1| of 1.3 and 444 on task scales 1 to 1000). Here the system is
+  solved directly by damped Newton steps on its convex potential (`solvers.power_balance`
+  with alpha = 1), inside the step, to a relative residual of 1e-9, which bounds the
+  relative error of a by the same amount. `optim_niter` bounds the Newton steps; its
+  default is 50, not the authors' 20 (which counts their much costlier concave-convex
+  steps): from a cold start, tasks of scales 1 to 1e4 take up to 20 Newton steps and nearly
+  opposite ones up to 27. When the solve does not converge (the system has no solution
+  when 0 is in the convex hull of the gradients: a zero gradient, two opposite ones), the
+  previous weights are kept, as the authors do, and the failure is counted in the state.
+
+  Clipping: the original nash-mtl repository (AvivNavon/nash-mtl) clips the shared
+  update's global norm to 1 after the backward pass; the NTKMTL and FAMO repositories'
+  Nash-MTL calls the clip before `loss.backward()`, while the gradients are still None, so
+  it does nothing there. Chain `clip_shared_by_global_norm(1.0, shared)` after this method
+  for the former.
 
   Args:
     num_tasks: k.
     update_weights_every: solve every this many steps, reuse the weights in between.
     optim_niter: bound on the Newton iterations.
-    tol: tolerance on max_i |a_i (G a)_i - 1|.
+    tol: tolerance on max_i |a_i (G a)_i - 1| (above its rounding error).
     shared: which parameters are shared.
     head_gradients: "weighted" (the backward of the weighted loss, as the reference code)
       or "sum".
@@ -119,25 +129,29 @@ def nash_mtl(num_tasks: int, *, update_weights_every: int = 1, optim_niter: int 
                                optim_niter=optim_niter))
 
 
-@register("fairgrad")
+@register("fairgrad", properties=("permutation_equivariant", "non_conflicting"))
 def fairgrad(num_tasks: int, *, alpha: float = 2.0, scale_by_num_tasks: bool = True,
-             max_iters: int = 20, tol: float = 1e-4, shared: SharedSpec = None,
+             max_iters: int = 50, tol: float = 1e-9, shared: SharedSpec = None,
              head_gradients: str = "sum") -> Weighting:
   """FairGrad: alpha-fair weights w > 0 solving G w = w ** (-1 / alpha).
 
   The authors solve the system with SciPy's `least_squares` from w = 1/k; here damped
-  Newton steps on its convex potential (`solvers.power_balance`) run inside the step. When
-  the solve does not converge, the previous weights are kept and the failure counted. The
-  reference code multiplies the update by k (`scale_by_num_tasks`) and gives task heads
-  their plain gradients. alpha = 2 is what the authors' run scripts use (their argument
-  parser defaults to 1, which is Nash-MTL's system).
+  Newton steps on its convex potential (`solvers.power_balance`) run inside the step, to a
+  relative residual of 1e-9 (at most `max_iters` = 50 of them; see `nash_mtl`). When the
+  solve does not converge, the previous weights are kept and the failure counted. The
+  reference code (the FairGrad repository) multiplies the update by k
+  (`scale_by_num_tasks`), gives task heads their plain gradients and clips the shared
+  gradient's global norm inside its own backward pass: chain
+  `clip_shared_by_global_norm(max_norm, shared)` after this method for that. alpha = 2 is
+  what the authors' run scripts use (their argument parser defaults to 1, which is
+  Nash-MTL's system).
 
   Args:
     num_tasks: k.
     alpha: the fairness exponent (1: proportional fairness, as Nash-MTL; large: max-min).
     scale_by_num_tasks: multiply the update by k.
     max_iters: bound on the Newton iterations.
-    tol: tolerance on max_i |w_i^(1/alpha) (G w)_i - 1|.
+    tol: tolerance on max_i |w_i^(1/alpha) (G w)_i - 1| (above its rounding error).
     shared: which parameters are shared.
     head_gradients: "sum" (the reference code) or "weighted".
 

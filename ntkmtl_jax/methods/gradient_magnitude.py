@@ -38,7 +38,7 @@ class GradNormState(NamedTuple):
   optimizer_state: optax.OptState
 
 
-@register("gradnorm")
+@register("gradnorm", properties=("permutation_equivariant",))
 def gradnorm(num_tasks: int, *, alpha: float = 1.5, learning_rate: float = 0.025,
              optimizer: optax.GradientTransformation | None = None,
              shared: SharedSpec = None) -> Weighting:
@@ -111,7 +111,7 @@ class DBMTLState(NamedTuple):
   grad_buffer: jax.Array
 
 
-@register("db_mtl")
+@register("db_mtl", properties=("permutation_equivariant", "scale_invariant"))
 def db_mtl(num_tasks: int, *, beta: float = 0.9, beta_sigma: float = 0.0,
            shared: SharedSpec = None) -> GradientRule:
   """DB-MTL: log losses (loss-scale balancing), then max-norm gradient balancing.

@@ -41,7 +41,7 @@ def _fixed(weights):
   return weighting
 
 
-@register("ls")
+@register("ls", properties=("permutation_equivariant", "linear_under_scaling"))
 def linear_scalarization(num_tasks: int, *, shared: SharedSpec = None) -> Weighting:
   """LS: the plain sum of the task losses (all weights 1).
 
@@ -53,7 +53,7 @@ def linear_scalarization(num_tasks: int, *, shared: SharedSpec = None) -> Weight
                    weights=_fixed(jnp.ones(num_tasks)), shared=shared)
 
 
-@register("stl")
+@register("stl", properties=("direction_scale_invariant", "linear_under_scaling"))
 def single_task(num_tasks: int, *, task: int = 0, shared: SharedSpec = None) -> Weighting:
   """STL: trains task `task` alone (weight 1, the others 0); the baseline of Delta m %.
 
@@ -68,7 +68,7 @@ def single_task(num_tasks: int, *, task: int = 0, shared: SharedSpec = None) -> 
                    hparams=dict(task=task))
 
 
-@register("si")
+@register("si", properties=("permutation_equivariant", "scale_invariant"))
 def scale_invariant(num_tasks: int, *, shared: SharedSpec = None) -> Weighting:
   """SI: the scale-invariant sum of log losses, sum_i log l_i.
 
@@ -104,7 +104,7 @@ class RLWState(NamedTuple):
   key: jax.Array
 
 
-@register("rlw")
+@register("rlw", properties=("linear_under_scaling",))
 def random_loss_weighting(num_tasks: int, *, seed: int = 0,
                           shared: SharedSpec = None) -> Weighting:
   """RLW: random weights drawn afresh every step, softmax of standard normals.
@@ -163,7 +163,7 @@ class DWAState(NamedTuple):
   num_epochs: jax.Array
 
 
-@register("dwa")
+@register("dwa", properties=("permutation_equivariant", "linear_under_scaling"))
 def dynamic_weight_average(num_tasks: int, *, temperature: float = 2.0,
                            steps_per_epoch: int = 1,
                            shared: SharedSpec = None) -> Weighting:
@@ -230,7 +230,7 @@ class UWState(NamedTuple):
   optimizer_state: optax.OptState
 
 
-@register("uw")
+@register("uw", properties=("permutation_equivariant",))
 def uncertainty_weighting(num_tasks: int, *, learning_rate: float = 0.025,
                           optimizer: optax.GradientTransformation | None = None,
                           shared: SharedSpec = None) -> Weighting:
@@ -295,7 +295,7 @@ class FAMOState(NamedTuple):
   previous_losses: jax.Array
 
 
-@register("famo")
+@register("famo", properties=("permutation_equivariant",))
 def famo(num_tasks: int, *, learning_rate: float = 0.025, gamma: float = 0.01,
          min_losses=None, optimizer: optax.GradientTransformation | None = None,
          shared: SharedSpec = None) -> Weighting:
@@ -315,8 +315,10 @@ def famo(num_tasks: int, *, learning_rate: float = 0.025, gamma: float = 0.01,
   formed (no update at the first step). This costs no extra forward pass; the losses of
   two different batches stand in for the before/after pair.
 
-  The authors also clip the shared gradient's norm to 1.0; chain
-  `optax.clip_by_global_norm(1.0)` (or `clip_shared_by_global_norm`) for that.
+  Clipping: the FAMO repository (and the NTKMTL one, which shares its trainers) calls a
+  clip of the shared gradient's norm to 1.0 in the weight methods' base class before
+  `loss.backward()`, while the gradients are still None, so it does nothing and their FAMO
+  runs unclipped; chain `clip_shared_by_global_norm(1.0, shared)` to clip anyway.
 
   Args:
     num_tasks: number of tasks k.
@@ -383,7 +385,7 @@ class STCHState(NamedTuple):
   nadir: jax.Array
 
 
-@register("stch")
+@register("stch", properties=("permutation_equivariant", "scale_invariant"))
 def smooth_tchebycheff(num_tasks: int, *, mu: float = 1.0, warmup_epochs: int = 4,
                        steps_per_epoch: int = 1,
                        shared: SharedSpec = None) -> Weighting:
@@ -430,15 +432,18 @@ def smooth_tchebycheff(num_tasks: int, *, mu: float = 1.0, warmup_epochs: int = 
 
   def weighting(stats: TaskStats, state: STCHState):
     check_losses(stats, "stch", num_tasks)
-    losses = stats.losses.astype(jnp.float32)
+    # The weights in the losses' dtype; the state in float32.
+    losses = stats.losses
     t = state.count
     recording = (t >= record_from) & (t < record_until)
-    loss_sum = state.loss_sum + jnp.where(recording, losses, 0.0)
-    nadir = jnp.where(t == record_until - 1, loss_sum / steps_per_epoch, state.nadir)
+    loss_sum = state.loss_sum.astype(losses.dtype) + jnp.where(recording, losses, 0.0)
+    nadir = jnp.where(t == record_until - 1, loss_sum / steps_per_epoch,
+                      state.nadir.astype(losses.dtype))
     normalised = jnp.log(losses / nadir + 1e-20)
     smooth_max = num_tasks * jax.nn.softmax(normalised / mu) / (losses + 1e-20 * nadir)
     w = jnp.where(t >= record_until, smooth_max, 1.0 / (losses + 1e-20))
-    return w.astype(stats.losses.dtype), STCHState(t + 1, w, loss_sum, nadir)
+    return w, STCHState(t + 1, w.astype(jnp.float32), loss_sum.astype(jnp.float32),
+                        nadir.astype(jnp.float32))
 
   return Weighting(name="stch", needs=Needs("losses"), init=init, weights=weighting,
                    shared=shared,

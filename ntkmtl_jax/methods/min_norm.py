@@ -89,29 +89,33 @@ def _mgda(name, needs, num_tasks, normalization, scale_by_num_tasks, solver, max
                                 scale_by_num_tasks=scale_by_num_tasks, solver=solver))
 
 
-@register("mgda")
+@register("mgda", properties=("permutation_equivariant", "non_conflicting"))
 def mgda(num_tasks: int, *, normalization: str = "none", scale_by_num_tasks: bool = True,
-         solver: str = "frank_wolfe", max_iters: int = 500, tol: float = 1e-6,
+         solver: str = "active_set", max_iters: int = 500, tol: float = 1e-6,
          shared: SharedSpec = None, head_gradients: str = "weighted") -> Weighting:
   """MGDA: the minimum-norm point of the convex hull of the task gradients.
 
-  The weights w on the simplex minimise ||sum_i w_i g_i||^2, found from the Gram matrix by
-  pairwise Frank-Wolfe (`solvers.min_norm_point`). The reference code multiplies them by
-  k so that they sum to k (`scale_by_num_tasks`), and chooses them for the gradients
-  divided by a normaliser (`normalization`: "none", the default there; "l2", the norm;
-  "loss", the loss; "loss+", loss times norm) while applying them to the raw gradients.
+  The weights w on the simplex minimise ||sum_i w_i g_i||^2, found exactly from the Gram
+  matrix by Wolfe's active-set method (`solvers.min_norm_point`). The reference code
+  (Sener & Koltun's MinNormSolver, also in the NTKMTL and Nash-MTL repositories) runs
+  Frank-Wolfe and stops on a duality gap relative to the largest squared task norm, which
+  leaves the direction off by a cosine of 0.5-0.8 when task scales differ by 1e3 and more;
+  the exact solver is the default here and Frank-Wolfe an option (`solver`), stopped on the
+  same relative certificate. The reference code multiplies the weights by k so that they
+  sum to k (`scale_by_num_tasks`), and chooses them for the gradients divided by a
+  normaliser (`normalization`: "none", the default there; "l2", the norm; "loss", the loss;
+  "loss+", loss times norm) while applying them to the raw gradients.
 
   Args:
     num_tasks: k.
     normalization: gradient normaliser used to choose the weights.
     scale_by_num_tasks: multiply the weights by k, as the reference code does.
-    solver: "frank_wolfe" (pairwise Frank-Wolfe, the reference's kind of solver) or
-      "projected_gradient" (more accurate when the hull nearly contains 0); see
-      `solvers.min_norm_point`.
+    solver: "active_set" (exact, the default), "frank_wolfe" (pairwise Frank-Wolfe, the
+      reference's kind of solver) or "projected_gradient"; see `solvers.min_norm_point`.
     max_iters: the solver's iteration bound.
-    tol: the solver's tolerance (for Frank-Wolfe, on the duality gap relative to
-      max_i G_ii); past the bound the iterate is used and the step counted in
-      `SolverState.solver_failures`.
+    tol: the relative error of the direction that the solver's stopping test certifies
+      (`solvers.certified_error`); past the bound the iterate is used and the step counted
+      in `SolverState.solver_failures`.
     shared: which parameters are shared: None (all), a pytree of bools or a function.
     head_gradients: "weighted" (the backward of the weighted loss, as the reference code)
       or "sum".
@@ -126,9 +130,9 @@ def mgda(num_tasks: int, *, normalization: str = "none", scale_by_num_tasks: boo
                max_iters, tol, shared, head_gradients)
 
 
-@register("mgda_ub")
+@register("mgda_ub", properties=("permutation_equivariant", "non_conflicting"))
 def mgda_ub(num_tasks: int, *, normalization: str = "none", scale_by_num_tasks: bool = True,
-            solver: str = "frank_wolfe", max_iters: int = 500, tol: float = 1e-6,
+            solver: str = "active_set", max_iters: int = 500, tol: float = 1e-6,
             shared: SharedSpec = None, head_gradients: str = "weighted") -> Weighting:
   """MGDA-UB: MGDA with the Gram matrix of the gradients w.r.t. the shared representation.
 
@@ -170,46 +174,54 @@ def cagrad_weights(gram: jax.Array, c: float, *, max_iters: int = 500, tol: floa
   """CAGrad's update d = g0 + c ||g0|| / ||g_w|| g_w as coefficients of the task gradients.
 
   g0 is the mean gradient; w on the simplex minimises g_w^T g0 + c ||g0|| ||g_w||, the dual
-  of max_d min_i <g_i, d> subject to ||d - g0|| <= c ||g0||. Returns the coefficients
-  (1/k + lambda w_i) (no rescaling) and the simplex solver's result.
+  of max_d min_i <g_i, d> subject to ||d - g0|| <= c ||g0||, solved exactly
+  (`solvers.min_linear_plus_norm`). Where g_w = 0 is optimal (the hull reaches 0 and no
+  task gains from leaving g0), d = g0. Returns the coefficients (1/k + lambda w_i) (no
+  rescaling) and the solver's result.
   """
   k = gram.shape[0]
   a = normalized(gram)
   mean = jnp.full((k,), 1.0 / k, a.dtype)
   a_mean = a @ mean
   radius = c * jnp.sqrt(jnp.maximum(mean @ a_mean, 0.0))
-
-  def objective(w):
-    return w @ a_mean + radius * jnp.sqrt(jnp.maximum(w @ (a @ w), 0.0) + EPS)
-
-  result = solvers.simplex_minimize(objective, mean, max_iters=max_iters, tol=tol)
-  w = result.x
-  gw_norm = jnp.sqrt(jnp.maximum(w @ (a @ w), 0.0))
-  return mean + radius / (gw_norm + EPS) * w, result
+  result = solvers.min_linear_plus_norm(a, a_mean, radius, max_iters=max_iters, tol=tol)
+  return mean + _toward(a, result.x, radius), result
 
 
-@register("cagrad")
+def _toward(a: jax.Array, w: jax.Array, radius: jax.Array) -> jax.Array:
+  """radius * w / ||g_w|| (the step from g0 to the ball's boundary along g_w), 0 where
+  g_w = 0."""
+  norm = jnp.sqrt(jnp.maximum(w @ (a @ w), 0.0))
+  return jnp.where(norm > 0, radius / jnp.where(norm > 0, norm, 1.0), 0.0) * w
+
+
+@register("cagrad", properties=("permutation_equivariant",))
 def cagrad(num_tasks: int, *, c: float = 0.4, rescale: int = 1,
            scale_by_num_tasks: bool = True, max_iters: int = 500, tol: float = 1e-6,
            shared: SharedSpec = None, head_gradients: str = "sum") -> Weighting:
   """CAGrad: the update maximising the worst task improvement near the mean gradient.
 
-  d = g0 + c ||g0|| / ||g_w|| g_w (see `cagrad_weights`), solved on the Gram matrix by
-  accelerated projected gradient on the simplex (`solvers.simplex_minimize`, where the
-  reference code calls SciPy's SLSQP). The reference code then divides d by 1 + c^2
-  (`rescale=1`; 0: no rescaling, 2: divide by 1 + c) and multiplies it by k "to match the
-  sum loss" (`scale_by_num_tasks`); both are on by default, as in the runs behind the
-  published tables.
+  d = g0 + c ||g0|| / ||g_w|| g_w (see `cagrad_weights`), its problem solved exactly on the
+  Gram matrix (`solvers.min_linear_plus_norm`), where the reference code (the Nash-MTL,
+  FAMO and NTKMTL repositories' CAGrad) calls SciPy's SLSQP from w = 1/k on the raw Gram
+  matrix with sqrt(w^T G w + 1e-8): on imbalanced tasks that call returns its starting
+  point (an objective 335 times the optimum on task scales 1 to 1000, in the NTKMTL
+  repository). No 1e-8 is added here: on a Gram matrix normalised to unit mean diagonal,
+  ||g_w||^2 at the optimum is 1e-5 to 1e-6 on imbalanced tasks, and the 1e-8 moves the
+  answer by 1e-4 relative. The reference code then divides d by 1 + c^2 (`rescale=1`; 0:
+  no rescaling, 2: divide by 1 + c) and multiplies it by k "to match the sum loss"
+  (`scale_by_num_tasks`); both are on by default, as in the runs behind the published
+  tables.
 
   Args:
     num_tasks: k.
     c: the radius of the ball around g0, relative to ||g0|| (0.4 in the tables).
     rescale: 0, 1 or 2 as above.
     scale_by_num_tasks: multiply the update by k.
-    max_iters: bound on the simplex solver's iterations.
-    tol: tolerance on its gradient mapping (on the Gram matrix divided by its mean
-      diagonal); past the bound the iterate is used and the step counted in
-      `SolverState.solver_failures`.
+    max_iters: bound on the solver's root-finding steps and on each of its inner solves.
+    tol: the inner solves' certified relative error (the duality gap is asked to be below
+      tol^2); where the solver does not converge the iterate is used and the step counted
+      in `SolverState.solver_failures`.
     shared: which parameters are shared.
     head_gradients: "sum" (task-specific parameters get their plain gradients, as the
       reference code) or "weighted".
@@ -254,7 +266,8 @@ class IMGradState(NamedTuple):
     weights: the last coefficients of the task gradients in the update.
     conflicts: conflicting pairs (G_ij < 0, i < j) at the last step.
     cosine: cos(theta) between the mean gradient and the MGDA direction at the last step.
-    iterations: iterations of the simplex solver at the last step.
+    iterations: iterations of the sub-problem's solver at the last step (for the code
+      variant, its root-finding steps).
     solver_failures: steps so far where the min-norm or the simplex solver reached its
       iteration bound before its tolerance (the iterates were used anyway).
   """
@@ -271,12 +284,21 @@ def imgrad_weights(gram: jax.Array, c: float, variant: str = "paper", *,
   """IMGrad's update g0 + c ||g0|| / ||g_w|| g_w as coefficients of the task gradients.
 
   mu = cos(theta) between the mean gradient g0 and the MGDA min-norm direction g_m (in
-  [0, 1], since <g_m, g_i> >= ||g_m||^2 for every i). w on the simplex minimises
-  (1 - mu) g_w^T g0 + mu c ||g0|| ||g_w||^2 (the paper's Eq. 11, `variant="paper"`) or
-  (1.5 - mu) g_w^T g0 + mu c ||g0|| ||g_w|| (the authors' code, `variant="code"`).
+  [0, 1], since <g_m, g_i> >= ||g_m||^2 for every i; 0 where g_m = 0 to working precision,
+  `solvers.norm_rounding`, where its direction is rounding). w on the simplex
+  minimises (1 - mu) g_w^T g0 + mu c ||g0|| ||g_w||^2 (the paper's Eq. 11,
+  `variant="paper"`: a quadratic problem, `solvers.simplex_qp`) or
+  (1.5 - mu) g_w^T g0 + mu c ||g0|| ||g_w|| (the authors' code, `variant="code"`: CAGrad's
+  problem, `solvers.min_linear_plus_norm`, without the code's 1e-8 under the root), both
+  exactly, on the Gram matrix normalised to unit mean diagonal: Eq. 11 adds a term of
+  degree 2 in the gradients to one of degree 3, so its answer depends on their scale, and
+  the normalisation fixes one (a common rescaling of the losses changes nothing; the code
+  variant is homogeneous anyway). The code's mu divides by ||g_m|| ||g0|| + 1e-8, which
+  moves mu by 10 % when g_m is small on a normalised Gram (nearly opposite tasks); here the
+  quotient is exact.
 
   Returns:
-    (coefficients (k,) without rescaling, mu, simplex `SolverResult`, min-norm
+    (coefficients (k,) without rescaling, mu, sub-problem `SolverResult`, min-norm
     `SolverResult`).
   """
   k = gram.shape[0]
@@ -287,24 +309,23 @@ def imgrad_weights(gram: jax.Array, c: float, variant: str = "paper", *,
   min_norm = solvers.min_norm_point(a, max_iters=max_iters, tol=tol)
   wm = min_norm.x
   gm_norm = jnp.sqrt(jnp.maximum(wm @ (a @ wm), 0.0))
-  mu = jnp.clip((wm @ a_mean) / (gm_norm * g0_norm + EPS), 0.0, 1.0)
+  denominator = gm_norm * g0_norm
+  # A g_m whose squared norm is below its rounding is 0 to working precision (a hull
+  # through 0): its direction, and mu, are noise there.
+  resolved = (gm_norm ** 2 > solvers.norm_rounding(a, wm)) & (denominator > 0)
+  mu = jnp.clip(jnp.where(resolved, (wm @ a_mean) / jnp.where(resolved, denominator, 1.0),
+                          0.0), 0.0, 1.0)
   radius = c * g0_norm
-
   if variant == "paper":
-    def objective(w):
-      return (1.0 - mu) * (w @ a_mean) + mu * radius * (w @ (a @ w))
+    result = solvers.simplex_qp(mu * radius * a, 0.5 * (1.0 - mu) * a_mean,
+                                max_iters=max_iters, tol=tol)
   else:
-    def objective(w):
-      return ((1.5 - mu) * (w @ a_mean)
-              + mu * radius * jnp.sqrt(jnp.maximum(w @ (a @ w), 0.0) + EPS))
-
-  result = solvers.simplex_minimize(objective, mean, max_iters=max_iters, tol=tol)
-  w = result.x
-  gw_norm = jnp.sqrt(jnp.maximum(w @ (a @ w), 0.0))
-  return mean + radius / (gw_norm + EPS) * w, mu, result, min_norm
+    result = solvers.min_linear_plus_norm(a, (1.5 - mu) * a_mean, mu * radius,
+                                          max_iters=max_iters, tol=tol)
+  return mean + _toward(a, result.x, radius), mu, result, min_norm
 
 
-@register("imgrad")
+@register("imgrad", properties=("permutation_equivariant",))
 def imgrad(num_tasks: int, *, c: float = 0.8, variant: str = "paper",
            rescale: int | None = None, scale_by_num_tasks: bool | None = None,
            max_iters: int = 500, tol: float = 1e-6, shared: SharedSpec = None,
@@ -323,7 +344,7 @@ def imgrad(num_tasks: int, *, c: float = 0.8, variant: str = "paper",
     rescale: 0, 1 or 2 as in `cagrad`, or None for the variant's.
     scale_by_num_tasks: multiply the update by k, or None for the variant's.
     max_iters: bound on each solver's iterations.
-    tol: tolerance of the min-norm and simplex solvers (see `solvers`).
+    tol: the relative error the min-norm and sub-problem solvers certify (see `solvers`).
     shared: which parameters are shared.
     head_gradients: "sum" (task-specific parameters get their plain gradients) or
       "weighted".
@@ -379,11 +400,14 @@ class SDMGradState(NamedTuple):
     weights: the last coefficients of the task gradients in the update.
     conflicts: conflicting pairs (G_ij < 0, i < j) at the last step.
     simplex_weights: the weights w on the simplex, carried to warm-start the next step.
+    solver_failures: steps so far whose exact solve (`solver="exact"`) did not converge;
+      always 0 for the authors' iteration, which has no stopping test.
   """
   count: jax.Array
   weights: jax.Array
   conflicts: jax.Array
   simplex_weights: jax.Array
+  solver_failures: jax.Array
 
 
 @full_precision
@@ -412,9 +436,12 @@ def sdmgrad_simplex_weights(gram: jax.Array, w0: jax.Array, lamda: float, *,
   return w
 
 
-@register("sdmgrad")
+_SDMGRAD_SOLVERS = ("authors", "exact")
+
+
+@register("sdmgrad", properties=("permutation_equivariant",))
 def sdmgrad(num_tasks: int, *, lamda: float = 0.3, num_iters: int = 20,
-            learning_rate: float = 10.0, momentum: float = 0.5,
+            learning_rate: float = 10.0, momentum: float = 0.5, solver: str = "authors",
             scale_by_num_tasks: bool = False, shared: SharedSpec = None,
             head_gradients: str = "sum") -> Weighting:
   """SDMGrad: a direction near MGDA's, regularised toward the mean gradient.
@@ -428,6 +455,10 @@ def sdmgrad(num_tasks: int, *, lamda: float = 0.3, num_iters: int = 20,
   unit mean norm) the projected iteration does not converge: it jumps between faces of
   the simplex, so w can change discontinuously with G (even with its rounding); a step
   below 1 / (2 lambda_max) of the scaled G makes it converge to the sub-problem's solution.
+  `solver="exact"` solves the sub-problem instead, the min-norm point of the shifted
+  gradients g_i + lamda g0 (`solvers.simplex_qp`, Wolfe's active-set method), so that w is
+  a function of G alone; the default stays the authors' iteration, which is the method as
+  published (its w carries over from step to step like MoCo's).
 
   Args:
     num_tasks: k.
@@ -436,6 +467,8 @@ def sdmgrad(num_tasks: int, *, lamda: float = 0.3, num_iters: int = 20,
     num_iters: projected steps per update.
     learning_rate: their step size.
     momentum: their momentum.
+    solver: "authors" (the iteration above) or "exact" (the sub-problem's minimiser;
+      `num_iters`, `learning_rate` and `momentum` are then unused).
     scale_by_num_tasks: multiply the update by k (off: the authors' update is on the
       scale of the mean gradient).
     shared: which parameters are shared.
@@ -454,23 +487,32 @@ def sdmgrad(num_tasks: int, *, lamda: float = 0.3, num_iters: int = 20,
     raise ValueError("sdmgrad: need lamda >= 0, num_iters >= 1, learning_rate > 0 and "
                      f"momentum in [0, 1); got {lamda}, {num_iters}, {learning_rate}, "
                      f"{momentum}.")
+  if solver not in _SDMGRAD_SOLVERS:
+    raise ValueError(f"solver must be one of {_SDMGRAD_SOLVERS}, got {solver!r}.")
   factor = float(num_tasks) if scale_by_num_tasks else 1.0
 
   @full_precision
   def weighting(stats: TaskStats, state: SDMGradState):
     gram = gram_of(stats, "sdmgrad", num_tasks)
-    w = sdmgrad_simplex_weights(gram, state.simplex_weights, lamda, num_iters=num_iters,
-                                learning_rate=learning_rate, momentum=momentum)
+    if solver == "exact":
+      a = normalized(gram)
+      result = solvers.simplex_qp(a, lamda * jnp.mean(a, axis=1))
+      w, failed = result.x, ~result.converged
+    else:
+      w = sdmgrad_simplex_weights(gram, state.simplex_weights, lamda, num_iters=num_iters,
+                                  learning_rate=learning_rate, momentum=momentum)
+      failed = jnp.zeros([], bool)
     weights = factor * (w + lamda / num_tasks) / (1.0 + lamda)
     return weights, SDMGradState(state.count + 1, weights.astype(jnp.float32),
-                                 conflicting_pairs(gram), w.astype(jnp.float32))
+                                 conflicting_pairs(gram), w.astype(jnp.float32),
+                                 state.solver_failures + failed.astype(jnp.int32))
 
   init = lambda params: initial_state(
       SDMGradState, num_tasks,
       simplex_weights=jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32))
   return Weighting(name="sdmgrad", needs=Needs("gram"), init=init, weights=weighting,
                    shared=shared, head_gradients=head_gradients,
-                   hparams=dict(lamda=lamda, num_iters=num_iters,
+                   hparams=dict(lamda=lamda, num_iters=num_iters, solver=solver,
                                 scale_by_num_tasks=scale_by_num_tasks))
 
 
@@ -496,7 +538,7 @@ class MoCoState(NamedTuple):
   tracking: jax.Array
 
 
-@register("moco")
+@register("moco", properties=("permutation_equivariant",))
 def moco(num_tasks: int, *, beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
          gamma_sigma: float = 0.5, rho: float = 0.0, simplex_map: str = "softmax",
          shared: SharedSpec = None, head_gradients: str = "sum") -> GradientRule:

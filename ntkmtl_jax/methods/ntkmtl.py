@@ -85,7 +85,7 @@ def _init(num_tasks):
   return init_fn
 
 
-@register("ntkmtl")
+@register("ntkmtl", properties=("permutation_equivariant", "direction_scale_invariant"))
 def ntkmtl(num_tasks: int, *, exponent: float = 0.5, normalization: str = "sum",
            num_chunks: int = 1, shared: SharedSpec = None, eigenvalue_ema: float | None = None,
            scale_by_num_tasks: bool = False, head_gradients: str = "sum",
@@ -143,7 +143,7 @@ def ntkmtl(num_tasks: int, *, exponent: float = 0.5, normalization: str = "sum",
                    eigen_method=eigen_method, statistic=statistic, top_r=top_r))
 
 
-@register("ntkmtl_sr")
+@register("ntkmtl_sr", properties=("permutation_equivariant", "direction_scale_invariant"))
 def ntkmtl_sr(num_tasks: int, *, exponent: float = 0.5, normalization: str = "sum",
               num_chunks: int = 4, shared: SharedSpec = None,
               eigenvalue_ema: float | None = None,
