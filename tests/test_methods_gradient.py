@@ -1,6 +1,8 @@
 """The gradient methods (MGDA, PCGrad, GradDrop, CAGrad, IMTL-G, Nash-MTL, FairGrad, IMGrad)
 and their solvers: each method's defining property on fresh random Jacobians, float32
-against float64 NumPy/SciPy references."""
+against float64 NumPy/SciPy references. The hard cases (task scales 1 to 1e4, ...) in
+float64 are in test_solvers.py; the properties every method shares (permutations, scaling,
+jit, degenerate inputs) in test_method_properties.py."""
 
 import numpy as np
 import pytest
@@ -14,10 +16,7 @@ from ntkmtl_jax.weighting import TaskStats
 from ntkmtl_jax.methods import conflict
 from ntkmtl_jax.methods import solvers
 from ntkmtl_jax.train import make_train_step
-from conftest import TanhMLP, assert_close, check_end_to_end, check_jit_and_eager
-
-GRAM_METHODS = ("mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "fairgrad", "imgrad")
-DETERMINISTIC = ("mgda", "cagrad", "imtl_g", "nash_mtl", "fairgrad", "imgrad")
+from conftest import TanhMLP, assert_close
 
 
 def random_jacobian(rng, k=None, p=None):
@@ -73,7 +72,7 @@ def test_project_to_simplex_matches_bisection_reference(seed):
                                err_msg=f"seed={seed}")
 
 
-@pytest.mark.parametrize("method", ["frank_wolfe", "projected_gradient"])
+@pytest.mark.parametrize("method", ["active_set", "frank_wolfe"])
 def test_min_norm_point_matches_scipy_including_rank_deficient(seed, method):
   rng = np.random.default_rng(seed)
   solve = jax.jit(lambda g: solvers.min_norm_point(g, method=method))
@@ -82,22 +81,16 @@ def test_min_norm_point_matches_scipy_including_rank_deficient(seed, method):
     result = solve(gram32(jac))
     w = np.asarray(result.x, np.float64)
     assert abs(w.sum() - 1) < 1e-5 and w.min() >= 0, f"seed={seed}"
-    error = np.linalg.norm(w @ jac - scipy_min_norm(jac @ jac.T, rng) @ jac)
-    max_sq_norm = np.max(np.sum(jac ** 2, axis=1))
-    # The duality-gap certificate bounds the distance to the minimum-norm point ...
-    bound = np.sqrt(2 * max(float(result.residual), 0.0) * max_sq_norm)
-    assert error <= bound + 1e-3 * np.sqrt(max_sq_norm), f"seed={seed}: {error} > {bound}"
-    if method == "projected_gradient" or bool(result.converged):
-      # ... and a converged solve is accurate (gap tolerance 1e-6: bound 1.4e-3 |g|_max).
-      assert error <= 2e-3 * np.sqrt(max_sq_norm), f"seed={seed}: {error}"
-
-
-def test_power_balance_reports_failure_when_no_solution_exists():
-  # Two opposite gradients: G [1, 1] = 0, so G w = 1 / w has no solution.
-  gram = jnp.asarray([[1.0, -1.0], [-1.0, 1.0]], jnp.float32)
-  result = jax.jit(solvers.power_balance)(gram)
-  assert not bool(result.converged)
-  assert int(result.iterations) <= 20
+    exact = scipy_min_norm(jac @ jac.T, rng) @ jac
+    error = np.linalg.norm(w @ jac - exact)
+    max_norm = np.sqrt(np.max(np.sum(jac ** 2, axis=1)))
+    # The certificate bounds the distance to the minimum-norm point relative to ||d||
+    # (float32 rounding on top) ...
+    norm = max(np.linalg.norm(w @ jac), np.sqrt(np.finfo(np.float32).eps) * max_norm)
+    assert error <= float(result.residual) * norm + 1e-4 * max_norm, f"seed={seed}: {error}"
+    if method == "active_set":
+      # ... and the active-set method is exact up to float32 rounding.
+      assert bool(result.converged) and error <= 1e-4 * max_norm, f"seed={seed}: {error}"
 
 
 # --------------------------------------------------------------------------------- MGDA
@@ -244,7 +237,7 @@ def test_cagrad_solves_its_subproblem_and_meets_its_constraint(seed):
   # Optimality: the worst task improvement matches the SciPy solution of the sub-problem.
   a = gram / np.mean(np.diag(gram))
   b = np.full(k, 1.0 / k)
-  objective = lambda w: w @ a @ b + c * np.sqrt(b @ a @ b) * np.sqrt(w @ a @ w + 1e-8)
+  objective = lambda w: w @ a @ b + c * np.sqrt(b @ a @ b) * np.sqrt(max(w @ a @ w, 0.0))
   w_ref = simplex_argmin(objective, k, rng)
   gw = w_ref @ jac
   d_ref = g0 + radius / np.linalg.norm(gw) * gw
@@ -325,76 +318,21 @@ def test_fairgrad_weights_solve_their_system(seed, alpha):
 
 
 # ------------------------------------------------------------------------------- IMGrad
+# (Both variants' sub-problems against their references: tests/test_solvers.py in float64,
+# tests/test_default_precision.py in float32.)
 
-@pytest.mark.parametrize("variant", ["paper", "code"])
-def test_imgrad_subproblem_matches_scipy(seed, variant):
+def test_imgrad_cosine_is_between_the_mean_and_the_min_norm_direction(seed):
   rng = np.random.default_rng(seed)
   jac = random_jacobian(rng)
-  k, c = jac.shape[0], 0.8
-  gram = jac @ jac.T
-  weights, state = run_weighting(methods.get("imgrad", k, variant=variant), gram32(jac))
-  assert int(state.solver_failures) == 0, f"seed={seed}"
-  a = gram / np.mean(np.diag(gram))
-  b = np.full(k, 1.0 / k)
+  _, state = run_weighting(methods.get("imgrad", jac.shape[0]), gram32(jac))
+  gm = scipy_min_norm(jac @ jac.T, rng) @ jac
   g0 = jac.mean(0)
-  gm = scipy_min_norm(gram, rng) @ jac
   mu = float(np.clip(gm @ g0 / (np.linalg.norm(gm) * np.linalg.norm(g0)), 0, 1))
-  np.testing.assert_allclose(state.cosine, mu, atol=2e-3, err_msg=f"seed={seed}")
-  radius = c * np.sqrt(b @ a @ b)
-  if variant == "paper":
-    objective = lambda w: (1 - mu) * (w @ a @ b) + mu * radius * (w @ a @ w)
-    factor = 1.0
-  else:
-    objective = lambda w: (1.5 - mu) * (w @ a @ b) + mu * radius * np.sqrt(w @ a @ w + 1e-8)
-    factor = k / (1.0 + c * c)
-  w_ref = simplex_argmin(objective, k, rng)
-  gw = w_ref @ jac
-  d_ref = g0 + c * np.linalg.norm(g0) / np.linalg.norm(gw) * gw
-  np.testing.assert_allclose(weights @ jac / factor, d_ref, atol=3e-3 * np.linalg.norm(g0),
-                             err_msg=f"seed={seed}")
+  np.testing.assert_allclose(state.cosine, mu, atol=1e-4, err_msg=f"seed={seed}")
+  assert int(state.solver_failures) == 0
 
 
-# ------------------------------------------------------------------------ common checks
-
-# The dual-cone QPs and the closed forms of test_methods_more.py pin their weights down to
-# rounding (on gradients of P >= k + 2 coordinates, as drawn there).
-EXACT_WEIGHTS = ("upgrad", "dualproj", "aligned_mtl", "config")
-
-
-@pytest.mark.parametrize("name", DETERMINISTIC + EXACT_WEIGHTS)
-def test_permuting_tasks_permutes_weights(seed, name):
-  rng = np.random.default_rng(seed)
-  jac = random_jacobian(rng, k=4, p=int(rng.integers(6, 41)) if name in EXACT_WEIGHTS else None)
-  perm = rng.permutation(4)
-  agg = methods.get(name, 4)
-  weights, _ = run_weighting(agg, gram32(jac))
-  permuted, _ = run_weighting(agg, gram32(jac[perm]))
-  # Directions agree tightly; the weights of the iterative solvers more loosely, since an
-  # ill-conditioned Gram matrix determines them less well than the direction (MGDA's stop
-  # at a duality gap of 1e-6).
-  scale = np.abs(weights).max() * np.linalg.norm(jac, axis=1).max()
-  np.testing.assert_allclose(permuted @ jac[perm], weights @ jac, atol=1e-3 * scale,
-                             err_msg=f"seed={seed}")
-  tolerance = (dict(rtol=2e-3, atol=2e-4 * np.abs(weights).max()) if name in EXACT_WEIGHTS
-               else dict(atol=1e-2 * np.abs(weights).max()))
-  np.testing.assert_allclose(permuted, weights[perm], **tolerance, err_msg=f"seed={seed}")
-
-
-@pytest.mark.parametrize("name", GRAM_METHODS + ("graddrop",))
-@pytest.mark.one_seed
-def test_jit_and_eager_agree(seed, name):
-  check_jit_and_eager(seed, methods.get(name, 3))
-
-
-@pytest.mark.parametrize("name", GRAM_METHODS + ("graddrop",))
-@pytest.mark.one_seed
-def test_end_to_end_in_train_step(seed, name):
-  rng = np.random.default_rng(seed)
-  model = TanhMLP(rng, num_tasks=3, task_scales=rng.uniform(0.5, 2.0, 3))
-  agg = methods.get(name, 3, shared=model.shared)
-  strategies = ("unroll", "streaming") if name in GRAM_METHODS else ("unroll",)
-  check_end_to_end(seed, model, agg, strategies)
-
+# ------------------------------------------------------------------------ the train step
 
 def test_non_finite_gradients_skip_the_step(seed):
   rng = np.random.default_rng(seed)
@@ -408,3 +346,28 @@ def test_non_finite_gradients_skip_the_step(seed):
   assert not bool(metrics["finite"]) and int(new_state.skipped) == 1
   jax.tree.map(np.testing.assert_array_equal, new_state.aggregator_state,
                state.aggregator_state)
+
+
+@pytest.mark.parametrize("name", ["nash_mtl", "fairgrad"])
+def test_exactly_opposite_tasks_train_instead_of_skipping_every_step(seed, name):
+  # Task 1's loss is minus task 0's (plus a head of its own): the shared gradients are
+  # exactly opposite, G [1, 1] = 0 and the system has no solution. The previous weights are
+  # kept and the failure counted; the step itself is applied (its residual, kept in the
+  # state, is finite), so the heads still train.
+  rng = np.random.default_rng(seed)
+  params = {"shared": jnp.asarray(rng.normal(size=4), jnp.float32),
+            "heads": jnp.asarray(rng.normal(size=2), jnp.float32)}
+  x = jnp.asarray(rng.normal(size=4), jnp.float32)
+
+  def loss_fn(p, batch):
+    common = jnp.tanh(batch @ p["shared"])
+    return jnp.stack([common + p["heads"][0] ** 2, -common + p["heads"][1] ** 2])
+
+  method = methods.get(name, 2, shared={"shared": True, "heads": False})
+  step = make_train_step(loss_fn, method, optax.sgd(1e-2))
+  state = step.init(params)
+  for _ in range(3):
+    state, metrics = step(state, x)
+    assert bool(metrics["finite"]), f"seed={seed}"
+  assert int(state.skipped) == 0 and int(state.aggregator_state.solver_failures) == 3
+  assert not np.allclose(state.params["heads"], params["heads"])

@@ -1,5 +1,6 @@
 """The loss- and norm-based weightings (SI, RLW, DWA, UW, FAMO, GradNorm, DB-MTL, STCH)
-against NumPy references of their papers' update rules, on fresh random losses."""
+against NumPy references of their papers' update rules, on fresh random losses (the
+properties every method shares are in test_method_properties.py)."""
 
 import numpy as np
 import pytest
@@ -12,9 +13,6 @@ from ntkmtl_jax.weighting import TaskStats
 from ntkmtl_jax.train import make_train_step
 from conftest import TanhMLP, assert_close, flat_shared
 
-WEIGHTED = ("si", "rlw", "dwa", "uw", "famo", "gradnorm", "stch")
-# Hyper-parameters that reach every branch (after warm-up) within a few steps.
-SHORT = {"stch": dict(warmup_epochs=1, steps_per_epoch=1)}
 
 
 def random_losses(rng, steps, k):
@@ -347,76 +345,6 @@ def test_published_defaults():
   assert methods.defaults("uw")["learning_rate"] == 0.025
   assert methods.defaults("stch")["mu"] == 1.0 and methods.defaults("stch")["warmup_epochs"] == 4
   assert methods.defaults("db_mtl")["beta"] == 0.9
-
-
-# ---------------------------------------------------------------- shared properties
-
-def run_method(name, k, losses, sq_norms, rng_grads, jit=False, **hparams):
-  """Weights over a sequence of steps, through `update` for DB-MTL."""
-  if name != "db_mtl":
-    agg = methods.get(name, k, **{**SHORT.get(name, {}), **hparams})
-    return run_weighting(agg, losses, sq_norms=sq_norms, jit=jit)
-  params = {"body": jnp.zeros((4, 2)), "head": jnp.zeros((2, k))}
-  agg = methods.get(name, k, shared={"body": True, "head": False}, **hparams)
-  update = jax.jit(agg.update) if jit else agg.update
-  state, out = agg.init(params), []
-  for l, g in zip(losses, rng_grads):
-    grads = {"body": jnp.asarray(g, jnp.float32), "head": jnp.ones((k, 2, k))}
-    _, state = update(grads, state, params, losses=jnp.asarray(l, jnp.float32))
-    out.append(np.asarray(state.weights, np.float64))
-  return np.stack(out), state
-
-
-@pytest.mark.parametrize("name", ["si", "dwa", "uw", "famo", "gradnorm", "stch", "db_mtl"])
-def test_permuting_tasks_permutes_weights(seed, name):
-  rng = np.random.default_rng(seed)
-  k = int(rng.integers(3, 6))
-  losses = random_losses(rng, 5, k)
-  sq_norms = rng.uniform(0.1, 3.0, size=(5, k))
-  grads = rng.normal(size=(5, k, 4, 2)) * rng.uniform(0.1, 5.0, size=(1, k, 1, 1))
-  perm = rng.permutation(k)
-  w, _ = run_method(name, k, losses, sq_norms, grads)
-  wp, _ = run_method(name, k, losses[:, perm], sq_norms[:, perm], grads[:, perm])
-  np.testing.assert_allclose(wp, w[:, perm], rtol=2e-5, atol=1e-7,
-                             err_msg=f"seed={seed} perm={perm}")
-
-
-@pytest.mark.parametrize("name", list(WEIGHTED) + ["db_mtl"])
-def test_jit_and_eager_agree(seed, name):
-  rng = np.random.default_rng(seed)
-  k = 3
-  losses = random_losses(rng, 4, k)
-  sq_norms = rng.uniform(0.1, 3.0, size=(4, k))
-  grads = rng.normal(size=(4, k, 4, 2))
-  if name == "rlw":
-    keys = list(jax.random.split(jax.random.key(seed), 4))
-    agg = methods.get("rlw", k)
-    w, s = run_weighting(agg, losses, keys=keys)
-    wj, sj = run_weighting(agg, losses, keys=keys, jit=True)
-  else:
-    w, s = run_method(name, k, losses, sq_norms, grads)
-    wj, sj = run_method(name, k, losses, sq_norms, grads, jit=True)
-  np.testing.assert_allclose(wj, w, rtol=1e-5, atol=1e-7, err_msg=f"seed={seed}")
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), sj, s)
-
-
-@pytest.mark.parametrize("name", list(WEIGHTED) + ["db_mtl"])
-def test_end_to_end_in_train_step(seed, name):
-  rng = np.random.default_rng(seed)
-  model = TanhMLP(rng, num_tasks=3)
-  agg = methods.get(name, 3, shared=model.shared, **SHORT.get(name, {}))
-  step = make_train_step(model.loss_fn, agg, optax.adam(1e-2))
-  state = step.init(model.params, key=jax.random.key(seed))
-  weights = []
-  for _ in range(3):
-    state, metrics = step(state, model.batch)
-    assert np.all(np.isfinite(metrics["losses"])) and bool(metrics["finite"]), f"seed={seed}"
-    assert metrics["weights"].shape == (3,) and np.all(np.isfinite(metrics["weights"]))
-    weights.append(np.asarray(metrics["weights"]))
-  assert int(state.step) == 3 and int(state.skipped) == 0
-  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), state.params,
-                       model.params)
-  assert max(jax.tree.leaves(moved)) > 0, f"seed={seed}"
 
 
 def test_gradnorm_streaming_matches_unrolled_step(seed):

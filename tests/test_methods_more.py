@@ -12,10 +12,7 @@ from ntkmtl_jax import methods
 from ntkmtl_jax.weighting import TaskStats
 from ntkmtl_jax.methods import alignment, conflict, solvers
 from ntkmtl_jax.train import make_train_step
-from conftest import TanhMLP, assert_close, check_end_to_end, check_jit_and_eager, enable_x64
-
-GRAM_METHODS = ("upgrad", "dualproj", "aligned_mtl", "config", "gradvac", "sdmgrad")
-ALL_METHODS = GRAM_METHODS + ("moco",)
+from conftest import TanhMLP, assert_close, enable_x64
 
 
 def random_jacobian(rng, k=None, p=None):
@@ -93,10 +90,10 @@ def test_dual_cone_methods_conflict_with_no_task_even_rank_deficient(seed, name)
     weights, state = run_weighting(methods.get(name, jac.shape[0]), gram32(jac))
     update = weights @ jac
     # Non-negative inner product with every task gradient, up to what the ridge allows:
-    # the KKT conditions of min_{w >= u} w^T (G / tr G + eps I) w give
-    # <g_j, d> = (G w)_j >= -eps tr(G) w_j (large w_j where G is singular); and rounding.
+    # the KKT conditions of min_{w >= u} w^T (G / tr G + eps k diag(G) / tr G) w give
+    # <g_j, d> = (G w)_j >= -eps k G_jj w_j (large w_j where G is singular); and rounding.
     norms = np.linalg.norm(jac, axis=1)
-    slack = (1e-4 * np.trace(jac @ jac.T) * np.maximum(weights, 0.0) * 1.01
+    slack = (1e-4 * k * norms ** 2 * np.maximum(weights, 0.0) * 1.01
              + 1e-4 * norms * (np.abs(weights) @ norms))
     assert np.all(jac @ update >= -slack), f"seed={seed}, p={p}: {jac @ update}"
     assert int(state.solver_failures) == 0, f"seed={seed}"
@@ -317,38 +314,18 @@ def test_moco_needs_params_and_losses():
     agg.update({"w": jnp.ones((2, 3))}, agg.init(params), params)
 
 
-# ------------------------------------------------------------------------ common checks
-# (Permuting the tasks permutes the weights: test_methods_gradient.py, for every
-# deterministic Gram method.)
-
-@pytest.mark.parametrize("name", ALL_METHODS)
-@pytest.mark.one_seed
-def test_jit_and_eager_agree(seed, name):
-  check_jit_and_eager(seed, methods.get(name, 3))
-
-
-@pytest.mark.parametrize("name", ALL_METHODS)
-@pytest.mark.one_seed
-def test_end_to_end_in_train_step(seed, name):
-  rng = np.random.default_rng(seed)
-  model = TanhMLP(rng, num_tasks=3, task_scales=rng.uniform(0.5, 2.0, 3))
-  # SDMGrad's default iteration does not converge and turns rounding differences between
-  # the strategies into different weights; small steps make it a contraction.
-  hparams = dict(learning_rate=0.05, momentum=0.0) if name == "sdmgrad" else {}
-  agg = methods.get(name, 3, shared=model.shared, **hparams)
-  strategies = ("unroll", "streaming") if name in GRAM_METHODS else ("unroll",)
-  check_end_to_end(seed, model, agg, strategies)
-
+# ------------------------------------------------------------------------ registration
 
 def test_registered_with_published_defaults():
-  assert set(ALL_METHODS) <= set(methods.names())
+  assert {"upgrad", "dualproj", "aligned_mtl", "config", "gradvac", "sdmgrad",
+          "moco"} <= set(methods.names())
   assert methods.defaults("gradvac")["beta"] == 0.01
   assert methods.defaults("aligned_mtl")["scale_mode"] == "min"
   assert methods.defaults("upgrad")["reg_eps"] == 1e-4
   assert methods.defaults("moco")["gamma"] == 0.1
   assert methods.defaults("sdmgrad")["lamda"] == 0.3
+  assert methods.defaults("sdmgrad")["solver"] == "authors"
   assert methods.get("moco", 2).needs.kind == "gradients"
-  assert all(methods.get(n, 2).needs.kind == "gram" for n in GRAM_METHODS)
 
 
 def test_non_finite_gradients_skip_the_step_and_the_solver_stops(seed):
