@@ -17,7 +17,7 @@ import ntkmtl_jax as nm
 from ntkmtl_jax import methods
 from ntkmtl_jax.testing import cases, references
 from ntkmtl_jax.weighting import TaskStats
-from conftest import SEEDS, TanhMLP, assert_close
+from conftest import SEEDS, TanhMLP, assert_close, enable_x64
 
 pytestmark = pytest.mark.default_precision
 
@@ -80,7 +80,7 @@ def test_gram_method_direction_at_default_precision(name):
   k, p = 5, 2000
   agg = methods.get(name, k, **HPARAMS.get(name, {}))
   update_fn = jax.jit(agg.update)
-  with jax.enable_x64(True), jax.default_matmul_precision("highest"):
+  with enable_x64(True), jax.default_matmul_precision("highest"):
     agg64 = methods.get(name, k, **HPARAMS.get(name, {}))
     weights_fn = jax.jit(agg64.weights)
   for seed in SEEDS:  # in one test: each method compiles once
@@ -91,7 +91,7 @@ def test_gram_method_direction_at_default_precision(name):
     update, _ = update_fn({"w": jnp.asarray(jac, jnp.float32)}, agg.init(None),
                           losses=jnp.asarray(losses, jnp.float32), key=key)
     gram = jac @ jac.T
-    with jax.enable_x64(True), jax.default_matmul_precision("highest"):
+    with enable_x64(True), jax.default_matmul_precision("highest"):
       stats = TaskStats(losses=jnp.asarray(losses), sq_norms=jnp.asarray(np.diag(gram)),
                         gram=jnp.asarray(gram), key=key)
       weights, _ = weights_fn(stats, agg64.init(None))

@@ -52,8 +52,10 @@ def imtl_g_weights(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
   if k == 1:
     return jnp.ones(1, gram.dtype), jnp.array(False)
   a = normalized(gram)
-  norms = jnp.sqrt(jnp.maximum(jnp.diagonal(a), jnp.finfo(a.dtype).tiny))
-  g_u = a / norms[None, :]  # g_u[i, j] = <g_i, u_j>
+  # A zero gradient has no unit vector (u_j = 0 there; the system is then singular).
+  diag = jnp.diagonal(a)
+  norms = jnp.sqrt(jnp.where(diag > 0, diag, 1.0))
+  g_u = jnp.where(diag[None, :] > 0, a / norms[None, :], 0.0)  # g_u[i, j] = <g_i, u_j>
   first = g_u[0, 0] - g_u[0, 1:]  # <g_1, u_1 - u_j>
   # <g_1 - g_i, u_1 - u_j>
   system = (g_u[0, 0] - g_u[0, 1:][None, :] - g_u[1:, 0][:, None] + g_u[1:, 1:])
