@@ -109,3 +109,11 @@ def test_claim_cases_are_hard():
   assert {c.family for c in properties.claim_cases()} == set(properties.CLAIM_FAMILIES)
   assert set(cases.FAMILIES) - set(properties.CLAIM_FAMILIES) == {"zero_gradient",
                                                                    "rank_deficient"}
+
+
+def test_the_docs_table_of_claims_is_the_registry():
+  import pathlib
+  page = pathlib.Path(__file__).parents[1] / "docs" / "methods" / "index.md"
+  assert properties.claims_table() in page.read_text(), (
+      "docs/methods/index.md's claims table differs from the registry: paste "
+      "ntkmtl_jax.testing.properties.claims_table() there")

@@ -129,7 +129,7 @@ def simplex_qp(gram: jax.Array, linear: jax.Array | None = None, *, max_iters: i
 
   Wolfe's active-set method ("Finding the nearest point in a polytope", 1976), on the Gram
   matrix: a support S of affinely independent vertices (a "corral") is kept; each
-  iteration solves one bordered system [[G_SS, 1], [1^T, 0]] [w_S; -lambda] = [-q_S; 1] for
+  iteration solves one bordered system `[[G_SS, 1], [1^T, 0]] [w_S; -lambda] = [-q_S; 1]` for
   the minimiser on the affine hull of S (the system is diagonally equilibrated, which keeps
   it well-conditioned when task scales differ by orders of magnitude). Where that point has
   all weights positive, it is the minimiser on the face of S; then the vertex j that most

@@ -267,6 +267,27 @@ def check_claim(name: str, claim: str, cases: Sequence[hard.HardCase] | None = N
     CHECKS[claim](name, hparams, case)
 
 
+def claims_table() -> str:
+  """The registry's claims as a markdown table (docs/methods/index.md holds it; a test
+  checks that it is this one)."""
+  short = {"permutation_equivariant": "permutation", "scale_invariant": "scale",
+           "direction_scale_invariant": "direction under scale",
+           "linear_under_scaling": "linear", "non_conflicting": "non-conflicting"}
+  lines = ["| method | " + " | ".join(short[p] for p in methods.PROPERTIES) + " |",
+           "|---|" + "---|" * len(methods.PROPERTIES)]
+  for name in methods.names():
+    claimed = methods.claims(name)
+    cells = []
+    for prop in methods.PROPERTIES:
+      if prop not in claimed:
+        cells.append("")
+        continue
+      under = ", ".join(f"{k}={v}" for k, v in claimed[prop].items())
+      cells.append(f"yes ({under})" if under else "yes")
+    lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- what every method must do
 
 
