@@ -282,6 +282,11 @@ def gradvac(num_tasks: int, *, beta: float = 0.01, shared: SharedSpec = None,
   combinations of the original gradients, so the update is a weighted sum computed from
   the Gram matrix (`gradvac_coefficients`) and runs with the streaming strategy.
 
+  The cosines and the corrections are exact quotients, guarded only where they are 0 / 0:
+  the common reimplementations add 1e-8 to their denominators, which on the Gram matrix
+  normalised to unit mean diagonal moves the cosine of a task 1e4 times smaller than the
+  others by order one (and breaks the update's linearity in each task's scale).
+
   The paper applies GradVac per parameter group (layers or matrices) in large
   translation models and also over the whole model; this is the whole-shared-parameter
   form (one Gram matrix, one k x k target matrix), the default of the common
