@@ -42,6 +42,9 @@ from ntkmtl_jax.weighting import TaskStats  # noqa: E402
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  # One line and exit status 2 for a bad argument, as the `ntkmtl` command.
+  parser.error = lambda message: parser.exit(
+      2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
   parser.add_argument("--quick", action="store_true", help="k = 2, 3, 5 and seed 0 only")
   parser.add_argument("--dtype", choices=("float64", "float32"), default="float64",
                       help="dtype of the Gram matrix the methods see (the reference is "

@@ -121,9 +121,7 @@ FLOAT32_FAMILIES = ("mild", "imbalanced", "near_collinear", "duplicated")
 
 
 @pytest.mark.parametrize("row", [r for r in references.REFERENCES
-                                 if r.split("/")[0] not in ("mgda_ub", "sdmgrad")
-                                 and r not in ("mgda/frank_wolfe", "mgda/projected_gradient")]
-                         + ["sdmgrad/exact"])
+                                 if r not in references.NOT_EXACT + ("mgda_ub",)])
 def test_solvers_on_hard_cases_in_float32(row):
   name, hparams = references.method_of(row)
   tolerance = FLOAT32_TOLERANCE.get(name, FLOAT32_DEFAULT)

@@ -22,14 +22,12 @@ from conftest import SEEDS, enable_x64
 
 # The solvers certify a relative error of 1e-6; the references agree to about 1e-9.
 TOLERANCE = 1e-6
-# Options that cannot certify 1e-6 on these cases within their budget (they say so, see
-# test_unconverged_solvers_say_so), and SDMGrad's published iteration, which is not a
-# solver: at the authors' step size it jumps between faces of the simplex and amplifies
-# rounding (test_methods_more.py compares it step by step with a NumPy replica).
-NOT_EXACT = ("mgda/frank_wolfe", "mgda/projected_gradient", "sdmgrad")
-# (MGDA-UB runs MGDA's weighting on another Gram matrix: test_methods_gradient.py checks
-# that the two agree.)
-EXACT_ROWS = [row for row in references.REFERENCES if row not in NOT_EXACT + ("mgda_ub",)]
+# (`references.NOT_EXACT`: MGDA's Frank-Wolfe and projected-gradient options, which say so
+# when they cannot certify, test_unconverged_solvers_say_so; SDMGrad's published iteration,
+# compared step by step with a NumPy replica in test_methods_more.py.) MGDA-UB runs MGDA's
+# weighting on another Gram matrix: test_methods_gradient.py checks that the two agree.
+EXACT_ROWS = [row for row in references.REFERENCES
+              if row not in references.NOT_EXACT + ("mgda_ub",)]
 
 
 @pytest.fixture(autouse=True)

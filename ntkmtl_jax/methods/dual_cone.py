@@ -42,7 +42,7 @@ def dual_cone_weights(gram: jax.Array, preference: jax.Array, *, norm_eps: float
   The ridge: torchjd adds reg_eps I (`ridge="identity"`). On G / tr(G) a task whose
   gradient is 1e4 times smaller than another's has a diagonal entry near 1e-8, which a
   ridge of 1e-4 swamps: its constraint is all but dropped, and the update conflicts with
-  it (by 8.2 against a product of 5e7 with the other task, on scales 1 and 1e4). The
+  it (<d, g_small> = -874 where <d, g_large> = 5e7, on task scales 1 and 1e4). The
   default `"per_task"` adds reg_eps k G_ii / tr(G) to entry i instead: the same reg_eps I
   when every task has the same gradient norm, and each task's ridge on its own scale
   otherwise (floored at eps of the dtype, for a zero gradient).

@@ -76,11 +76,9 @@ def _rounding(gram: jax.Array, linear: jax.Array, w: jax.Array) -> jax.Array:
   A few ulps of the sums of absolute values the two terms are made of: a stopping test that
   asks for less than this could never pass, and one that ignores it stops on noise.
   """
-  k = gram.shape[0]
-  eps = jnp.finfo(gram.dtype).eps
-  aw = jnp.abs(w)
-  gw = jnp.abs(gram) @ aw
-  return 2 * k * eps * (gw + jnp.abs(linear) + aw @ gw + jnp.abs(linear) @ aw)
+  ulps = 2 * gram.shape[0] * jnp.finfo(gram.dtype).eps
+  aw, aq = jnp.abs(w), jnp.abs(linear)
+  return ulps * (jnp.abs(gram) @ aw + aq + aq @ aw) + norm_rounding(gram, w)
 
 
 def norm_rounding(gram: jax.Array, w: jax.Array) -> jax.Array:
@@ -88,6 +86,16 @@ def norm_rounding(gram: jax.Array, w: jax.Array) -> jax.Array:
   |w|^T |G| |w|. A norm below its square root is 0 to working precision."""
   aw = jnp.abs(w)
   return 2 * gram.shape[0] * jnp.finfo(gram.dtype).eps * (aw @ (jnp.abs(gram) @ aw))
+
+
+def _equilibration(gram: jax.Array) -> jax.Array:
+  """D_ii = 1 / sqrt(G_ii), floored at eps of the largest G_ii: D G D has unit diagonal,
+  which keeps the active-set solves well-conditioned when task scales differ by orders of
+  magnitude."""
+  diag = jnp.diagonal(gram)
+  dtype = gram.dtype
+  top = jnp.maximum(jnp.max(diag), jnp.finfo(dtype).tiny)
+  return jax.lax.rsqrt(jnp.maximum(diag, jnp.finfo(dtype).eps * top))
 
 
 def simplex_gap(gram: jax.Array, linear: jax.Array, w: jax.Array) -> jax.Array:
@@ -114,12 +122,20 @@ def certified_error(gram: jax.Array, linear: jax.Array, w: jax.Array) -> jax.Arr
   return jnp.where(gap > 0, jnp.sqrt(2.0 * gap / norm_sq), 0.0)
 
 
+def _improvements(gram, linear, w, tol):
+  """(k,) how much each vertex would improve the objective at w beyond rounding, and the
+  improvement below which the simplex solvers stop: tol^2 / 2 ||g_w||^2, which certifies a
+  relative error of `tol` (`certified_error`)."""
+  grad = gram @ w + linear
+  improvement = w @ grad - grad - _rounding(gram, linear, w)
+  return improvement, 0.5 * tol * tol * jnp.maximum(w @ (gram @ w), 0.0)
+
+
 def _certified(gram, linear, w, tol):
   """Whether the stopping test of the simplex solvers passes at w: the certified relative
   error is at most `tol`, or every vertex's improvement is within rounding."""
-  grad = gram @ w + linear
-  improvement = w @ grad - grad - _rounding(gram, linear, w)
-  return jnp.max(improvement) <= 0.5 * tol * tol * jnp.maximum(w @ (gram @ w), 0.0)
+  improvement, threshold = _improvements(gram, linear, w, tol)
+  return jnp.max(improvement) <= threshold
 
 
 @full_precision
@@ -171,9 +187,7 @@ def simplex_qp(gram: jax.Array, linear: jax.Array | None = None, *, max_iters: i
   dtype = gram.dtype
   q = jnp.zeros((k,), dtype) if linear is None else linear.astype(dtype)
   diag = jnp.diagonal(gram)
-  top = jnp.maximum(jnp.max(diag), jnp.finfo(dtype).tiny)
-  # Equilibration w = D v with D_ii = 1 / sqrt(G_ii): every row of D G D has unit diagonal.
-  scaling = jax.lax.rsqrt(jnp.maximum(diag, jnp.finfo(dtype).eps * top))
+  scaling = _equilibration(gram)  # solved for v, w = D v
   scaling_b = jnp.concatenate([scaling, jnp.ones((1,), dtype)])
   bordered = (jnp.zeros((k + 1, k + 1), dtype).at[:k, :k].set(gram)
               .at[:k, k].set(1.0).at[k, :k].set(1.0))
@@ -202,11 +216,11 @@ def simplex_qp(gram: jax.Array, linear: jax.Array | None = None, *, max_iters: i
     finite = jnp.all(jnp.isfinite(v))
     inside = finite & jnp.all(jnp.where(support, v > 0, True))
     # Inside: v is the minimiser on S's face. Add the most improving vertex, if any.
-    grad = gram @ v + q
-    value = v @ grad + q @ v
-    improvement = jnp.where(support, -jnp.inf, v @ grad - grad - _rounding(gram, q, v))
+    value = v @ (gram @ v) + 2.0 * (q @ v)
+    improvement, threshold = _improvements(gram, q, v, tol)
+    improvement = jnp.where(support, -jnp.inf, improvement)
     best = jnp.argmax(improvement)
-    optimal = improvement[best] <= 0.5 * tol * tol * jnp.maximum(v @ (gram @ v), 0.0)
+    optimal = improvement[best] <= threshold
     # Each face minimiser is strictly better than the last in exact arithmetic; one that is
     # not means the improvement was rounding (e.g. a hull through 0, where g_w is noise):
     # the last face minimiser is the answer to working precision.
@@ -408,6 +422,9 @@ def min_linear_plus_norm(gram: jax.Array, linear: jax.Array, radius: jax.Array |
     through_zero: jax.Array
     inner_ok: jax.Array
 
+  def pick(new, old, where):
+    return jax.tree.map(lambda a, b: jnp.where(where, a, b), new, old)
+
   def bracketed(c):
     return (c.hi - c.lo > 4 * eps * c.hi) & (c.f_lo > 0) & (c.f_hi < 0)
 
@@ -419,10 +436,9 @@ def min_linear_plus_norm(gram: jax.Array, linear: jax.Array, radius: jax.Array |
     illinois = (c.lo * c.f_hi - c.hi * c.f_lo) / (c.f_hi - c.f_lo)
     illinois = jnp.where((illinois > c.lo) & (illinois < c.hi), illinois, 0.5 * (c.lo + c.hi))
     tau = jnp.select([c.step == 0, c.step == 1, c.step == 2], [zero, c.lo, c.hi], illinois)
-    init = jnp.where(c.step == 0, jnp.full((k,), 1.0 / k, dtype), c.result.x)
-    result, f = solve(tau, jnp.where(c.step == 0, jnp.nan, 1.0) * init)
+    # Step 0 starts cold (a NaN warm start), every later solve from the last answer.
+    result, f = solve(tau, jnp.where(c.step == 0, jnp.nan, c.result.x))
     ok = c.inner_ok & result.converged
-    pick = lambda new, old, where: jax.tree.map(lambda a, b: jnp.where(where, a, b), new, old)
     # Step 0: n(0) = f(0). 0 is in the hull, to within what the Gram matrix resolves
     # (n^2 = w^T G w is rounding below `norm_rounding`), when n(0) is below that; the
     # bracket then starts where n is resolved again.
@@ -457,16 +473,13 @@ def min_linear_plus_norm(gram: jax.Array, linear: jax.Array, radius: jax.Array |
   steps = jnp.maximum(c.step - 3, 0)
   # Where the bracket is degenerate (f(lo) <= 0) the root is at lo: w(lo), or, for a hull
   # through 0, the min-norm point g_w = 0 (no point of the hull has a negative objective).
-  degenerate = jax.tree.map(lambda a, b: jnp.where(c.through_zero, a, b), c.first, c.at_lo)
-  result = jax.tree.map(lambda a, b: jnp.where(c.f_lo <= 0, a, b), degenerate, c.result)
-  lo, hi, f_lo, inner_ok = c.lo, c.hi, c.f_lo, c.inner_ok
-  w = result.x
+  result = pick(pick(c.first, c.at_lo, c.through_zero), c.result, c.f_lo <= 0)
   # r = 0: the objective is linear, its minimum a vertex.
-  w = jnp.where(r > 0, w, jnp.zeros((k,), dtype).at[jnp.argmin(q)].set(1.0))
+  w = jnp.where(r > 0, result.x, jnp.zeros((k,), dtype).at[jnp.argmin(q)].set(1.0))
   gap = gap_of(w)
-  settled = ((gap <= jnp.maximum(tol * tol, 64 * k * eps)) | (hi - lo <= 4 * eps * hi)
-             | (f_lo <= 0) | (r <= 0))
-  return SolverResult(w, steps, (inner_ok | (r <= 0)) & settled & jnp.all(jnp.isfinite(w)),
+  settled = ((gap <= jnp.maximum(tol * tol, 64 * k * eps)) | (c.hi - c.lo <= 4 * eps * c.hi)
+             | (c.f_lo <= 0) | (r <= 0))
+  return SolverResult(w, steps, (c.inner_ok | (r <= 0)) & settled & jnp.all(jnp.isfinite(w)),
                       gap)
 
 
@@ -715,27 +728,26 @@ def nonnegative_qp(gram: jax.Array, linear: jax.Array, *, max_iters: int = 100,
   dtype = gram.dtype
   eps = jnp.finfo(dtype).eps
   tiny = jnp.finfo(dtype).tiny
-  diag = jnp.diagonal(gram)
-  scaling = jax.lax.rsqrt(jnp.maximum(diag, eps * jnp.maximum(jnp.max(diag), tiny)))
+  scaling = _equilibration(gram)
   scaled = gram * scaling[:, None] * scaling[None, :]
   eye = jnp.eye(k, dtype=dtype)
   linear = linear.astype(dtype)
 
+  rounding = 2 * k * eps  # of a derivative relative to the terms it is made of
+
   def kkt(z):
-    """(relative derivative (G z + c)_j / size_j, rounding allowance, size)."""
-    derivative = gram @ z + linear
+    """(relative derivatives (G z + c)_j / size_j, sizes (|G| z + |c|)_j)."""
     size = jnp.abs(gram) @ jnp.abs(z) + jnp.abs(linear)
-    safe = jnp.maximum(size, tiny)
-    return derivative / safe, 2 * k * eps, size
+    return (gram @ z + linear) / jnp.maximum(size, tiny), size
 
   def residual_of(z):
-    relative, _, size = kkt(z)
+    relative, size = kkt(z)
     complementarity = jnp.where(z > 0, jnp.abs(relative), 0.0)
     dual = jnp.where(z > 0, 0.0, jnp.maximum(-relative, 0.0))
     return jnp.max(jnp.where(size > 0, jnp.maximum(complementarity, dual), 0.0))
 
   def optimal(z, free):
-    relative, rounding, _ = kkt(z)
+    relative, _ = kkt(z)
     return jnp.all(jnp.where(free, True, relative >= -(tol + rounding)))
 
   def free_solution(free):
@@ -754,7 +766,7 @@ def nonnegative_qp(gram: jax.Array, linear: jax.Array, *, max_iters: int = 100,
     inside = jnp.all(jnp.where(free, s > 0, True)) & jnp.all(jnp.isfinite(s))
     done = inside & optimal(s, free)
     # s is optimal on its face: free the coordinate with the most negative derivative.
-    relative, _, _ = kkt(s)
+    relative, _ = kkt(s)
     candidates = jnp.where(free, jnp.inf, relative)
     t = jnp.argmin(candidates)
     free_added = free.at[t].set(True)
