@@ -27,7 +27,7 @@ docs: $(VENV)/.docs-installed
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/step_time.py
+	$(PY) perf/step_time.py
 
 clean:
 	rm -rf $(VENV) runs site .pytest_cache

@@ -7,8 +7,8 @@ from ntkmtl_jax.kernel import (NTKWeights, default_strategy, diagonal_blocks, ke
 from ntkmtl_jax.methods.ntkmtl import (NTKMTLState, clip_shared_by_global_norm, ntkmtl,
                                        ntkmtl_sr, official_ntkmtl)
 from ntkmtl_jax.sharding import process_rows, replicate, shard_batch, shard_process_batch
-from ntkmtl_jax.train import TrainState, TrainStep, make_train_step
-from ntkmtl_jax.weighting import (GradientRule, Method, Needs, TaskStats, Weighting, combine,
+from ntkmtl_jax.step import TrainState, TrainStep, make_train_step
+from ntkmtl_jax.method import (GradientRule, Method, Needs, TaskStats, Weighting, combine,
                                   is_method)
 
 __version__ = "0.1.0"

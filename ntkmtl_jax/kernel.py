@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from ntkmtl_jax import _tree
 from ntkmtl_jax._tree import PyTree, SharedSpec
-from ntkmtl_jax.weighting import EIGEN_METHODS, STATISTICS, check_statistic
+from ntkmtl_jax.method import EIGEN_METHODS, STATISTICS, check_statistic
 
 STRATEGIES = ("vmap", "unroll", "chunked", "streaming", "sequential")
 NORMALIZATIONS = ("sum", "mean")
@@ -37,7 +37,7 @@ def default_strategy(backend: str | None = None) -> str:
   - CPU: "unroll". A Python loop of VJPs unrolled inside the jitted step is the fastest on
     XLA:CPU; vmapped and scanned convolution backward passes lower badly there (CelebA
     network, batch 8, 40 tasks: unrolled 3.5 s, `lax.map` one at a time 241 s; see
-    benchmarks/step_time.py).
+    perf/step_time.py).
   - GPU and TPU: "sequential". One compiled VJP body in a `lax.fori_loop` over the tasks
     keeps compile time and memory flat in k. On one H200 (CelebA network, 40 tasks, batch
     256, NTKMTL n = 1): compile 2.8 s against 176 s for "vmap" (LS: 7.2 s), peak memory
@@ -234,7 +234,7 @@ def largest_eigenvalue_matrix_free(jacobian: PyTree, *, power_iterations: int = 
   return _power_iteration(matvec, jnp.ones(mat.shape[:2], mat.dtype), power_iterations)
 
 
-def block_spectrum(blocks: jax.Array) -> jax.Array:
+def block_eigenvalues(blocks: jax.Array) -> jax.Array:
   """All eigenvalues of each symmetric PSD block in a (..., n, n) stack, largest first.
 
   Round-off can make the smallest eigenvalues of a PSD block slightly negative; they are
@@ -301,7 +301,7 @@ def block_statistic(blocks: jax.Array, statistic: str = "max", *, top_r: int = 3
     return largest_eigenvalue(blocks, method=eigen_method, power_iterations=power_iterations)
   if statistic == "trace":
     return jnp.trace(blocks, axis1=-2, axis2=-1)
-  return spectrum_statistic(block_spectrum(blocks), statistic, top_r=top_r)
+  return spectrum_statistic(block_eigenvalues(blocks), statistic, top_r=top_r)
 
 
 def check_normalization(normalization: str) -> None:

@@ -31,14 +31,14 @@ import numpy as np
 
 from ntkmtl_jax import kernel
 from ntkmtl_jax._tree import PyTree, SharedSpec
-from ntkmtl_jax.kernel import STATISTICS, block_spectrum, effective_rank, spectrum_statistic
-from ntkmtl_jax.weighting import check_statistic
+from ntkmtl_jax.kernel import STATISTICS, block_eigenvalues, effective_rank, spectrum_statistic
+from ntkmtl_jax.method import check_statistic
 
 AFFINITY_KINDS = ("cosine", "alignment")
 
 __all__ = [
     "AFFINITY_KINDS", "STATISTICS", "SpectrumHistory", "SpectrumTracker", "TaskGroups",
-    "TaskSpectra", "all_statistics", "block_spectra", "block_spectrum", "effective_rank",
+    "TaskSpectra", "all_statistics", "diagonal_block_eigenvalues", "block_eigenvalues", "effective_rank",
     "group_tasks", "imbalance", "spectrum_statistic", "task_affinity", "task_spectra",
 ]
 
@@ -55,7 +55,7 @@ def _diagonal(blocks: jax.Array) -> jax.Array:
                    f"diagonal blocks (k, n, n) (`diagonal_blocks`); got shape {blocks.shape}.")
 
 
-def block_spectra(blocks: jax.Array) -> jax.Array:
+def diagonal_block_eigenvalues(blocks: jax.Array) -> jax.Array:
   """The full spectrum of each task's diagonal block K_ii, shape (k, n), largest first.
 
   Args:
@@ -65,7 +65,7 @@ def block_spectra(blocks: jax.Array) -> jax.Array:
     (k, n) eigenvalues, each row sorted in decreasing order and clipped at zero (the blocks
     are PSD; round-off can make the smallest ones slightly negative).
   """
-  return block_spectrum(_diagonal(blocks))
+  return block_eigenvalues(_diagonal(blocks))
 
 
 def all_statistics(spectra: jax.Array, *, top_r: int = 3) -> dict[str, jax.Array]:
@@ -170,7 +170,7 @@ def task_spectra(apply_fn: Callable, params: PyTree, batch: PyTree, *, num_chunk
   losses, jac = kernel.task_jacobian(apply_fn, params, batch, num_chunks=num_chunks,
                                      shared=shared, strategy=strategy)
   blocks = kernel.kernel_blocks(jac)
-  spectra = block_spectra(blocks)
+  spectra = diagonal_block_eigenvalues(blocks)
   return TaskSpectra(spectra=spectra, eigenvalues=spectra[:, 0],
                      affinity=task_affinity(blocks, affinity), losses=losses, blocks=blocks)
 

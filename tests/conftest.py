@@ -165,7 +165,7 @@ def check_end_to_end(seed, model, aggregator, strategies=("unroll",), steps=3):
   """Runs `steps` jitted train steps with each strategy: finite losses and weights, nothing
   skipped, the parameters move, and every strategy ends at the same parameters."""
   import optax
-  from ntkmtl_jax.train import make_train_step
+  from ntkmtl_jax.step import make_train_step
   finals = []
   for strategy in strategies:
     step = make_train_step(model.loss_fn, aggregator, optax.sgd(1e-2), strategy=strategy)

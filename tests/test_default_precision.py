@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ntkmtl_jax as nm
 from ntkmtl_jax import methods
 from ntkmtl_jax.testing import cases, references
-from ntkmtl_jax.weighting import TaskStats
+from ntkmtl_jax.method import TaskStats
 from conftest import SEEDS, TanhMLP, assert_close, enable_x64
 
 pytestmark = pytest.mark.default_precision

@@ -85,7 +85,7 @@ def test_a_non_finite_update_is_caught():
   # A method whose weights divide by a task's gradient norm gives inf on a zero gradient.
   import jax.numpy as jnp
   from ntkmtl_jax.methods.loss_weighting import WeightsState
-  from ntkmtl_jax.weighting import Needs, Weighting
+  from ntkmtl_jax.method import Needs, Weighting
 
   def weights(stats, state):
     w = 1.0 / stats.sq_norms

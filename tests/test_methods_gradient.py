@@ -12,10 +12,10 @@ import optax
 from scipy.optimize import minimize
 
 from ntkmtl_jax import methods
-from ntkmtl_jax.weighting import TaskStats
+from ntkmtl_jax.method import TaskStats
 from ntkmtl_jax.methods import conflict
 from ntkmtl_jax.methods import solvers
-from ntkmtl_jax.train import make_train_step
+from ntkmtl_jax.step import make_train_step
 from conftest import TanhMLP, assert_close
 
 
@@ -344,8 +344,8 @@ def test_non_finite_gradients_skip_the_step(seed):
   batch["y"] = batch["y"].at[0, 1].set(jnp.nan)
   new_state, metrics = step(state, batch)
   assert not bool(metrics["finite"]) and int(new_state.skipped) == 1
-  jax.tree.map(np.testing.assert_array_equal, new_state.aggregator_state,
-               state.aggregator_state)
+  jax.tree.map(np.testing.assert_array_equal, new_state.method_state,
+               state.method_state)
 
 
 @pytest.mark.parametrize("name", ["nash_mtl", "fairgrad"])
@@ -369,5 +369,5 @@ def test_exactly_opposite_tasks_train_instead_of_skipping_every_step(seed, name)
   for _ in range(3):
     state, metrics = step(state, x)
     assert bool(metrics["finite"]), f"seed={seed}"
-  assert int(state.skipped) == 0 and int(state.aggregator_state.solver_failures) == 3
+  assert int(state.skipped) == 0 and int(state.method_state.solver_failures) == 3
   assert not np.allclose(state.params["heads"], params["heads"])

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from ntkmtl_jax import methods
-from ntkmtl_jax.weighting import TaskStats
-from ntkmtl_jax.train import make_train_step
+from ntkmtl_jax.method import TaskStats
+from ntkmtl_jax.step import make_train_step
 from conftest import TanhMLP, assert_close, flat_shared
 
 
@@ -357,7 +357,7 @@ def test_gradnorm_streaming_matches_unrolled_step(seed):
     state = step.init(model.params)
     for _ in range(3):
       state, metrics = step(state, model.batch)
-    results.append((state.aggregator_state.loss_weights, state.params))
+    results.append((state.method_state.loss_weights, state.params))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6,
                                                        err_msg=f"seed={seed}"),
                results[0], results[1])

@@ -9,9 +9,9 @@ import optax
 from scipy.optimize import minimize
 
 from ntkmtl_jax import methods
-from ntkmtl_jax.weighting import TaskStats
+from ntkmtl_jax.method import TaskStats
 from ntkmtl_jax.methods import alignment, conflict, solvers
-from ntkmtl_jax.train import make_train_step
+from ntkmtl_jax.step import make_train_step
 from conftest import TanhMLP, assert_close, enable_x64
 
 
@@ -338,8 +338,8 @@ def test_non_finite_gradients_skip_the_step_and_the_solver_stops(seed):
   batch["y"] = batch["y"].at[0, 1].set(jnp.nan)
   new_state, metrics = step(state, batch)  # the active-set loop ends at its bound on NaN
   assert not bool(metrics["finite"]) and int(new_state.skipped) == 1
-  jax.tree.map(np.testing.assert_array_equal, new_state.aggregator_state,
-               state.aggregator_state)
+  jax.tree.map(np.testing.assert_array_equal, new_state.method_state,
+               state.method_state)
 
 
 def test_gradvac_leaves_zero_gradients_alone(seed):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from ntkmtl_jax import methods
 from ntkmtl_jax.methods import solvers
 from ntkmtl_jax.testing import cases, references
-from ntkmtl_jax.weighting import TaskStats
+from ntkmtl_jax.method import TaskStats
 from conftest import SEEDS, enable_x64
 
 # The solvers certify a relative error of 1e-6; the references agree to about 1e-9.

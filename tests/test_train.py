@@ -97,7 +97,7 @@ def test_non_finite_losses_skip_the_step(seed):
   assert not bool(m["finite"]) and int(m["skipped"]) == 1
   for new, old in ((new_state.params, state.params), (new_state.optimizer_state,
                                                       state.optimizer_state),
-                   (new_state.aggregator_state, state.aggregator_state)):
+                   (new_state.method_state, state.method_state)):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new, old)
   assert int(new_state.step) == int(state.step) + 1
   new_state, m = step(new_state, model.batch)
@@ -117,7 +117,7 @@ def test_infinite_gradient_skips_the_step():
 def _assert_unchanged(new_state, state):
   for new, old in ((new_state.params, state.params),
                    (new_state.optimizer_state, state.optimizer_state),
-                   (new_state.aggregator_state, state.aggregator_state)):
+                   (new_state.method_state, state.method_state)):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new, old)
 
 

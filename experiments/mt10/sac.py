@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 import ntkmtl_jax
-from ntkmtl_jax.train import TrainState
+from ntkmtl_jax.step import TrainState
 
 
 class MLP(nn.Module):

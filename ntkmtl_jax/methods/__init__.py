@@ -15,7 +15,7 @@ import inspect
 import math
 from typing import Callable
 
-from ntkmtl_jax.weighting import Method
+from ntkmtl_jax.method import Method
 
 _REGISTRY: dict[str, Callable[..., Method]] = {}
 _CLAIMS: dict[str, dict[str, dict]] = {}

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ntkmtl_jax.weighting import TaskStats
+from ntkmtl_jax.method import TaskStats
 
 # Added to norms before dividing by them (the reference implementations use 1e-8 too).
 EPS = 1e-8

@@ -19,7 +19,7 @@ from ntkmtl_jax._tree import SharedSpec
 from ntkmtl_jax.methods import register
 from ntkmtl_jax.methods._common import (EPS, check_num_tasks, conflicting_pairs, full_precision,
                                         gram_of, initial_state, normalized, preference_vector)
-from ntkmtl_jax.weighting import Needs, TaskStats, Weighting
+from ntkmtl_jax.method import Needs, TaskStats, Weighting
 
 # --------------------------------------------------------------------------------- IMTL-G
 

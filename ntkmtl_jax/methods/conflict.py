@@ -20,7 +20,7 @@ from ntkmtl_jax._tree import SharedSpec
 from ntkmtl_jax.methods import register
 from ntkmtl_jax.methods._common import (EPS, check_num_tasks, conflicting_pairs, full_precision,
                                         gram_of, initial_state, key_of, normalized, zeros_int)
-from ntkmtl_jax.weighting import GradientRule, Needs, TaskStats, Weighting
+from ntkmtl_jax.method import GradientRule, Needs, TaskStats, Weighting
 
 # --------------------------------------------------------------------------------- PCGrad
 

@@ -20,7 +20,7 @@ from ntkmtl_jax.methods import register, solvers
 from ntkmtl_jax.methods._common import (SolverState, check_num_tasks, conflicting_pairs,
                                         full_precision, gram_of, initial_state,
                                         preference_vector)
-from ntkmtl_jax.weighting import Needs, TaskStats, Weighting
+from ntkmtl_jax.method import Needs, TaskStats, Weighting
 
 
 RIDGES = ("per_task", "identity")

@@ -19,7 +19,7 @@ from ntkmtl_jax._tree import SharedSpec
 from ntkmtl_jax.methods import register, solvers
 from ntkmtl_jax.methods._common import (check_num_tasks, conflicting_pairs, full_precision,
                                         gram_of, initial_state, zeros_int)
-from ntkmtl_jax.weighting import Needs, TaskStats, Weighting
+from ntkmtl_jax.method import Needs, TaskStats, Weighting
 
 
 class FairAllocationState(NamedTuple):

@@ -19,7 +19,7 @@ from ntkmtl_jax import _tree
 from ntkmtl_jax._tree import SharedSpec
 from ntkmtl_jax.methods import register
 from ntkmtl_jax.methods._common import EPS, check_losses, check_num_tasks, method_optimizer
-from ntkmtl_jax.weighting import GradientRule, Needs, TaskStats, Weighting
+from ntkmtl_jax.method import GradientRule, Needs, TaskStats, Weighting
 
 class GradNormState(NamedTuple):
   """State of GradNorm.

@@ -17,7 +17,7 @@ import optax
 from ntkmtl_jax._tree import SharedSpec
 from ntkmtl_jax.methods import register
 from ntkmtl_jax.methods._common import check_losses, check_num_tasks, method_optimizer
-from ntkmtl_jax.weighting import Needs, TaskStats, Weighting
+from ntkmtl_jax.method import Needs, TaskStats, Weighting
 
 
 class WeightsState(NamedTuple):

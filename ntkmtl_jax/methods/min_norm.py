@@ -31,7 +31,7 @@ from ntkmtl_jax.methods import register, solvers
 from ntkmtl_jax.methods._common import (EPS, SolverState, check_losses, check_num_tasks,
                                         conflicting_pairs, full_precision, gram_of,
                                         initial_state, normalized)
-from ntkmtl_jax.weighting import GradientRule, Needs, TaskStats, Weighting
+from ntkmtl_jax.method import GradientRule, Needs, TaskStats, Weighting
 
 _MGDA_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 _CAGRAD_RESCALES = (0, 1, 2)

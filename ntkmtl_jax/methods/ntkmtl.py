@@ -23,7 +23,7 @@ from ntkmtl_jax import kernel
 from ntkmtl_jax._tree import SharedSpec
 from ntkmtl_jax.methods import register
 from ntkmtl_jax.methods._common import check_num_tasks
-from ntkmtl_jax.weighting import Needs, TaskStats, Weighting
+from ntkmtl_jax.method import Needs, TaskStats, Weighting
 
 
 class NTKMTLState(NamedTuple):

@@ -26,7 +26,7 @@ opposite gradients), and its callers fall back to their previous weights.
 
 The problems are small (k is the number of tasks), so each iteration costs O(k^2) to
 O(k^3), negligible next to the k backward passes that produced the Gram matrix;
-`benchmarks/solver_accuracy.py` measures each solver's error and time on the hard cases.
+`perf/solver_accuracy.py` measures each solver's error and time on the hard cases.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 `cases` draws the task Jacobians on which multi-task methods go wrong (task scales from 1 to
 1e4, nearly collinear or opposite gradients, a zero or duplicated gradient, more tasks than
 directions); `references` solves each method's problem on them with NumPy and SciPy, by
-other algorithms than the library's. The test suite and `benchmarks/solver_accuracy.py`
+other algorithms than the library's. The test suite and `perf/solver_accuracy.py`
 use both; so can a method of your own.
 """
 

@@ -23,7 +23,7 @@ import optax
 
 from ntkmtl_jax import _tree, kernel
 from ntkmtl_jax._tree import PyTree
-from ntkmtl_jax.weighting import (Method, Needs, TaskStats, Weighting, check_weights, combine,
+from ntkmtl_jax.method import (Method, Needs, TaskStats, Weighting, check_weights, combine,
                                   is_method, stats_from_gradients)
 
 
@@ -33,7 +33,7 @@ class TrainState(NamedTuple):
   Attributes:
     params: the model parameters.
     model_state: mutable collections of the model (e.g. flax `batch_stats`), or None.
-    aggregator_state: the multi-task method's state.
+    method_state: the multi-task method's state.
     optimizer_state: the optimiser's state.
     step: number of steps taken (skipped ones included).
     skipped: number of steps skipped because something came out non-finite.
@@ -41,7 +41,7 @@ class TrainState(NamedTuple):
   """
   params: PyTree
   model_state: PyTree
-  aggregator_state: Any
+  method_state: Any
   optimizer_state: Any
   step: jax.Array
   skipped: jax.Array
@@ -72,7 +72,7 @@ class TrainStep:
   def init(self, params: PyTree, model_state: PyTree = None,
            key: jax.Array | None = None) -> TrainState:
     return TrainState(params=params, model_state=model_state,
-                      aggregator_state=self.method.init(params),
+                      method_state=self.method.init(params),
                       optimizer_state=self.optimizer.init(params),
                       step=jnp.zeros([], jnp.int32), skipped=jnp.zeros([], jnp.int32),
                       key=jax.random.key(0) if key is None else key)
@@ -415,7 +415,7 @@ def make_train_step(loss_fn: Callable | None, method: Method,
     mask = _tree.resolve_mask(shared, params)
     key = jax.random.fold_in(state.key, state.step)
     obs = oracle(model, needs, strategy, params, ms, batch, mask, key, chunk_size)
-    update, method_state = _method_update(method, obs, state.aggregator_state, params, mask)
+    update, method_state = _method_update(method, obs, state.method_state, params, mask)
     updates, opt_state = optimizer.update(update, state.optimizer_state, params,
                                           value=jnp.sum(obs.losses))
     new_params = optax.apply_updates(params, updates)
@@ -428,7 +428,7 @@ def make_train_step(loss_fn: Callable | None, method: Method,
     new_state = TrainState(
         params=keep(new_params, params),
         model_state=keep(obs.model_state, ms) if ms is not None else None,
-        aggregator_state=keep(method_state, state.aggregator_state),
+        method_state=keep(method_state, state.method_state),
         optimizer_state=keep(opt_state, state.optimizer_state),
         step=state.step + 1,
         skipped=state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32),

@@ -1,9 +1,9 @@
 """How exact each method's solver is on the hard cases, and what it costs, in one table.
 
-    python benchmarks/solver_accuracy.py                   # float64, every hard case
-    python benchmarks/solver_accuracy.py --quick           # k = 2, 3, 5 and one seed
-    python benchmarks/solver_accuracy.py --dtype float32   # what a float32 model gets
-    python benchmarks/solver_accuracy.py --methods mgda,cagrad --markdown
+    python perf/solver_accuracy.py                   # float64, every hard case
+    python perf/solver_accuracy.py --quick           # k = 2, 3, 5 and one seed
+    python perf/solver_accuracy.py --dtype float32   # what a float32 model gets
+    python perf/solver_accuracy.py --methods mgda,cagrad --markdown
 
 For every method whose step solves a problem on the Gram matrix (the rows of
 `ntkmtl_jax.testing.references.REFERENCES`) and every hard case of
@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from ntkmtl_jax import methods  # noqa: E402
 from ntkmtl_jax.testing import cases as hard  # noqa: E402
 from ntkmtl_jax.testing import references  # noqa: E402
-from ntkmtl_jax.weighting import TaskStats  # noqa: E402
+from ntkmtl_jax.method import TaskStats  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -3,14 +3,14 @@
 #   1. device, versions and date;
 #   2. the test suite on the accelerator (tests whose packages are missing, such as
 #      tensorflow-datasets, scikit-learn or matplotlib, are skipped and listed);
-#   3. the CelebA rows of benchmarks/step_time.py at batch 32 and 256, with the PyTorch
+#   3. the CelebA rows of perf/step_time.py at batch 32 and 256, with the PyTorch
 #      reference step on the same device.
 # Everything goes to one log: $OUT/device_check.log when $OUT is set, else
 # ./device_check.log. Needs python3 with jax (CUDA), flax, optax, chex, scipy, pytest and,
 # for the reference rows, torch; nothing is installed.
 #
-#   bash benchmarks/device_check.sh
-#   DEVICE_CHECK_QUICK=1 bash benchmarks/device_check.sh   # minutes on a CPU: a few test
+#   bash perf/device_check.sh
+#   DEVICE_CHECK_QUICK=1 bash perf/device_check.sh   # minutes on a CPU: a few test
 #       files, and LS and NTKMTL-SR on the CelebA network at batch 8, to try the script
 #
 # Other knobs: PYTHON (default python3), DEVICE_CHECK_TEST_SECONDS and
@@ -104,7 +104,7 @@ if "$PY" -c "import torch" 2> /dev/null; then
 else
   echo "torch is missing: no PyTorch reference rows"
 fi
-timeout -k 30 "$BENCH_SECONDS" "$PY" benchmarks/step_time.py --cases "$CASES" \
+timeout -k 30 "$BENCH_SECONDS" "$PY" perf/step_time.py --cases "$CASES" \
   --repeats "$REPEATS" --skip "$SKIP" --max-gib 100 "${TORCH[@]}"
 BENCH_RC=$?
 

@@ -3,9 +3,9 @@
 Runs with a Python that has torch (CPU build), not in the project's environment:
 
     python -m venv /tmp/torch && /tmp/torch/bin/pip install torch==2.13.0 numpy
-    /tmp/torch/bin/python benchmarks/pytorch_reference.py --batch 32
-    python benchmarks/step_time.py --torch-python /tmp/torch/bin/python   # same table
-    python benchmarks/pytorch_reference.py --batch 256 --device cuda   # on a GPU
+    /tmp/torch/bin/python perf/pytorch_reference.py --batch 32
+    python perf/step_time.py --torch-python /tmp/torch/bin/python   # same table
+    python perf/pytorch_reference.py --batch 256 --device cuda   # on a GPU
 
 It re-states, from the paper and the authors' public code, what one training step does:
 LS is one backward pass of the summed BCE losses; NTKMTL (n = 1) runs k backward passes

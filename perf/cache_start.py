@@ -1,6 +1,6 @@
 """First vs second start of a jitted multi-task step with the persistent compilation cache.
 
-    python benchmarks/cache_start.py            # two fresh processes on one empty cache folder
+    python perf/cache_start.py            # two fresh processes on one empty cache folder
 
 Each process enables `ntkmtl_jax.compilation_cache` in the same folder, builds the NTKMTL
 (n = 1) train step of a small multi-task MLP, and times its first call (trace, compile or

@@ -1,9 +1,9 @@
 """Step time, compile time and memory of multi-task methods, as ratios to LS in one run.
 
-    python benchmarks/step_time.py                  # CelebA net at batch 8 and 32, small MLP
-    python benchmarks/step_time.py --quick          # small MLP only
-    python benchmarks/step_time.py --methods all    # also one row per registered method
-    python benchmarks/step_time.py --k-sweep        # CelebA net with k = 5, 10, 20, 40 tasks
+    python perf/step_time.py                  # CelebA net at batch 8 and 32, small MLP
+    python perf/step_time.py --quick          # small MLP only
+    python perf/step_time.py --methods all    # also one row per registered method
+    python perf/step_time.py --k-sweep        # CelebA net with k = 5, 10, 20, 40 tasks
 
 For each model and batch size it times LS, NTKMTL (n = 1) with each strategy for the k task
 backward passes, NTKMTL (n = 4) and NTKMTL-SR (n = 4), and (with --methods) the baselines of
@@ -182,7 +182,7 @@ def main(argv=None):
                       help="comma-separated, e.g. celeba:8,celeba:32,mlp:256")
   parser.add_argument("--torch-python", default="",
                       help="a Python with torch: adds the PyTorch reference step's rows "
-                           "(benchmarks/pytorch_reference.py) for the CelebA cases")
+                           "(perf/pytorch_reference.py) for the CelebA cases")
   parser.add_argument("--torch-device", choices=("auto", "cpu", "cuda"), default="auto",
                       help="where the PyTorch reference runs; auto: cuda when jax runs on a "
                            "GPU, else cpu")
