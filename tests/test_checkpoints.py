@@ -154,3 +154,42 @@ def test_another_run_or_a_finished_one_is_not_overwritten(tmp_path):
   fresh = training.fit(bench, config.replace(seed=1), None, progress=False)
   assert other.steps == 6 and not other.interrupted
   np.testing.assert_array_equal(other.history.losses, fresh.history.losses)
+
+
+def test_step_checkpoints_keep_keys_arrays_and_json(tmp_path):
+  """save_step / restore_step: PRNG keys of any implementation anywhere in a pytree come back
+  as such, arrays as saved (empty ones left out), JSON as saved; a tree that does not match its
+  template is refused; a manager keeping one step drops the one before."""
+  pytest.importorskip("orbax.checkpoint")
+  from ntkmtl_jax import checkpoints
+  tree = dict(a=np.arange(3.0, dtype=np.float32),
+              nested=(jax.random.key(1), dict(k=jax.random.key(2, impl="rbg"))),
+              step=np.int32(7))
+  arrays = checkpoints.tree_arrays(tree)
+  assert sorted(arrays) == ["00000", "00001", "00002", "00003"]
+  assert all(isinstance(v, np.ndarray) for v in arrays.values())
+  again = checkpoints.tree_from_arrays(tree, arrays)
+  for got, want in zip(jax.tree.leaves(again), jax.tree.leaves(tree), strict=True):
+    if jax.dtypes.issubdtype(want.dtype, jax.dtypes.prng_key):
+      assert jax.random.key_impl(got) == jax.random.key_impl(want)
+      got, want = jax.random.key_data(got), jax.random.key_data(want)
+    np.testing.assert_array_equal(got, want)
+
+  manager = checkpoints.step_manager(str(tmp_path / "steps"), keep=1)
+  for step in (3, 5):
+    checkpoints.save_step(manager, step, trees=dict(tree=tree),
+                          arrays=dict(history=dict(loss=np.ones(step), empty=np.zeros(0))),
+                          json_items=dict(meta=dict(step=step, big=2 ** 100)))
+  assert manager.all_steps() == [5] and manager.latest_step() == 5
+  restored = checkpoints.restore_step(manager, 5, trees=dict(tree=tree), arrays=("history",),
+                                      json_items=("meta",))
+  assert restored["meta"] == dict(step=5, big=2 ** 100)
+  assert sorted(restored["history"]) == ["loss"]
+  np.testing.assert_array_equal(restored["history"]["loss"], np.ones(5))
+  key = restored["tree"]["nested"][1]["k"]
+  assert jax.random.key_impl(key) == jax.random.key_impl(tree["nested"][1]["k"])
+  np.testing.assert_array_equal(jax.random.key_data(key),
+                                jax.random.key_data(tree["nested"][1]["k"]))
+  with pytest.raises(ValueError, match=r"array 00000 is float32\[3\], the run's is float32\[4\]"):
+    checkpoints.restore_step(manager, 5, trees=dict(tree=dict(tree, a=np.zeros(4, np.float32))))
+  manager.close()
