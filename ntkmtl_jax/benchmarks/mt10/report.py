@@ -8,8 +8,9 @@ import os
 
 import numpy as np
 
-from experiments.mt10.configs import PAPER_SUCCESS
-from experiments.mt10.input_pipeline import TASK_NAMES
+from ntkmtl_jax._optional import require
+from ntkmtl_jax.benchmarks.mt10.config import PAPER_SUCCESS
+from ntkmtl_jax.benchmarks.mt10.environments import TASK_NAMES
 
 
 # Our method names for the paper's rows: LS on one shared SAC is the paper's "MTL SAC".
@@ -97,9 +98,8 @@ def write_summary(results: list[dict], workdir: str) -> dict:
 
 def plot_curves(runs_by_method: dict[str, list[dict]], path: str, title: str | None = None):
   """Mean evaluation success and return vs environment steps (mean over seeds)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  require("matplotlib", "plots", "the MT10 curves").use("Agg")  # files only: no display
+  plt = require("matplotlib.pyplot", "plots")
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
   for method, runs in runs_by_method.items():
     steps = np.array([row["env_steps"] for row in runs[0]["history"]])

@@ -1,19 +1,18 @@
 """The MT10 training loop (MTRL's order: act, update, step the ten environments), periodic
-evaluation, orbax checkpoints with the replay buffer, and `train_and_evaluate`."""
+evaluation, checkpoints of the agent with the replay buffer (`ntkmtl_jax.checkpoints`),
+`train_and_evaluate` (one run) and `run` (methods x seeds, then the summary)."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from experiments.mt10 import input_pipeline, report, sac
-from experiments.mt10.configs import MT10Config
+from ntkmtl_jax import checkpoints
+from ntkmtl_jax.benchmarks.mt10 import environments, report, sac
+from ntkmtl_jax.benchmarks.mt10.config import MT10Config
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -35,7 +34,7 @@ def evaluate(agent: sac.Agent, actor_params, env, num_episodes: int,
     for _ in range(max_episode_steps):
       action = np.asarray(agent.act_deterministic(actor_params, obs))
       obs, reward, terminated, truncated, info = env.step(action)
-      success |= input_pipeline.step_success(info, num_tasks) & alive
+      success |= environments.step_success(info, num_tasks) & alive
       total += np.where(alive, reward, 0.0)
       alive &= ~(terminated | truncated)
       if not alive.any():
@@ -48,58 +47,42 @@ def evaluate(agent: sac.Agent, actor_params, env, num_episodes: int,
               episode_return=returns.tolist(), mean_return=float(returns.mean()))
 
 
-def _to_saveable(state):
-  """PRNG keys as raw uint32 data (orbax stores plain arrays)."""
-  return jax.tree.map(lambda x: jax.random.key_data(x)
-                      if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, state)
+def checkpoint_manager(workdir: str):
+  """The orbax manager of a run's checkpoints, `workdir/checkpoints/<step>/`: the newest kept."""
+  return checkpoints.step_manager(os.path.join(workdir, CHECKPOINT_DIR), keep=1)
 
 
-def _from_saveable(tree, template):
-  return jax.tree.map(lambda t, x: jax.random.wrap_key_data(x)
-                      if jnp.issubdtype(t.dtype, jax.dtypes.prng_key) else x, template, tree)
+def save_checkpoint(manager, step: int, state: sac.SACState,
+                    buffer: environments.MultiTaskReplayBuffer, history: list) -> None:
+  """Writes the agent, the replay buffer (with its sampler's state) and the history as
+  checkpoint `step` of `manager` (a `checkpoint_manager`), which then drops the one before."""
+  checkpoints.save_step(manager, step, trees=dict(agent=state, replay_buffer=buffer.arrays()),
+                        json_items=dict(meta=dict(step=step, history=history,
+                                                  replay_sampler=buffer.sampler_state())))
 
 
-def save_checkpoint(workdir: str, step: int, state: sac.SACState,
-                    buffer: input_pipeline.MultiTaskReplayBuffer, history: list) -> str:
-  """Writes the agent (orbax), the replay buffer (.npz) and the history; keeps the latest."""
-  import orbax.checkpoint as ocp
-  root = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-  path = os.path.join(root, f"step_{step:09d}")
-  if os.path.exists(path):
-    shutil.rmtree(path)
-  os.makedirs(root, exist_ok=True)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(path, "agent"), _to_saveable(state))
-  checkpointer.wait_until_finished()
-  buffer.save(os.path.join(path, "replay_buffer.npz"))
-  with open(os.path.join(path, "meta.json"), "w") as f:
-    json.dump(dict(step=step, history=history), f)
-  for old in os.listdir(root):
-    if old.startswith("step_") and old != os.path.basename(path):
-      shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-  return path
+def restore_checkpoint(manager, template: sac.SACState,
+                       buffer: environments.MultiTaskReplayBuffer):
+  """The newest checkpoint of `manager` as (state, step, history), `buffer` filled from it;
+  None when there is none.
 
-
-def latest_checkpoint(workdir: str | None) -> str | None:
-  root = os.path.join(workdir or "", CHECKPOINT_DIR)
-  if not workdir or not os.path.isdir(root):
+  Raises:
+    ValueError: the checkpoint does not restore into this run (another config wrote it).
+  """
+  step = manager.latest_step()
+  if step is None:
     return None
-  done = sorted(d for d in os.listdir(root)
-                if d.startswith("step_") and os.path.exists(os.path.join(root, d, "meta.json")))
-  return os.path.join(root, done[-1]) if done else None
-
-
-def restore_checkpoint(path: str, template: sac.SACState,
-                       buffer: input_pipeline.MultiTaskReplayBuffer):
-  """Restores (state, step, history) from `save_checkpoint`'s folder; fills `buffer`."""
-  import orbax.checkpoint as ocp
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(template))
-  tree = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, "agent")),
-                                            abstract)
-  buffer.load(os.path.join(path, "replay_buffer.npz"))
-  with open(os.path.join(path, "meta.json")) as f:
-    meta = json.load(f)
-  return _from_saveable(tree, template), meta["step"], meta["history"]
+  try:
+    restored = checkpoints.restore_step(
+        manager, step, trees=dict(agent=template, replay_buffer=buffer.arrays()),
+        json_items=("meta",))
+  except Exception as error:
+    raise ValueError(f"The checkpoint of step {step} in {manager.directory} does not restore "
+                     f"into this run ({error}); resume with the config that wrote it, or use "
+                     "another workdir.") from error
+  meta = restored["meta"]
+  buffer.restore(restored["replay_buffer"], meta["replay_sampler"])
+  return jax.device_put(restored["agent"]), meta["step"], meta["history"]
 
 
 # Fields of `MT10Config` that shape the compiled agent; runs that agree on them (other seeds,
@@ -132,7 +115,7 @@ def train_and_evaluate(config: MT10Config, workdir: str | None, *, envs=None,
     config: an `MT10Config`.
     workdir: where checkpoints and the report (JSON, CSV, PNG, Markdown) go; None keeps
       nothing on disk.
-    envs: optional (train_env, eval_env) built by `input_pipeline.make_mt10_env`.
+    envs: optional (train_env, eval_env) built by `environments.make_mt10_env`.
     progress: show a tqdm progress bar (steps/s and the latest metrics).
 
   Returns:
@@ -143,21 +126,23 @@ def train_and_evaluate(config: MT10Config, workdir: str | None, *, envs=None,
   if envs is None:
     env_kwargs = dict(max_episode_steps=config.max_episode_steps,
                       reward_function_version=config.reward_function_version)
-    envs = (input_pipeline.make_mt10_env(config.seed, reward_normalization=config.reward_normalization,
-                                         **env_kwargs),
-            input_pipeline.make_mt10_env(config.seed, reward_normalization=None, **env_kwargs))
+    envs = (environments.make_mt10_env(config.seed,
+                                       reward_normalization=config.reward_normalization,
+                                       **env_kwargs),
+            environments.make_mt10_env(config.seed, reward_normalization=None, **env_kwargs))
   env, eval_env = envs
   num_tasks = env.num_envs
   obs_dim = env.single_observation_space.shape[0]
   action_dim = env.single_action_space.shape[0]
   agent = cached_agent(config, obs_dim, action_dim, num_tasks)
   state = agent.init(jax.random.key(config.seed))
-  buffer = input_pipeline.MultiTaskReplayBuffer(num_tasks, config.replay_capacity_per_task,
-                                                obs_dim, action_dim, seed=config.seed)
+  buffer = environments.MultiTaskReplayBuffer(num_tasks, config.replay_capacity_per_task,
+                                              obs_dim, action_dim, seed=config.seed)
   start_step, history = 0, []
-  checkpoint = latest_checkpoint(workdir) if config.checkpoint else None
-  if checkpoint:
-    state, start_step, history = restore_checkpoint(checkpoint, state, buffer)
+  manager = checkpoint_manager(workdir) if workdir and config.checkpoint else None
+  restored = restore_checkpoint(manager, state, buffer) if manager else None
+  if restored:
+    state, start_step, history = restored
   warmup_updates = config.init_steps if config.warmup_updates is None else config.warmup_updates
   action_rng = np.random.default_rng(config.seed + 1 + start_step)
   act_key = jax.random.key(config.seed + 2)
@@ -186,8 +171,8 @@ def train_and_evaluate(config: MT10Config, workdir: str | None, *, envs=None,
       message = (f"step {step}: mean success {row['mean_success']:.2f}, mean return "
                  f"{row['mean_return']:.1f}, updates/s {updates_done / max(updates_time, 1e-9):.2f}")
       bar.write(message) if bar is not None else print(message, flush=True)
-      if workdir and config.checkpoint and step > start_step:
-        save_checkpoint(workdir, step, state, buffer, history)
+      if manager and step > start_step:
+        save_checkpoint(manager, step, state, buffer, history)
     if step < config.init_steps:
       action = action_rng.uniform(-1.0, 1.0, (num_tasks, action_dim)).astype(np.float32)
     else:
@@ -204,7 +189,7 @@ def train_and_evaluate(config: MT10Config, workdir: str | None, *, envs=None,
     next_obs, reward, terminated, truncated, info = env.step(action)
     env_time += time.time() - t0
     # Time-limit truncation bootstraps (MTRL's "infinite bootstrap"); only termination ends.
-    buffer.add(obs, action, reward, input_pipeline.next_observation(next_obs, info),
+    buffer.add(obs, action, reward, environments.next_observation(next_obs, info),
                1.0 - terminated.astype(np.float32))
     obs = next_obs
     if metrics is not None and (step % config.log_every == 0 or step == config.num_train_steps - 1):
@@ -221,9 +206,11 @@ def train_and_evaluate(config: MT10Config, workdir: str | None, *, envs=None,
     bar.close()
   if not (history and history[-1]["step"] == config.num_train_steps):
     record_evaluation(config.num_train_steps)
-  if workdir and config.checkpoint and config.num_train_steps > start_step:
-    save_checkpoint(workdir, config.num_train_steps, state, buffer, history)
-  result = dict(method=config.method, seed=config.seed, task_names=list(input_pipeline.TASK_NAMES),
+  if manager:
+    if config.num_train_steps > start_step:
+      save_checkpoint(manager, config.num_train_steps, state, buffer, history)
+    manager.close()
+  result = dict(method=config.method, seed=config.seed, task_names=list(environments.TASK_NAMES),
                 history=history, final=history[-1], seconds=time.time() - start_time,
                 env_steps_per_s=(config.num_train_steps - start_step) / max(env_time, 1e-9),
                 updates_per_s=updates_done / max(updates_time, 1e-9),
@@ -233,3 +220,43 @@ def train_and_evaluate(config: MT10Config, workdir: str | None, *, envs=None,
     report.write_run_report(result, workdir)
   result["state"] = state
   return result
+
+
+def run(config: MT10Config, methods: list[str], seeds: list[int], workdir: str | None, *,
+        progress: bool = True) -> list[dict]:
+  """Trains and evaluates every method with every seed, then summarises them.
+
+  Each run goes to `workdir/<method>/seed_<s>` (resuming from the checkpoints there) and
+  prints one line (final mean success and return, seconds). With a `workdir` the summary
+  (mean ± standard error over seeds beside the paper's Table 4, per-task success, curves:
+  `summary.json`, `summary.md`, `curves.png`) is written there and `summary.md` printed;
+  without one the per-task table of the runs is printed.
+
+  Args:
+    config: the runs' settings; each run replaces its `method` and `seed`.
+    methods: names in `ntkmtl_jax.methods` (`ls` is MT-SAC).
+    seeds: the seeds of each method.
+    workdir: where the runs and the summary go (None: nothing is written).
+    progress: show each run's progress bar.
+
+  Returns:
+    The `train_and_evaluate` result of every run, methods outer, seeds inner.
+  """
+  results = []
+  for method in (m.strip() for m in methods):
+    for seed in seeds:
+      run_dir = os.path.join(workdir, method, f"seed_{seed}") if workdir else None
+      result = train_and_evaluate(config.replace(method=method, seed=seed), run_dir,
+                                  progress=progress)
+      final = result["final"]
+      print(f"{method} seed {seed}: mean success {final['mean_success']:.2f}, mean return "
+            f"{final['mean_return']:.1f} ({result['seconds']:.0f} s)", flush=True)
+      results.append(result)
+  if workdir:
+    report.write_summary(results, workdir)
+    with open(os.path.join(workdir, "summary.md")) as f:
+      print(f.read())
+  else:
+    print(report.per_task_table({f"{r['method']} seed {r['seed']}": r["final"]["success"]
+                                 for r in results}))
+  return results

@@ -1,5 +1,11 @@
-"""MT10 multi-task SAC: losses against NumPy, the per-task replay sampler, real Meta-World
-steps and updates, and the aggregated update against per-task gradients."""
+"""MT10 multi-task SAC (`ntkmtl_jax.benchmarks.mt10`): the presets, losses against NumPy, the
+per-task replay sampler, real Meta-World steps and updates, the aggregated update against
+per-task gradients, checkpoints and resume through `run`, and importing without the rl
+extra."""
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +15,9 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import ntkmtl_jax  # noqa: E402
-from experiments.mt10 import configs, input_pipeline, sac, train  # noqa: E402
+from ntkmtl_jax._optional import MissingExtraError  # noqa: E402
+from ntkmtl_jax.benchmarks import mt10  # noqa: E402
+from ntkmtl_jax.benchmarks.mt10 import environments, loop, sac  # noqa: E402
 
 NUM_TASKS, PER_TASK, OBS_DIM, ACTION_DIM = 3, 4, 5, 2
 
@@ -41,9 +49,47 @@ def np_critic(critic_params, obs, action):
   return np_mlp(p["q1"], x)[:, 0], np_mlp(p["q2"], x)[:, 0]
 
 
+def test_presets_and_their_names():
+  assert list(mt10.PRESETS) == ["default", "short", "tiny"]
+  assert mt10.get_config() == mt10.get_config("default") == mt10.MT10Config()
+  default, short, tiny = (mt10.get_config(name) for name in ("default", "short", "tiny"))
+  assert (default.num_train_steps, default.batch_size_per_task, default.hidden_dim) == (
+      2_000_000, 128, 400)
+  assert (short.num_train_steps, short.batch_size_per_task, short.hidden_dim) == (2000, 32, 400)
+  assert (tiny.num_train_steps, tiny.eval_freq, tiny.hidden_dim, tiny.num_layers) == (20, 20, 32, 2)
+  assert mt10.PAPER_SUCCESS["ntkmtl"] == (0.96, 0.03)
+  tiny.method_hparams["ntkmtl"]["n"] = 4  # a copy: the preset is unchanged
+  assert mt10.PRESETS["tiny"].method_hparams == {"ntkmtl": {}}
+  with pytest.raises(ValueError, match="Unknown MT10 preset 'paper'.*default, short, tiny"):
+    mt10.get_config("paper")
+
+
+def test_importing_needs_no_rl_extra_and_running_names_it():
+  """With Meta-World, gymnasium, orbax and matplotlib absent the package imports (and nothing
+  of the repository's experiments/), and a run raises MissingExtraError naming the rl extra."""
+  script = """
+import sys
+for name in ("metaworld", "gymnasium", "mujoco", "orbax", "matplotlib"):
+  sys.modules[name] = None  # as if not installed: importing it raises ModuleNotFoundError
+import ntkmtl_jax.benchmarks
+from ntkmtl_jax.benchmarks import mt10
+from ntkmtl_jax._optional import MissingExtraError
+assert not [m for m in sys.modules if m.split(".")[0] == "experiments"]
+try:
+  mt10.run(mt10.get_config("tiny"), ["ls"], [0], None, progress=False)
+except MissingExtraError as error:
+  print(error.extra, error)
+"""
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), JAX_PLATFORMS="cpu")
+  done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.startswith("rl ") and "pip install 'ntkmtl-jax[rl]'" in done.stdout
+
+
 @pytest.fixture(scope="module")
 def small():
-  config = configs.get_config("tiny").replace(hidden_dim=8, num_layers=2, discount=0.9)
+  config = mt10.get_config("tiny").replace(hidden_dim=8, num_layers=2, discount=0.9)
   networks = sac.Networks(sac.Actor(ACTION_DIM, 8, 2), sac.DoubleCritic(8, 2))
   k = jax.random.split(jax.random.key(0), 4)
   actor_params = networks.actor.init(k[0], jnp.zeros((1, OBS_DIM)))
@@ -103,7 +149,7 @@ def test_sac_losses_match_numpy(small, per_task_alpha):
 
 
 def test_replay_sampler_draws_exactly_per_task_from_that_task():
-  buffer = input_pipeline.MultiTaskReplayBuffer(NUM_TASKS, capacity_per_task=7, obs_dim=2,
+  buffer = environments.MultiTaskReplayBuffer(NUM_TASKS, capacity_per_task=7, obs_dim=2,
                                                 action_dim=1, seed=0)
   for t in range(11):  # wraps the ring: 7 kept per task, the latest overwriting the oldest
     obs = np.stack([np.arange(NUM_TASKS), np.full(NUM_TASKS, t)], 1).astype(np.float32)
@@ -135,9 +181,11 @@ def _expected_direction(method, task_grads):
   flat = [jnp.concatenate([x.ravel() for x in jax.tree.leaves(g)]) for g in task_grads]
   if method == "ls":
     weights = np.ones(len(flat))
-  else:  # NTKMTL, n = 1: w_i = (sum_j |g_j|^2 / |g_i|^2) ** 0.5
+  else:  # NTKMTL, n = 1: w_i = (sum_j |g_j|^2 / |g_i|^2) ** 0.5 (times k if it scales by k)
     sq = np.array([float(jnp.sum(f ** 2)) for f in flat])
     weights = np.sqrt(sq.sum() / sq)
+    if ntkmtl_jax.methods.defaults("ntkmtl").get("scale_by_num_tasks"):
+      weights = weights * len(flat)
   return jax.tree.map(lambda *gs: sum(w * g for w, g in zip(weights, gs)), *task_grads)
 
 
@@ -188,7 +236,7 @@ def chex_close(actual, expected):
 @pytest.fixture(scope="module")
 def mt10_env():
   pytest.importorskip("metaworld", reason="Meta-World is not installed: pip install ntkmtl-jax[rl]")
-  return input_pipeline.make_mt10_env(0, max_episode_steps=6)
+  return environments.make_mt10_env(0, max_episode_steps=6)
 
 
 def test_real_mt10_steps_and_updates(mt10_env):
@@ -196,18 +244,18 @@ def test_real_mt10_steps_and_updates(mt10_env):
   assert env.num_envs == 10 and env.single_observation_space.shape == (49,)
   obs, _ = env.reset(seed=0)
   np.testing.assert_array_equal(obs[:, -10:], np.eye(10))  # the one-hot task ids
-  buffer = input_pipeline.MultiTaskReplayBuffer(10, 32, 49, 4, seed=0)
+  buffer = environments.MultiTaskReplayBuffer(10, 32, 49, 4, seed=0)
   rng = np.random.default_rng(0)
   for _ in range(8):  # crosses one time-limit reset (6 steps)
     action = rng.uniform(-1, 1, (10, 4)).astype(np.float32)
     next_obs, reward, terminated, truncated, info = env.step(action)
-    assert input_pipeline.step_success(info).shape == (10,)
-    buffer.add(obs, action, reward, input_pipeline.next_observation(next_obs, info),
+    assert environments.step_success(info).shape == (10,)
+    buffer.add(obs, action, reward, environments.next_observation(next_obs, info),
                1.0 - terminated)
     obs = next_obs
-  config = configs.get_config("tiny")
+  config = mt10.get_config("tiny")
   for method in ("ls", "ntkmtl", "nash_mtl"):
-    agent = train.cached_agent(config.replace(method=method), 49, 4, 10)
+    agent = loop.cached_agent(config.replace(method=method), 49, 4, 10)
     state = agent.init(jax.random.key(0))
     before = state.critic.params
     before = jax.tree.map(np.asarray, before)
@@ -220,47 +268,54 @@ def test_real_mt10_steps_and_updates(mt10_env):
     assert max(moved) > 0, method
     action = np.asarray(agent.act(state.actor.params, obs, jax.random.key(1)))
     assert action.shape == (10, 4) and np.abs(action).max() <= 1.0
-  result = train.evaluate(agent, state.actor.params, env, num_episodes=1, max_episode_steps=6)
+  result = loop.evaluate(agent, state.actor.params, env, num_episodes=1, max_episode_steps=6)
   assert len(result["success"]) == 10 and 0.0 <= result["mean_success"] <= 1.0
 
 
 def test_missing_metaworld_names_the_fix(monkeypatch):
-  import builtins
-  real_import = builtins.__import__
-
-  def no_metaworld(name, *args, **kwargs):
-    if name == "metaworld":
-      raise ImportError("No module named 'metaworld'")
-    return real_import(name, *args, **kwargs)
-
-  monkeypatch.setattr(builtins, "__import__", no_metaworld)
-  with pytest.raises(ImportError, match=r"pip install ntkmtl-jax\[rl\]"):
-    input_pipeline.require_metaworld()
+  monkeypatch.setitem(sys.modules, "metaworld", None)  # as if not installed
+  with pytest.raises(MissingExtraError, match=r"metaworld .*pip install 'ntkmtl-jax\[rl\]'") as e:
+    environments.require_metaworld()
+  assert e.value.extra == "rl"
+  with pytest.raises(MissingExtraError):
+    environments.make_mt10_env(0)
 
 
 def test_ntkmtl_sr_is_refused_with_the_reason():
   with pytest.raises(ValueError, match="shared representation"):
-    sac.make_agent(configs.get_config("tiny").replace(method="ntkmtl_sr"), 49, 4, 10)
+    sac.make_agent(mt10.get_config("tiny").replace(method="ntkmtl_sr"), 49, 4, 10)
 
 
-def test_checkpoint_restores_agent_and_replay_and_resumes(mt10_env, tmp_path):
+def test_checkpoint_restores_agent_and_replay_and_resumes(mt10_env, tmp_path, monkeypatch,
+                                                          capsys):
   pytest.importorskip("orbax.checkpoint")
   # One env for training and evaluation keeps the test fast (evaluation resets it).
-  config = configs.get_config("tiny").replace(num_train_steps=12, init_steps=4, eval_freq=6,
-                                              max_episode_steps=6)
-  first = train.train_and_evaluate(config, str(tmp_path), envs=(mt10_env, mt10_env),
-                                   progress=False)
-  path = train.latest_checkpoint(str(tmp_path))
-  assert path.endswith("step_000000012")
+  config = mt10.get_config("tiny").replace(num_train_steps=12, init_steps=4, eval_freq=6,
+                                           max_episode_steps=6)
+  workdir = tmp_path / "ls" / "seed_0"  # where `run` puts method ls, seed 0
+  first = mt10.train_and_evaluate(config, str(workdir), envs=(mt10_env, mt10_env),
+                                  progress=False)
+  assert os.listdir(workdir / "checkpoints") == ["12"]  # the newest only
   template = sac.make_agent(config, 49, 4, 10).init(jax.random.key(5))
-  buffer = input_pipeline.MultiTaskReplayBuffer(10, config.replay_capacity_per_task, 49, 4)
-  state, step, history = train.restore_checkpoint(path, template, buffer)
+  buffer = environments.MultiTaskReplayBuffer(10, config.replay_capacity_per_task, 49, 4)
+  manager = loop.checkpoint_manager(str(workdir))
+  state, step, history = loop.restore_checkpoint(manager, template, buffer)
   assert step == 12 and [row["step"] for row in history] == [0, 6, 12]
   chex_close(state, first["state"])
   assert list(buffer.size) == [12] * 10
-  second = train.train_and_evaluate(config.replace(num_train_steps=18), str(tmp_path),
-                                    envs=(mt10_env, mt10_env), progress=False)
+  other = environments.MultiTaskReplayBuffer(10, config.replay_capacity_per_task // 2, 49, 4)
+  with pytest.raises(ValueError, match="resume with the config that wrote it"):
+    loop.restore_checkpoint(manager, template, other)
+  manager.close()
+  # Resumed through `run` (what the command line calls), on the fixture's environments.
+  monkeypatch.setattr(environments, "make_mt10_env", lambda *args, **kwargs: mt10_env)
+  (second,) = mt10.run(config.replace(num_train_steps=18), ["ls"], [0], str(tmp_path),
+                       progress=False)
   assert [row["step"] for row in second["history"]] == [0, 6, 12, 18]
   assert int(second["state"].step) == int(first["state"].step) + 6
   for name in ("results.json", "history.csv", "per_task.csv", "report.md", "success_curve.png"):
+    assert (workdir / name).exists(), name
+  for name in ("summary.json", "summary.md", "curves.png"):
     assert (tmp_path / name).exists(), name
+  printed = capsys.readouterr().out
+  assert "ls seed 0: mean success" in printed and "| ls | 1 |" in printed

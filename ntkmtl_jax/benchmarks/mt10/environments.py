@@ -2,32 +2,35 @@
 replay buffer of multi-task SAC.
 
 The observation is Meta-World's 39 numbers followed by the one-hot task id (10), as in
-MTRL's MT-SAC without a task encoder.
+MTRL's MT-SAC without a task encoder. Meta-World and gymnasium (the `rl` extra) are imported
+when the environments are built.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
+
+from ntkmtl_jax._optional import require
 
 NUM_TASKS = 10
 # Meta-World's MT10 order (`metaworld.env_dict.MT10_V3`); the one-hot ids follow it.
 TASK_NAMES = ("reach", "push", "pick-place", "door-open", "drawer-open", "drawer-close",
               "button-press-topdown", "peg-insert-side", "window-open", "window-close")
 
-INSTALL_HINT = "pip install ntkmtl-jax[rl]"
-
 
 def require_metaworld():
-  """Imports gymnasium and metaworld, or raises one clear line naming the fix."""
-  try:
-    import gymnasium
-    import metaworld  # noqa: F401  (registers the Meta-World/* environments)
-  except Exception as e:  # ImportError, or a broken MuJoCo install failing on import
-    raise ImportError(f"Meta-World MT10 needs the metaworld and gymnasium packages "
-                      f"({type(e).__name__}: {e}); install them with `{INSTALL_HINT}`.") from e
+  """Imports gymnasium and metaworld (which registers the Meta-World/* environments).
+
+  Returns:
+    The gymnasium module.
+
+  Raises:
+    MissingExtraError: either is not installed; the message names the `rl` extra.
+  """
+  gymnasium = require("gymnasium", "rl", "Meta-World MT10")
+  require("metaworld", "rl", "Meta-World MT10")
   return gymnasium
 
 
@@ -47,6 +50,9 @@ def make_mt10_env(seed: int, *, max_episode_steps: int = 150,
 
   Returns:
     A `gymnasium.vector.SyncVectorEnv` with observations (10, 49).
+
+  Raises:
+    MissingExtraError: Meta-World or gymnasium is not installed (the `rl` extra).
   """
   gym = require_metaworld()
   with _quiet_box_warnings():
@@ -151,26 +157,19 @@ class MultiTaskReplayBuffer:
     batch["task"] = np.repeat(np.arange(self.num_tasks, dtype=np.int32), per_task)
     return batch
 
-  def state_dict(self) -> dict[str, Any]:
+  def arrays(self) -> dict[str, np.ndarray]:
+    """The contents and fill levels: arrays whose shapes the config fixes (a checkpoint's)."""
     return dict(size=self.size, position=self.position,
-                rng=np.frombuffer(repr(self.rng.bit_generator.state).encode(), np.uint8),
                 **{f"data_{k}": v for k, v in self.data.items()})
 
-  def save(self, path: str) -> None:
-    """Writes the buffer (contents, fill level, sampler state) to `path` (.npz), atomically."""
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **self.state_dict())
-    os.replace(tmp, path)
+  def sampler_state(self) -> dict[str, Any]:
+    """The state of the sampler's generator (JSON: NumPy's `bit_generator.state`)."""
+    return self.rng.bit_generator.state
 
-  def load(self, path: str) -> None:
-    with np.load(path) as f:
-      for k in self.data:
-        if f[f"data_{k}"].shape != self.data[k].shape:
-          raise ValueError(f"The saved replay buffer {path} holds {k} of shape "
-                           f"{f[f'data_{k}'].shape}, this run expects {self.data[k].shape}; "
-                           "resume with the config that wrote it.")
-        self.data[k][...] = f[f"data_{k}"]
-      self.size[...] = f["size"]
-      self.position[...] = f["position"]
-      import ast
-      self.rng.bit_generator.state = ast.literal_eval(bytes(f["rng"]).decode())
+  def restore(self, arrays: dict[str, np.ndarray], sampler_state: dict[str, Any]) -> None:
+    """Sets the buffer to what `arrays` and `sampler_state` of a buffer of these sizes hold."""
+    for k in self.data:
+      self.data[k][...] = arrays[f"data_{k}"]
+    self.size[...] = arrays["size"]
+    self.position[...] = arrays["position"]
+    self.rng.bit_generator.state = sampler_state

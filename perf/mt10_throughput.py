@@ -1,10 +1,11 @@
-"""`python -m experiments.mt10.throughput [--methods ls,ntkmtl,nash_mtl] [--updates 10]
-[--batch-per-task 128] [--env-steps 300]`
+"""Meta-World MT10 environment steps and multi-task SAC updates per second, per method.
 
-Measures, on this machine, Meta-World MT10 environment steps per second (one step = the ten
-tasks stepped once, random actions) and multi-task SAC updates per second (one update =
-critic, actor, temperature and targets, the paper's networks) for each method, and prints a
-Markdown table. Compilation is timed separately and excluded from the rates.
+    python perf/mt10_throughput.py [--methods ls,ntkmtl,nash_mtl] [--updates 10]
+        [--batch-per-task 128] [--env-steps 300]
+
+One environment step steps the ten tasks once (random actions); one update is the critic,
+actor, temperature and targets of the paper's networks. It prints a Markdown table;
+compilation is timed separately and excluded from the rates.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import time
 import jax
 import numpy as np
 
-from experiments.mt10 import configs, input_pipeline, sac
+from ntkmtl_jax.benchmarks.mt10 import environments, sac
+from ntkmtl_jax.benchmarks.mt10.config import get_config
 
 
 def env_steps_per_second(num_steps: int, seed: int = 0) -> tuple[float, float]:
   """(vector steps/s, seconds to build the ten environments)."""
   t0 = time.perf_counter()
-  env = input_pipeline.make_mt10_env(seed)
+  env = environments.make_mt10_env(seed)
   build = time.perf_counter() - t0
   env.reset(seed=seed)
   rng = np.random.default_rng(seed)
@@ -37,12 +39,11 @@ def env_steps_per_second(num_steps: int, seed: int = 0) -> tuple[float, float]:
 def updates_per_second(method: str, num_updates: int, batch_per_task: int,
                        config_name: str = "default") -> tuple[float, float]:
   """(updates/s after compilation, compile + first update seconds) on random transitions."""
-  config = configs.get_config(config_name).replace(method=method,
-                                                   batch_size_per_task=batch_per_task)
-  n, obs_dim, action_dim = input_pipeline.NUM_TASKS, 49, 4
+  config = get_config(config_name).replace(method=method, batch_size_per_task=batch_per_task)
+  n, obs_dim, action_dim = environments.NUM_TASKS, 49, 4
   agent = sac.make_agent(config, obs_dim, action_dim, n)
   state = agent.init(jax.random.key(0))
-  buffer = input_pipeline.MultiTaskReplayBuffer(n, 1000, obs_dim, action_dim, seed=0)
+  buffer = environments.MultiTaskReplayBuffer(n, 1000, obs_dim, action_dim, seed=0)
   rng = np.random.default_rng(0)
   for _ in range(1000):
     obs = rng.normal(size=(n, obs_dim)).astype(np.float32)
@@ -59,7 +60,7 @@ def updates_per_second(method: str, num_updates: int, batch_per_task: int,
 
 
 def main(argv=None) -> list[dict]:
-  p = argparse.ArgumentParser(prog="python -m experiments.mt10.throughput", description=__doc__,
+  p = argparse.ArgumentParser(prog="python perf/mt10_throughput.py", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--methods", default="ls,ntkmtl,nash_mtl")
   p.add_argument("--updates", type=int, default=10)
