@@ -20,8 +20,10 @@ import jax.numpy as jnp
 from ntkmtl_jax import _tree
 from ntkmtl_jax._tree import PyTree, SharedSpec
 from ntkmtl_jax.method import EIGEN_METHODS, STATISTICS, check_statistic
+# `default_strategy` stays reachable as `kernel.default_strategy` too.
+from ntkmtl_jax.strategy import (Passes, Strategy, default_strategy, resolve, run_passes,
+                                 unit)
 
-STRATEGIES = ("vmap", "unroll", "chunked", "streaming", "sequential")
 NORMALIZATIONS = ("sum", "mean")
 # Relative floor on eigenvalues: a task whose kernel is (numerically) zero gets
 # lambda_i = EIGENVALUE_FLOOR * sum_j lambda_j, i.e. a large but finite weight, which
@@ -31,52 +33,20 @@ EIGENVALUE_FLOOR = 1e-12
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def default_strategy(backend: str | None = None) -> str:
-  """The measured default way of running the k task backward passes on a backend.
-
-  - CPU: "unroll". A Python loop of VJPs unrolled inside the jitted step is the fastest on
-    XLA:CPU; vmapped and scanned convolution backward passes lower badly there (CelebA
-    network, batch 8, 40 tasks: unrolled 3.5 s, `lax.map` one at a time 241 s; see
-    perf/step_time.py).
-  - GPU and TPU: "sequential". One compiled VJP body in a `lax.fori_loop` over the tasks
-    keeps compile time and memory flat in k. On one H200 (CelebA network, 40 tasks, batch
-    256, NTKMTL n = 1): compile 2.8 s against 176 s for "vmap" (LS: 7.2 s), peak memory
-    2.2x LS against 19x, step 243 ms against 219 ms (the authors' PyTorch step: 724 ms).
-  """
-  backend = backend or jax.default_backend()
-  return "unroll" if backend == "cpu" else "sequential"
-
-
-def resolve_strategy(strategy: str) -> str:
-  """`strategy`, with "auto" replaced by `default_strategy()`; raises on an unknown name."""
-  if strategy == "auto":
-    return default_strategy()
-  if strategy not in STRATEGIES:
-    raise ValueError(f"Unknown strategy {strategy!r}: choose one of {STRATEGIES} or 'auto'.")
-  return strategy
-
-
-def pullback_rows(vjp_fn: Callable, num_rows: int, dtype, *, strategy: str = "unroll",
-                  chunk_size: int = 8) -> PyTree:
+def pullback_rows(vjp_fn: Callable, num_rows: int, dtype, *,
+                  strategy: Strategy | str = "unroll", chunk_size: int | None = None) -> PyTree:
   """Runs `vjp_fn` on the unit cotangents e_0..e_{m-1}; returns the rows stacked on axis 0.
 
   `vjp_fn` maps a cotangent of shape (m,) to a pytree (the output of `jax.vjp` with a single
-  primal, already unpacked). The strategies give the same numbers and differ in speed and
-  memory: "vmap" batches the m backward passes (memory x m), "unroll" runs them one after
-  another inside the compiled function, "chunked" vmaps `chunk_size` at a time with
-  `lax.map`, "sequential" runs one compiled backward pass m times (`lax.map`).
+  primal, already unpacked). `strategy` (a `Strategy` or a name, see `ntkmtl_jax.strategy`)
+  says how the m backward passes loop; every `Passes` gives the same numbers and differs in
+  speed and memory: `VMAP` batches them (memory x m), `UNROLL` runs them one after another
+  inside the compiled function, `CHUNKED` vmaps `chunk_size` at a time with `lax.map`,
+  `SEQUENTIAL` runs one compiled backward pass m times (`lax.map`). The rows are held, so
+  `materialize=False` is refused. `chunk_size`, when given, overrides the strategy's.
   """
-  eye = jnp.eye(num_rows, dtype=dtype)
-  if strategy == "vmap":
-    return jax.vmap(vjp_fn)(eye)
-  if strategy == "chunked":
-    return jax.lax.map(vjp_fn, eye, batch_size=min(chunk_size, num_rows))
-  if strategy == "sequential":
-    return jax.lax.map(vjp_fn, eye)
-  if strategy in ("unroll", "streaming"):
-    rows = [vjp_fn(eye[i]) for i in range(num_rows)]
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
-  raise ValueError(f"Unknown strategy {strategy!r}: choose one of {STRATEGIES}.")
+  strategy = resolve(strategy, chunk_size=chunk_size, name="pullback_rows")
+  return run_passes(strategy, lambda i, after: vjp_fn(unit(i, num_rows, dtype)), num_rows)
 
 
 def chunk_loss_fn(apply_fn: Callable, batch: PyTree, num_chunks: int,
@@ -103,8 +73,8 @@ def chunk_loss_fn(apply_fn: Callable, batch: PyTree, num_chunks: int,
 
 
 def task_jacobian(apply_fn: Callable, params: PyTree, batch: PyTree, *, num_chunks: int = 1,
-                  shared: SharedSpec = None, strategy: str = "auto", chunk_size: int = 8,
-                  has_aux: bool = False):
+                  shared: SharedSpec = None, strategy: Strategy | str = "auto",
+                  chunk_size: int | None = None, has_aux: bool = False):
   """Jacobian of every task's chunk losses with respect to the shared parameters.
 
   Args:
@@ -114,11 +84,13 @@ def task_jacobian(apply_fn: Callable, params: PyTree, batch: PyTree, *, num_chun
     batch: a pytree of arrays with a common leading batch axis.
     num_chunks: n, the number of equal chunks the batch is split into.
     shared: which parameters are shared (None: all), a mask pytree or a function of params.
-    strategy: "vmap" (`jax.vmap(jax.jacrev(apply_fn))` over chunks, the reference),
-      "unroll" (one forward, then k*n VJPs unrolled), "chunked" (`lax.map` of vmapped
-      VJPs), "sequential" (`lax.map` of one VJP), "streaming" (as "unroll" here) or "auto"
-      (`default_strategy()`).
-    chunk_size: rows per vmapped group for "chunked".
+    strategy: a `Strategy` or a name (see `ntkmtl_jax.strategy`): how the k*n backward
+      passes loop. `Passes.VMAP` is `jax.vmap(jax.jacrev(apply_fn))` over chunks (the
+      reference); the others run one forward, then k*n VJPs unrolled (`UNROLL`), as a
+      `lax.map` of vmapped groups (`CHUNKED`) or as a `lax.map` of one VJP (`SEQUENTIAL`);
+      "auto" is `default_strategy()`'s passes. The Jacobian is held, so
+      `materialize=False` (the "streaming" name) is refused.
+    chunk_size: rows per vmapped group with `Passes.CHUNKED`; None: the strategy's (8).
     has_aux: whether `apply_fn` also returns auxiliary data.
 
   Returns:
@@ -126,7 +98,7 @@ def task_jacobian(apply_fn: Callable, params: PyTree, batch: PyTree, *, num_chun
     leading axis of size n: chunk_losses of shape (k, n); jacobian a pytree with the
     structure of the shared parameters (None elsewhere) and leaves of shape (k, n, *leaf).
   """
-  strategy = resolve_strategy(strategy)
+  strategy = resolve(strategy, chunk_size=chunk_size, name="task_jacobian")
   mask = _tree.resolve_mask(shared, params)
   shared_params, rest = _tree.split(params, mask)
   with_aux = apply_fn if has_aux else (lambda p, b: (apply_fn(p, b), None))
@@ -134,7 +106,7 @@ def task_jacobian(apply_fn: Callable, params: PyTree, batch: PyTree, *, num_chun
   def of_shared(sp, b):
     return with_aux(_tree.merge(sp, rest, mask), b)
 
-  if strategy == "vmap":
+  if strategy.passes is Passes.VMAP:
     chunks = _tree.split_batch(batch, num_chunks)
 
     def losses_and_aux(sp, c):
@@ -149,9 +121,7 @@ def task_jacobian(apply_fn: Callable, params: PyTree, batch: PyTree, *, num_chun
   fn = chunk_loss_fn(of_shared, batch, num_chunks, has_aux=True)
   flat, vjp_fn, (per_chunk, aux) = jax.vjp(fn, shared_params, has_aux=True)
   k = per_chunk.shape[1]
-  rows = pullback_rows(lambda c: vjp_fn(c)[0], flat.shape[0], flat.dtype,
-                       strategy="unroll" if strategy == "streaming" else strategy,
-                       chunk_size=chunk_size)
+  rows = pullback_rows(lambda c: vjp_fn(c)[0], flat.shape[0], flat.dtype, strategy=strategy)
   jac = jax.tree.map(lambda x: x.reshape((k, num_chunks) + x.shape[1:]), rows)
   return (per_chunk.T, jac, aux) if has_aux else (per_chunk.T, jac)
 
@@ -358,7 +328,7 @@ class NTKWeights(NamedTuple):
 
 def ntk_weights(apply_fn: Callable, params: PyTree, batch: PyTree, *, num_chunks: int = 1,
                 exponent: float = 0.5, normalization: str = "sum", shared: SharedSpec = None,
-                strategy: str = "auto", eigen_method: str = "auto",
+                strategy: Strategy | str = "auto", eigen_method: str = "auto",
                 power_iterations: int = 64, return_blocks: bool = False,
                 return_jacobian: bool = False, statistic: str = "max",
                 top_r: int = 3) -> NTKWeights:
@@ -377,9 +347,10 @@ def ntk_weights(apply_fn: Callable, params: PyTree, batch: PyTree, *, num_chunks
     exponent: the weight exponent (0.5 by default; 0.75 leans harder toward slow tasks).
     normalization: "sum" (code) or "mean" (paper), see `weights_from_eigenvalues`.
     shared: which parameters are shared: None (all), a pytree of bools or a function.
-    strategy: how the k*n backward passes run: "auto" (the backend's measured default,
-      `default_strategy()`), "vmap" (jax.vmap(jax.jacrev), the reference), "unroll" or
-      "chunked" (see `task_jacobian`).
+    strategy: how the k*n backward passes loop, a `Strategy` or a name (see
+      `task_jacobian`): "auto" (the backend's measured default, `default_strategy()`),
+      "vmap" (jax.vmap(jax.jacrev), the reference), "unroll", "chunked" or "sequential".
+      The Jacobian is held (`materialize=False` is refused).
     eigen_method: "auto", "eigh" (exact) or "power" (matrix-free power iteration on J_i).
     power_iterations: iterations of the power method.
     return_blocks: also return all blocks K_ij (k, k, n, n).
@@ -396,7 +367,7 @@ def ntk_weights(apply_fn: Callable, params: PyTree, batch: PyTree, *, num_chunks
   """
   check_statistic(statistic, top_r, eigen_method)
   losses, jac = task_jacobian(apply_fn, params, batch, num_chunks=num_chunks, shared=shared,
-                              strategy=strategy)
+                              strategy=resolve(strategy, name="ntk_weights"))
   eigenvalues = eigenvalues_from_jacobian(jac, eigen_method=eigen_method,
                                           power_iterations=power_iterations,
                                           statistic=statistic, top_r=top_r)

@@ -33,6 +33,7 @@ from ntkmtl_jax import kernel
 from ntkmtl_jax._tree import PyTree, SharedSpec
 from ntkmtl_jax.kernel import STATISTICS, block_eigenvalues, effective_rank, spectrum_statistic
 from ntkmtl_jax.method import check_statistic
+from ntkmtl_jax.strategy import Strategy, resolve
 
 AFFINITY_KINDS = ("cosine", "alignment")
 
@@ -148,7 +149,7 @@ class TaskSpectra(NamedTuple):
 
 
 def task_spectra(apply_fn: Callable, params: PyTree, batch: PyTree, *, num_chunks: int = 8,
-                 shared: SharedSpec = None, strategy: str = "auto",
+                 shared: SharedSpec = None, strategy: Strategy | str = "auto",
                  affinity: str = "cosine") -> TaskSpectra:
   """Spectra of the task blocks and the task affinity of the extended NTK on one batch.
 
@@ -161,14 +162,17 @@ def task_spectra(apply_fn: Callable, params: PyTree, batch: PyTree, *, num_chunk
     batch: a pytree of arrays whose leading axis is divisible by `num_chunks`.
     num_chunks: n, the rows of each task's Jacobian (and the length of each spectrum).
     shared: which parameters are shared (None: all), a mask pytree or a function of params.
-    strategy: how the k * n backward passes run (see `kernel.task_jacobian`).
+    strategy: how the k * n backward passes loop, a `Strategy` or a name (see
+      `kernel.task_jacobian`); every block K_ij needs the whole Jacobian, so
+      `materialize=False` is refused.
     affinity: the `task_affinity` kind.
 
   Returns:
     A `TaskSpectra`.
   """
   losses, jac = kernel.task_jacobian(apply_fn, params, batch, num_chunks=num_chunks,
-                                     shared=shared, strategy=strategy)
+                                     shared=shared,
+                                     strategy=resolve(strategy, name="task_spectra"))
   blocks = kernel.kernel_blocks(jac)
   spectra = diagonal_block_eigenvalues(blocks)
   return TaskSpectra(spectra=spectra, eigenvalues=spectra[:, 0],
@@ -317,18 +321,19 @@ class SpectrumTracker:
     statistic: the weighting statistic also recorded (see `kernel.spectrum_statistic`).
     top_r: r for statistic="top_r".
     affinity: the `task_affinity` kind.
-    strategy: how the backward passes run (see `kernel.task_jacobian`).
+    strategy: how the backward passes loop, a `Strategy` or a name (see `task_spectra`).
   """
 
   def __init__(self, loss_fn: Callable, probe_batch: PyTree, *, num_chunks: int = 8,
                every: int = 10, shared: SharedSpec = None, has_state: bool = False,
                statistic: str = "max", top_r: int = 3, affinity: str = "cosine",
-               strategy: str = "auto"):
+               strategy: Strategy | str = "auto"):
     if every < 1:
       raise ValueError(f"every must be a positive number of steps, got {every}.")
     check_statistic(statistic, top_r, "auto")
     if affinity not in AFFINITY_KINDS:
       raise ValueError(f"Unknown affinity kind {affinity!r}: choose one of {AFFINITY_KINDS}.")
+    resolve(strategy, name="SpectrumTracker")  # a bad strategy fails here, not when recording
     self.every = every
     self._batch = probe_batch
     self._records: list[dict[str, Any]] = []

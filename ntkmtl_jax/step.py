@@ -11,6 +11,9 @@ the optimiser, and keeps the old state where anything came out non-finite.
     _gradients_oracle     sq_norms, gram, gradients  k (or streamed: k, then 1 weighted)
     _kernel_oracle        kernel (n chunks)          k * n (`kernel.task_jacobian`)
     _representation_oracle representation(_gram)     1 (+ k*n through the heads only)
+
+How the per-task passes loop, and whether the task gradients are held or only their
+statistics streamed, is the step's resolved `strategy.Strategy` (`strategy.resolve`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ntkmtl_jax import _tree, kernel
 from ntkmtl_jax._tree import PyTree
 from ntkmtl_jax.method import (Method, Needs, TaskStats, Weighting, check_weights, combine,
                                   is_method, stats_from_gradients)
+from ntkmtl_jax.strategy import Strategy, resolve, run_passes, unit
 
 
 class TrainState(NamedTuple):
@@ -52,7 +56,8 @@ class TrainStep:
   """A jitted multi-task train step: `state, metrics = step(state, batch)`.
 
   Built by `make_train_step`; `init(params, model_state=None, key=None)` makes the
-  `TrainState`; `method` and `needs` say what it runs. `metrics` holds `losses` (k,), `weights` (k,), `eigenvalues` (k,) when the
+  `TrainState`; `method`, `needs` and `strategy` (the resolved `Strategy`) say what it
+  runs. `metrics` holds `losses` (k,), `weights` (k,), `eigenvalues` (k,) when the
   method uses them (for NTKMTL with n = 1, the squared task-gradient norms), every other
   scalar or per-task field of the method's state (e.g. `conflicts`, `solver_failures`),
   `grad_norm` (the shared update's norm before the optimiser), `finite` (whether this step
@@ -62,9 +67,11 @@ class TrainStep:
   """
 
   def __init__(self, step_fn: Callable, method: Method, needs: Needs,
-               optimizer: optax.GradientTransformation, jit: bool, donate: bool):
+               optimizer: optax.GradientTransformation, jit: bool, donate: bool,
+               strategy: Strategy | None = None):
     self.method = method
     self.needs = needs
+    self.strategy = strategy
     self.optimizer = optimizer
     self._raw = step_fn
     self._step = jax.jit(step_fn, donate_argnums=(0,) if donate else ()) if jit else step_fn
@@ -152,80 +159,39 @@ def _at_least_float32(x):
   return None if x is None else x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _after(previous, cotangent):
-  """`cotangent`, made to depend on `previous` through an optimisation barrier.
-
-  XLA then runs the task backward passes one after another and can free each gradient
-  before the next starts, instead of scheduling them side by side.
-  """
-  if previous is None:
-    return cotangent
-  cotangent, _ = jax.lax.optimization_barrier((cotangent, previous))
-  return cotangent
-
-
-def _unit(index, size, dtype):
-  """The unit vector e_index of length `size` (index may be traced)."""
-  return (jnp.arange(size) == index).astype(dtype)
-
-
-def _each_task(num_tasks: int, per_task: Callable, sequential: bool) -> jax.Array:
-  """`[per_task(i, after) for i < num_tasks]`, stacked, one task after another.
-
-  With `sequential`, a `lax.fori_loop` whose one compiled body serves every task (compile
-  time and memory flat in k: the accelerator form); otherwise a Python loop unrolled in the
-  step, each task's cotangent chained to the previous result by `after` (an optimisation
-  barrier) so that XLA frees each gradient before the next (the XLA:CPU form, "streaming").
-  `per_task(i, after)` must pass its cotangents through `after`.
-  """
-  if sequential:
-    like = jax.eval_shape(lambda: per_task(0, lambda x: x))
-    body = lambda i, acc: acc.at[i].set(per_task(i, lambda x: x))
-    return jax.lax.fori_loop(0, num_tasks, body,
-                             jnp.zeros((num_tasks,) + like.shape, like.dtype))
-  out = []
-  for i in range(num_tasks):
-    previous = out[-1] if out else None
-    out.append(per_task(i, lambda x, previous=previous: _after(previous, x)))
-  return jnp.stack(out)
-
-
 # ------------------------------------------------------------------------------- oracles
 
 
-def _losses_oracle(model, needs, strategy, params, ms, batch, mask, key, chunk_size):
+def _losses_oracle(model, needs, strategy, params, ms, batch, mask, key):
   """The losses and one backward pass (loss-weighting methods)."""
   losses, vjp_fn, ms_new = jax.vjp(lambda p: model.losses(p, ms, batch), params, has_aux=True)
   return Observation(losses, TaskStats(losses=losses, key=key), ms_new,
                      pullback=lambda c: vjp_fn(c)[0])
 
 
-def _gradients_oracle(model, needs, strategy, params, ms, batch, mask, key, chunk_size):
-  """The k task gradients, or with "streaming" only their squared norms / Gram."""
+def _gradients_oracle(model, needs, strategy, params, ms, batch, mask, key):
+  """The k task gradients, or (not `strategy.materialize`) only their squared norms / Gram."""
   losses, vjp_fn, ms_new = jax.vjp(lambda p: model.losses(p, ms, batch), params, has_aux=True)
   pull = lambda c: vjp_fn(c)[0]
   k = losses.shape[0]
-  if strategy in ("streaming", "sequential") and needs.kind != "gradients":
+  if not strategy.materialize:  # `resolve` refuses this for the "gradients" kind
     stats = _streamed_stats(model, params, ms, batch, mask, pull, k, losses.dtype,
-                            full_gram=(needs.kind == "gram"),
-                            sequential=(strategy == "sequential"))
+                            full_gram=(needs.kind == "gram"), strategy=strategy)
     return Observation(losses, stats._replace(losses=losses, key=key), ms_new, pullback=pull)
-  task_grads = kernel.pullback_rows(pull, k, losses.dtype, strategy=strategy,
-                                    chunk_size=chunk_size)
+  task_grads = kernel.pullback_rows(pull, k, losses.dtype, strategy=strategy)
   stats = stats_from_gradients(needs.kind, task_grads, mask, losses=losses, key=key)
   return Observation(losses, stats, ms_new, task_grads=task_grads)
 
 
-def _kernel_oracle(model, needs, strategy, params, ms, batch, mask, key, chunk_size):
+def _kernel_oracle(model, needs, strategy, params, ms, batch, mask, key):
   """The k * n Jacobian rows (`kernel.task_jacobian`) and each task block's eigenvalue."""
   n = needs.num_chunks
   spectrum = dict(eigen_method=needs.eigen_method, statistic=needs.statistic,
                   top_r=needs.top_r, power_iterations=needs.power_iterations)
   chunk_losses = lambda p, c: model.losses(p, ms, c)
-  if strategy not in ("streaming", "sequential"):
+  if strategy.materialize:  # rows over all parameters: the heads' part makes their update
     per_task_chunk, jac, ms_chunks = kernel.task_jacobian(
-        chunk_losses, params, batch, num_chunks=n, strategy=strategy, chunk_size=chunk_size,
-        has_aux=True)  # rows over all parameters: the heads' part makes their update
+        chunk_losses, params, batch, num_chunks=n, strategy=strategy, has_aux=True)
     eig = kernel.eigenvalues_from_jacobian(_tree.split(jac, mask)[0], **spectrum)
     losses = jnp.mean(per_task_chunk, axis=1)
     task_grads = jax.tree.map(lambda x: jnp.mean(x, axis=1), jac)
@@ -238,12 +204,12 @@ def _kernel_oracle(model, needs, strategy, params, ms, batch, mask, key, chunk_s
   k = per_chunk.shape[1]
 
   def task_eigenvalue(i, after):
-    rows = [_tree.split(vjp_fn(after(_unit(i * n + a, k * n, flat.dtype)))[0], mask)[0]
+    rows = [_tree.split(vjp_fn(after(unit(i * n + a, k * n, flat.dtype)))[0], mask)[0]
             for a in range(n)]
     jac_i = jax.tree.map(lambda *xs: jnp.stack(xs)[None], *rows)
     return kernel.eigenvalues_from_jacobian(jac_i, **spectrum)[0]
 
-  eig = _each_task(k, task_eigenvalue, sequential=(strategy == "sequential"))
+  eig = run_passes(strategy, task_eigenvalue, k)
   losses = jnp.mean(per_chunk, axis=0)
   ms_new = _mean_over_chunks(ms_chunks) if ms is not None else None
   pullback = lambda c: vjp_fn(jnp.repeat(c, n) / n)[0]
@@ -251,7 +217,7 @@ def _kernel_oracle(model, needs, strategy, params, ms, batch, mask, key, chunk_s
                      pullback=pullback)
 
 
-def _representation_oracle(model, needs, strategy, params, ms, batch, mask, key, chunk_size):
+def _representation_oracle(model, needs, strategy, params, ms, batch, mask, key):
   """One forward to z; statistics of d l_i / d z through the heads; one backward pass."""
   z, enc_vjp, ms_new = jax.vjp(lambda p: model.encode(p, ms, batch), params, has_aux=True)
   losses, dec_vjp = jax.vjp(lambda p, zz: model.decode(p, zz, batch), params, z)
@@ -286,24 +252,25 @@ ORACLES = {
 }
 
 
-def _streamed_stats(model, params, ms, batch, mask, pull, k, dtype, full_gram, sequential):
+def _streamed_stats(model, params, ms, batch, mask, pull, k, dtype, full_gram, strategy):
   """Squared norms (or the Gram) of the shared task gradients, one task at a time.
 
   The Gram row of task i is J g_i, one forward-mode product along g_i, so the k gradients
-  are never held together.
+  are never held together (with `Passes.VMAP` or `CHUNKED` the batched passes are).
   """
-  unit = lambda i, after: after(_unit(i, k, dtype))
+  cotangent = lambda i, after: after(unit(i, k, dtype))
   if not full_gram:
-    sq = _each_task(k, lambda i, after: _tree.sq_norm(pull(unit(i, after)), mask), sequential)
+    sq = run_passes(strategy, lambda i, after: _tree.sq_norm(pull(cotangent(i, after)), mask),
+                    k)
     return TaskStats(sq_norms=sq)
   shared_params, rest = _tree.split(params, mask)
   of_shared = lambda sp: model.losses(_tree.merge(sp, rest, mask), ms, batch)[0]
 
   def gram_row(i, after):
-    g_shared = _tree.split(pull(unit(i, after)), mask)[0]
+    g_shared = _tree.split(pull(cotangent(i, after)), mask)[0]
     return jax.jvp(of_shared, (shared_params,), (g_shared,))[1]
 
-  gram = _each_task(k, gram_row, sequential)
+  gram = run_passes(strategy, gram_row, k)
   gram = 0.5 * (gram + gram.T)
   return TaskStats(gram=gram, sq_norms=jnp.diagonal(gram))
 
@@ -338,9 +305,10 @@ def _floating_finite(tree) -> jax.Array:
 
 
 def make_train_step(loss_fn: Callable | None, method: Method,
-                    optimizer: optax.GradientTransformation, *, strategy: str = "auto",
-                    has_state: bool = False, encode: Callable | None = None,
-                    decode: Callable | None = None, chunk_size: int = 8, jit: bool = True,
+                    optimizer: optax.GradientTransformation, *,
+                    strategy: Strategy | str = "auto", has_state: bool = False,
+                    encode: Callable | None = None, decode: Callable | None = None,
+                    chunk_size: int | None = None, jit: bool = True,
                     donate: bool = False) -> TrainStep:
   """Builds one jitted train step for a multi-task method.
 
@@ -366,18 +334,20 @@ def make_train_step(loss_fn: Callable | None, method: Method,
       step then computes the k task gradients and calls its `update(task_grads, state,
       params, losses=..., key=...)`, whatever the method needs.
     optimizer: the optax transformation applied to the method's update.
-    strategy: how the k task backward passes run: "vmap", "unroll", "chunked",
-      "streaming" (squared norms, Gram rows or kernel eigenvalues first, task by task in a
-      loop unrolled in the step, then one weighted backward: O(P) extra memory whatever k;
-      for methods that need `sq_norms`, `gram` or `kernel`), "sequential" (the same with one
-      compiled VJP body in a `lax.fori_loop`, so that compile time and memory do not grow
-      with k; for "gradients" methods a `lax.map` of one VJP), or "auto"
-      (`kernel.default_strategy()`: "unroll" on CPU, "sequential" on GPU/TPU).
+    strategy: how the k task backward passes run, a `Strategy` or a name (the table of
+      `ntkmtl_jax.strategy`), resolved for the method's needs by `strategy.resolve`: its
+      `passes` say how they loop (`VMAP`, `UNROLL`, `CHUNKED`, `SEQUENTIAL`); with
+      `materialize=False` only the squared norms, Gram rows or kernel eigenvalues are
+      streamed, task by task, then one weighted backward pass runs (O(P) extra memory
+      whatever k; for methods that need `sq_norms`, `gram` or `kernel`; refused for those
+      that need the task gradients themselves). "auto" (`default_strategy()`) unrolls the
+      passes and holds the gradients on CPU, and on GPU/TPU runs one compiled VJP body task
+      after task, streaming the statistics where the method allows it.
     has_state: whether the model carries mutable state (see `loss_fn`).
     encode: `encode(params, batch) -> z` (or `(params, model_state, batch) -> (z, state)`),
       the shared encoder; needed for NTKMTL-SR and MGDA-UB.
     decode: `decode(params, z, batch) -> (k,)` task losses from the representation.
-    chunk_size: rows per vmapped group for the "chunked" strategy.
+    chunk_size: passes per vmapped group with `Passes.CHUNKED`; None: the strategy's (8).
     jit: compile the step (True) or leave it as a traceable Python function.
     donate: donate the input state's buffers to the output (saves memory; the old state
       must not be used afterwards).
@@ -398,15 +368,11 @@ def make_train_step(loss_fn: Callable | None, method: Method,
                     "ntkmtl_jax.ntkmtl(k) or ntkmtl_jax.methods.get(name, num_tasks=k)) or an "
                     "optax aggregator of stacked task gradients, got "
                     f"{type(method).__name__}.")
-  strategy = kernel.resolve_strategy(strategy)
+  strategy = resolve(strategy, needs, chunk_size=chunk_size, name=name)
   model = _normalise_model(loss_fn, encode, decode, has_state)
   if needs.uses_representation and (model.encode is None or model.decode is None):
     raise ValueError(f"{name} takes the kernel at the shared representation: give "
                      "make_train_step encode=... and decode=... instead of (or with) loss_fn.")
-  if strategy == "streaming" and needs.kind == "gradients":
-    raise ValueError(f"{name} needs the task gradients themselves, which the 'streaming' "
-                     "strategy never holds at once; use 'unroll', 'vmap', 'chunked' or "
-                     "'sequential'.")
   oracle = ORACLES[needs.kind]
   optimizer = optax.with_extra_args_support(optimizer)
 
@@ -414,7 +380,7 @@ def make_train_step(loss_fn: Callable | None, method: Method,
     params, ms = state.params, state.model_state
     mask = _tree.resolve_mask(shared, params)
     key = jax.random.fold_in(state.key, state.step)
-    obs = oracle(model, needs, strategy, params, ms, batch, mask, key, chunk_size)
+    obs = oracle(model, needs, strategy, params, ms, batch, mask, key)
     update, method_state = _method_update(method, obs, state.method_state, params, mask)
     updates, opt_state = optimizer.update(update, state.optimizer_state, params,
                                           value=jnp.sum(obs.losses))
@@ -449,4 +415,5 @@ def make_train_step(loss_fn: Callable | None, method: Method,
         metrics[name] = value
     return new_state, metrics
 
-  return TrainStep(step_fn, method, needs, optimizer, jit=jit, donate=donate)
+  return TrainStep(step_fn, method, needs, optimizer, jit=jit, donate=donate,
+                   strategy=strategy)
