@@ -23,7 +23,8 @@ import numpy as np
 
 from ntkmtl_jax import metrics as metrics_lib
 from ntkmtl_jax._optional import require
-from ntkmtl_jax.training import RunResult, replaced_file
+from ntkmtl_jax.io import replaced_file, write_json
+from ntkmtl_jax.results import RunResult
 
 STL = "stl"
 
@@ -162,13 +163,12 @@ def format_table(summary: dict, metric_names: Sequence[str], higher_is_better: S
   return "\n".join(out)
 
 
-def write_json(path: str, *, config: dict, benchmark: dict, runs: Sequence[RunResult],
-               summary: dict, interrupted: bool = False) -> None:
-  """results.json: the configuration, benchmark description, summary and every run."""
-  document = dict(config=config, benchmark=benchmark, interrupted=interrupted,
-                  summary=summary, runs=[r.to_dict() for r in runs])
-  with replaced_file(path) as f:  # never half-written; a planted symlink is not followed
-    json.dump(document, f, indent=1, allow_nan=True)
+def write_results(path: str, *, config: dict, benchmark: dict, runs: Sequence[RunResult],
+                  summary: dict, interrupted: bool = False) -> None:
+  """results.json: the configuration, benchmark description, summary and every run (written
+  whole or not at all: `io.write_json`)."""
+  write_json(path, dict(config=config, benchmark=benchmark, interrupted=interrupted,
+                        summary=summary, runs=[r.to_dict() for r in runs]))
 
 
 def write_csv(path: str, summary: dict, metric_names: Sequence[str]) -> None:
@@ -342,8 +342,8 @@ def write_reports(out_dir: str, *, runs: Sequence[RunResult], config: dict, benc
               metric_tasks=list(benchmark.metric_tasks),
               stl_row=None if benchmark.stl_row is None else list(benchmark.stl_row))
   paths = [os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.csv")]
-  write_json(paths[0], config=config, benchmark=meta, runs=runs, summary=summary,
-             interrupted=interrupted)
+  write_results(paths[0], config=config, benchmark=meta, runs=runs, summary=summary,
+                interrupted=interrupted)
   write_csv(paths[1], summary, benchmark.metric_names)
   if plots and runs:
     names = list(benchmark.task_names)

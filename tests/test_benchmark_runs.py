@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ntkmtl_jax import benchmarks, training
+from ntkmtl_jax import benchmarks, loop
 from conftest import write_mtan_files
 
 MOCK_EXAMPLES = {"qm9": 20, "celeba": 16, "multimnist": 24}  # enough for the tiny splits
@@ -19,7 +19,7 @@ MOCK_EXAMPLES = {"qm9": 20, "celeba": 16, "multimnist": 24}  # enough for the ti
 def tiny_benchmark(request, tmp_path_factory):
   """One benchmark per name for the train-step tests, so they share its compilations."""
   name = request.param
-  config = importlib.import_module(f"experiments.{name}.configs").get_config("tiny")
+  config = benchmarks.get_config(name, "tiny")
   if name not in MOCK_EXAMPLES:
     root = write_mtan_files(str(tmp_path_factory.mktemp(name)), name)
     return config.replace(data_dir=root), benchmarks.from_config(config.replace(data_dir=root))
@@ -30,7 +30,7 @@ def tiny_benchmark(request, tmp_path_factory):
 @pytest.mark.parametrize("method", ["ls", "ntkmtl"])
 def test_a_few_train_steps_have_finite_losses(method, tiny_benchmark, steps=2):
   config, bench = tiny_benchmark
-  result = training.fit(bench, config.replace(method=method, max_steps=steps), progress=False)
+  result = loop.fit(bench, config.replace(method=method, max_steps=steps), progress=False)
   # Every step taken, none skipped, finite last losses of every task, every metric scored,
   # and a finite Delta m % where the benchmark has a published STL row.
   assert result.steps == steps and result.skipped == 0

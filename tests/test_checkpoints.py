@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from ntkmtl_jax import benchmarks, training
+from ntkmtl_jax import benchmarks, loop
 from ntkmtl_jax.checkpoints import RunCheckpoints, RunMismatchError
 
 # 64 examples in batches of 16: 4 steps an epoch; 11 steps stop in the third epoch.
@@ -23,7 +23,7 @@ from ntkmtl_jax.checkpoints import RunCheckpoints, RunMismatchError
 RUN = """
 import os, signal, sys
 import jax, numpy as np
-from ntkmtl_jax import benchmarks, training
+from ntkmtl_jax import benchmarks, loop
 workdir, kill_at, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 how = sys.argv[4] if len(sys.argv) > 4 else "KILL"
 seen = []  # the last step taken, for KILL_IN_WRITE
@@ -46,7 +46,7 @@ def kill(t, state, metrics):
   if t == kill_at and how in ("KILL", "INT"):
     os.kill(os.getpid(), getattr(signal, "SIG" + how))
 
-result = training.fit(bench, config, workdir or None, progress=False, callback=kill)
+result = loop.fit(bench, config, workdir or None, progress=False, callback=kill)
 if result.interrupted:
   sys.exit(130)
 np.savez(out, losses=result.history.losses, *jax.tree.leaves(result.params))
@@ -116,15 +116,15 @@ def test_interrupted_or_killed_while_writing_and_resumed_matches_too(tmp_path):
 def test_a_damaged_newest_checkpoint_is_skipped_with_its_reason(tmp_path, capsys):
   bench, config = _tiny()
   workdir = str(tmp_path / "run")
-  first = training.fit(bench, config.replace(max_steps=5), workdir, progress=False)
+  first = loop.fit(bench, config.replace(max_steps=5), workdir, progress=False)
   steps = RunCheckpoints(workdir).steps()
   assert steps[:2] == [5, 4]
   shutil.rmtree(os.path.join(workdir, "checkpoints", "5", "state"))
-  resumed = training.fit(bench, config, workdir, progress=False)
+  resumed = loop.fit(bench, config, workdir, progress=False)
   printed = capsys.readouterr().out
   assert "Skipped the checkpoint of step 5" in printed
   assert "Resuming sines/ls at epoch 1, batch 0 (step 4)" in printed
-  whole = training.fit(bench, config, None, progress=False)
+  whole = loop.fit(bench, config, None, progress=False)
   assert resumed.steps == whole.steps == 6
   np.testing.assert_array_equal(resumed.history.losses, whole.history.losses)
   jax.tree.map(np.testing.assert_array_equal, resumed.params, whole.params)
@@ -134,24 +134,24 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_its_reason(tmp_path, capsys
 def test_another_run_or_a_finished_one_is_not_overwritten(tmp_path):
   bench, config = _tiny()
   finished = str(tmp_path / "finished")
-  training.fit(bench, config.replace(max_steps=3), finished, progress=False)
+  loop.fit(bench, config.replace(max_steps=3), finished, progress=False)
   with pytest.raises(RunMismatchError, match=r"another run \(different seed\).*--overwrite"):
-    training.fit(bench, config.replace(seed=1), finished, progress=False)
+    loop.fit(bench, config.replace(seed=1), finished, progress=False)
   with pytest.raises(RunMismatchError, match="--resume"):
-    training.fit(bench, config, finished, progress=False, resume=False)
+    loop.fit(bench, config, finished, progress=False, resume=False)
   with pytest.raises(RunMismatchError, match="finished run; refusing to overwrite"):
-    training.fit(bench, config, finished, progress=False, overwrite=True)
+    loop.fit(bench, config, finished, progress=False, overwrite=True)
 
   def interrupt(t, state, metrics):
     if t == 4:
       raise KeyboardInterrupt
 
   unfinished = str(tmp_path / "unfinished")
-  stopped = training.fit(bench, config, unfinished, progress=False, callback=interrupt)
+  stopped = loop.fit(bench, config, unfinished, progress=False, callback=interrupt)
   assert stopped.interrupted and RunCheckpoints(unfinished).steps() == [3]
-  other = training.fit(bench, config.replace(seed=1), unfinished, progress=False,
+  other = loop.fit(bench, config.replace(seed=1), unfinished, progress=False,
                        overwrite=True)
-  fresh = training.fit(bench, config.replace(seed=1), None, progress=False)
+  fresh = loop.fit(bench, config.replace(seed=1), None, progress=False)
   assert other.steps == 6 and not other.interrupted
   np.testing.assert_array_equal(other.history.losses, fresh.history.losses)
 

@@ -14,7 +14,7 @@ matplotlib = pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 import matplotlib.image  # noqa: E402
 
-from ntkmtl_jax import cli, training
+from ntkmtl_jax import cli, loop
 
 TINY = ["--option", "num_train=256", "--option", "num_test=64", "--option", "hidden=[16]",
         "--steps", "6", "--batch-size", "32", "--quiet"]
@@ -24,7 +24,7 @@ TINY = ["--option", "num_train=256", "--option", "num_test=64", "--option", "hid
 def test_compare_end_to_end(tmp_path, capsys, seed):
   data_seed = seed
   out = tmp_path / "run"
-  code = cli.main(["compare", "--methods", "stl,ls,ntkmtl", "--seeds", "1", "--out", str(out),
+  code = cli.main(["compare", "--methods", "stl,ls,ntkmtl", "--seeds", "0", "--workdir", str(out),
                    "--option", f"data_seed={data_seed}"] + TINY)
   printed = capsys.readouterr().out
   assert code == 0, printed
@@ -56,7 +56,7 @@ def test_compare_end_to_end(tmp_path, capsys, seed):
 def test_train_and_spectrum(tmp_path, capsys):
   out = tmp_path / "spec"
   assert cli.main(["spectrum", "--benchmark", "sines", "--chunks", "4", "--batch-size", "16",
-                   "--out", str(out), "--quiet"]) == 0
+                   "--workdir", str(out), "--quiet"]) == 0
   printed = capsys.readouterr().out
   assert "lambda_i" in printed and "sine2" in printed
   spectrum = json.loads((out / "spectrum.json").read_text())
@@ -68,7 +68,7 @@ def test_train_and_spectrum(tmp_path, capsys):
 
   out = tmp_path / "train"
   assert cli.main(["train", "--benchmark", "sines", "--method", "ntkmtl-sr", "--hp",
-                   "num_chunks=2", "--out", str(out), "--no-plots", "--steps", "4",
+                   "num_chunks=2", "--workdir", str(out), "--no-plots", "--steps", "4",
                    "--batch-size", "16", "--quiet"]) == 0
   document = json.loads((out / "results.json").read_text())
   assert document["runs"][0]["method"] == "ntkmtl_sr"
@@ -80,10 +80,12 @@ def test_train_and_spectrum(tmp_path, capsys):
     (["compare", "--methods", "ls,no_such_method"], "unknown method 'no_such_method'"),
     (["train", "--method", "bogus"], "unknown method 'bogus'"),
     (["compare", "--benchmark", "no_such_benchmark"], "unknown benchmark 'no_such_benchmark'"),
-    (["compare", "--seeds", "0"], "--seeds"),
+    (["compare", "--seeds", "-1"], "--seeds must list seeds >= 0"),
+    (["compare", "--seeds", "3x"], "--seeds must be comma-separated integers"),
+    (["train", "--preset", "huge"], "has no preset 'huge'"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(tmp_path, capsys, argv, message):
-  code = cli.main(argv + ["--out", str(tmp_path / "x")])
+  code = cli.main(argv + ["--workdir", str(tmp_path / "x")])
   err = capsys.readouterr().err
   assert code == 2
   assert message in err and len(err.strip().splitlines()) == 1, err
@@ -102,7 +104,9 @@ SINES = ["--benchmark", "sines", "--option", "num_train=64", "--option", "num_te
     (["train", "--hp", "num_chunks=3"], "does not divide the batch size 16"),
     (["train", "--method", "stl", "--hp", "task=7"], "task must be in [0, 3)"),
     (["train", "--method", "cagrad", "--hp", "c=nan"], "c=nan must be finite"),
-    (["train", "--seed", "-1"], "seeds must be >= 0"),
+    (["train", "--seed", "-1"], "--seed must be >= 0"),
+    (["train", "--option", "data_dir=/data"], "--data-dir DIR, not as an --option"),
+    (["train", "--option", "no_such_option=1"], "bad option for benchmark 'sines'"),
     (["train", "--lr", "nan"], "--lr finite"),
     (["train", "--lr", "inf"], "--lr finite"),
     (["train", "--max-grad-norm", "nan"], "--max-grad-norm must be a finite norm"),
@@ -113,14 +117,13 @@ SINES = ["--benchmark", "sines", "--option", "num_train=64", "--option", "num_te
     (["compare", "--methods", "ls,ntkmtl", "--hp", "famo.gamma=0.1"],
      "--hp names famo, which is not among the methods run"),
     (["compare", "--methods", ","], "no method given"),
-    (["compare", "--benchmark", "mt10"], "ntkmtl train --benchmark mt10"),
+    (["compare", "--benchmark", "mt10"], "--batch-size does not apply to mt10"),
 ])
 def test_every_bad_argument_is_one_line_before_any_training(tmp_path, capsys, monkeypatch,
                                                             argv, message):
-  from ntkmtl_jax import training
-  monkeypatch.setattr(training, "fit", lambda *a, **k: pytest.fail("training started"))
+  monkeypatch.setattr(loop, "fit", lambda *a, **k: pytest.fail("training started"))
   out = tmp_path / "out"
-  code = cli.main(argv[:1] + SINES + argv[1:] + ["--out", str(out)])
+  code = cli.main(argv[:1] + SINES + argv[1:] + ["--workdir", str(out)])
   err = capsys.readouterr().err
   assert code == 2, err
   assert message in err and len(err.strip().splitlines()) == 1, err
@@ -131,7 +134,7 @@ def test_a_run_that_skips_most_of_its_steps_exits_3(tmp_path, capsys):
   """NaN in the data: every step is skipped (non-finite losses); the table is still written,
   then one error line per such run, and exit status 3."""
   out = tmp_path / "out"
-  code = cli.main(["train"] + SINES + ["--option", "noise=nan", "--out", str(out)])
+  code = cli.main(["train"] + SINES + ["--option", "noise=nan", "--workdir", str(out)])
   err = capsys.readouterr().err
   assert code == 3, err
   assert "skipped 2 of its 2 steps (non-finite losses: 2)" in err
@@ -140,19 +143,23 @@ def test_a_run_that_skips_most_of_its_steps_exits_3(tmp_path, capsys):
 
 
 def test_mt10_is_handed_to_its_runner(monkeypatch, tmp_path):
-  import types
-  import experiments.mt10
+  """`--benchmark mt10` runs MT10's own loop with the same flags: the preset, --steps as
+  MT10Config.num_train_steps, --option as its fields, --hp as the method's."""
+  from ntkmtl_jax.benchmarks import mt10
   seen = []
-  fake = types.ModuleType("experiments.mt10.main")
-  fake.main = seen.append
-  monkeypatch.setitem(sys.modules, "experiments.mt10.main", fake)
-  monkeypatch.setattr(experiments.mt10, "main", fake, raising=False)
-  code = cli.main(["train", "--benchmark", "mt10", "--method", "nash-mtl", "--seed", "3",
-                   "--option", "config=tiny", "--steps", "5", "--out", str(tmp_path),
+  monkeypatch.setattr(mt10, "run", lambda *args, **kwargs: seen.append((args, kwargs)))
+  code = cli.main(["compare", "--benchmark", "mt10", "--methods", "ls,nash-mtl", "--seeds",
+                   "3,4", "--preset", "tiny", "--option", "per_task_alpha=true", "--steps", "5",
+                   "--hp", "nash_mtl.update_weights_every=2", "--workdir", str(tmp_path),
                    "--quiet"])
   assert code == 0
-  assert seen == [["--method", "nash_mtl", "--seeds", "3", "--config", "tiny",
-                   "--num-train-steps", "5", "--workdir", str(tmp_path), "--no-progress"]]
+  [((config, names, seeds, workdir), kwargs)] = seen
+  expected = mt10.get_config("tiny").replace(num_train_steps=5, per_task_alpha=True)
+  assert config.replace(method_hparams=expected.method_hparams) == expected
+  assert config.method_hparams["nash_mtl"] == {"update_weights_every": 2}
+  assert (names, seeds, workdir, kwargs) == (["ls", "nash_mtl"], [3, 4], str(tmp_path),
+                                             {"progress": False})
+  assert cli.main(["train", "--benchmark", "mt10", "--option", "no_such_field=1"]) == 2
 
 
 def test_the_command_keeps_compiled_steps_for_the_next_run(tmp_path):
@@ -161,7 +168,7 @@ def test_the_command_keeps_compiled_steps_for_the_next_run(tmp_path):
   env = dict(os.environ, NTKMTL_CACHE_DIR=str(cache))
   env.pop("NTKMTL_NO_COMPILATION_CACHE", None)
   result = subprocess.run([sys.executable, "-m", "ntkmtl_jax.cli", "train"] + SINES +
-                          ["--out", str(tmp_path / "out")], env=env, capture_output=True,
+                          ["--workdir", str(tmp_path / "out")], env=env, capture_output=True,
                           text=True, timeout=600)
   assert result.returncode == 0, result.stderr
   assert cache.is_dir() and any(cache.iterdir())
@@ -170,7 +177,7 @@ def test_the_command_keeps_compiled_steps_for_the_next_run(tmp_path):
 def test_non_writable_output_directory(tmp_path, capsys):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
-  code = cli.main(["compare", "--methods", "ls", "--out", str(blocker / "sub")] + TINY)
+  code = cli.main(["compare", "--methods", "ls", "--workdir", str(blocker / "sub")] + TINY)
   err = capsys.readouterr().err
   assert code == 2 and "not writable" in err and len(err.strip().splitlines()) == 1, err
 
@@ -191,7 +198,7 @@ def test_help_runs_as_a_program():
 
 def test_ctrl_c_keeps_finished_runs(tmp_path, monkeypatch, capsys):
   calls = []
-  real_fit = training.fit
+  real_fit = loop.fit
 
   def fit_then_interrupt(bench, config, *args, **kwargs):
     calls.append(config.hparams)
@@ -199,9 +206,9 @@ def test_ctrl_c_keeps_finished_runs(tmp_path, monkeypatch, capsys):
       raise KeyboardInterrupt
     return real_fit(bench, config, *args, **kwargs)
 
-  monkeypatch.setattr(training, "fit", fit_then_interrupt)
+  monkeypatch.setattr(loop, "fit", fit_then_interrupt)
   out = tmp_path / "interrupted"
-  code = cli.main(["compare", "--methods", "ls,ntkmtl", "--seeds", "2", "--out", str(out)]
+  code = cli.main(["compare", "--methods", "ls,ntkmtl", "--seeds", "0,1", "--workdir", str(out)]
                   + TINY)
   captured = capsys.readouterr()
   assert code == 130 and "Interrupted" in captured.err
@@ -210,58 +217,19 @@ def test_ctrl_c_keeps_finished_runs(tmp_path, monkeypatch, capsys):
   assert (out / "results.csv").exists()
 
 
-def test_fit_stops_cleanly_on_keyboard_interrupt():
-  import dataclasses
-  from ntkmtl_jax import benchmarks
-  from ntkmtl_jax.data import Split
-  bench = benchmarks.get_benchmark("sines", num_train=64)
-  taken = []
-
-  def take(indices, rng):
-    if rng is not None:  # a training batch (the parameter initialisation reads one without)
-      taken.append(len(indices))
-      if len(taken) == 6:
-        raise KeyboardInterrupt
-    return bench.train.take(indices, rng)
-
-  interrupted = dataclasses.replace(bench, train=Split(len(bench.train), take))
-  result = training.fit(interrupted, bench.config.replace(batch_size=16, max_steps=50),
-                        progress=False)
-  # Five batches, five steps; the sixth batch was interrupted while being read.
-  assert result.interrupted and result.steps == 5
-  assert result.history.losses.shape == (5, 3) and set(result.metrics) == set(bench.metric_names)
-
-
-def test_fit_calls_the_callback_after_every_step():
-  from ntkmtl_jax import benchmarks
-  bench = benchmarks.get_benchmark("sines", num_train=64)
-  seen = []
-
-  def callback(t, state, metrics):
-    seen.append((t, int(state.step), np.asarray(metrics["losses"])))
-
-  result = training.fit(bench, bench.config.replace(method="ntkmtl", batch_size=16,
-                                                    max_steps=4), progress=False,
-                        callback=callback)
-  assert [t for t, _, _ in seen] == [1, 2, 3, 4]
-  assert [s for _, s, _ in seen] == [1, 2, 3, 4]  # called after the step, with its state
-  np.testing.assert_allclose(np.stack([l for _, _, l in seen]), result.history.losses,
-                             rtol=1e-6)
-
-
 def test_missing_paper_dataset_says_what_to_do(tmp_path, capsys):
-  code = cli.main(["train", "--benchmark", "celeba", "--option", f"data_dir={tmp_path}",
-                   "--quiet", "--out", str(tmp_path / "out")])
+  code = cli.main(["train", "--benchmark", "celeba", "--data-dir", str(tmp_path),
+                   "--quiet", "--workdir", str(tmp_path / "out")])
   err = capsys.readouterr().err
   assert code == 2
-  assert "celeb_a" in err and "not found" in err and "--option data_dir=DIR" in err
+  assert "celeb_a" in err and "not found" in err and "--data-dir DIR" in err
   assert "Traceback" not in err
 
 
 def test_train_resumes_and_refuses_to_overwrite(tmp_path, capsys):
   out = str(tmp_path / "run")
   args = ["train", "--benchmark", "sines", "--option", "num_train=64", "--method", "ls",
-          "--batch-size", "16", "--no-plots", "--quiet", "--out", out]
+          "--batch-size", "16", "--no-plots", "--quiet", "--workdir", out]
   assert cli.main(args + ["--steps", "3"]) == 0
   capsys.readouterr()
   assert cli.main(args + ["--steps", "6"]) == 2  # a run is there: say what to do
@@ -302,7 +270,7 @@ def test_symlinks_planted_in_the_output_directory_are_replaced_not_followed(tmp_
   names = ("results.json", "results.csv", "training_curves.png", "results.json.tmp")
   for name in names:
     (out / name).symlink_to(victim)
-  code = cli.main(["compare", "--methods", "ls", "--seeds", "1", "--out", str(out)] + TINY)
+  code = cli.main(["compare", "--methods", "ls", "--seeds", "0", "--workdir", str(out)] + TINY)
   assert code == 0
   assert victim.read_text() == "keep me"
   for name in names[:3]:

@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from ntkmtl_jax import metrics, report
-from ntkmtl_jax.training import History, RunResult
+from ntkmtl_jax.results import History, RunResult
 
 TASKS = ("a", "b", "c")
 METRICS = ("a acc", "b acc", "c MAE")

@@ -100,7 +100,8 @@ def test_train_step_uses_the_statistic(seed, strategy):
     _, metrics = step(step.init(model.params), model.batch)
     msg = f"seed={seed} statistic={statistic} strategy={strategy}"
     np.testing.assert_allclose(metrics["eigenvalues"], stats, rtol=5e-4, err_msg=msg)
-    np.testing.assert_allclose(metrics["weights"], np.sqrt(stats.sum() / stats), rtol=5e-4,
+    # The weights the step applies: k (the official scaling, on by default) times the rule's.
+    np.testing.assert_allclose(metrics["weights"], k * np.sqrt(stats.sum() / stats), rtol=5e-4,
                                err_msg=msg)
 
 

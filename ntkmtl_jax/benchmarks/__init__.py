@@ -3,21 +3,28 @@
     bench = ntkmtl_jax.benchmarks.get_benchmark("multidigits")
     bench.task_names          # ("left", "right", "number")
     bench.metric_names        # ("left acc", "right acc", "number MAE")
-    bench.config              # the benchmark's default run (a `training.Config`)
-    result = ntkmtl_jax.training.fit(bench, bench.config.replace(method="ntkmtl"))
+    bench.config              # the benchmark's default run (a `Config`)
+    result = ntkmtl_jax.loop.fit(bench, bench.config.replace(method="ntkmtl"))
+
+    config = get_config("qm9", preset="tiny", data_dir="~/tensorflow_datasets")
+    result = ntkmtl_jax.loop.fit(from_config(config), config)
 
 A benchmark is a `Benchmark` record (see its docstring). Built in: the offline
 `multidigits` and `sines` (no download), and the paper's `celeba`, `qm9`, `multimnist`
 (tfds) and `nyuv2`, `cityscapes` (the MTAN `.npy` layout), whose factories take
-`data_dir` and their data and model options. To add one, register a factory that builds
-it, with keyword options that have defaults:
+`data_dir` and their data and model options. A benchmark's runs start from its default
+`Config` (`default_config(**options)`, the published protocol) and its presets (`"tiny"`: a
+smoke run of a few steps), both known before any data is read. To add one, register a
+factory that builds it, with keyword options that have defaults:
 
-    @register_benchmark("mine")
+    @register_benchmark("mine", config=mine_config, presets={"tiny": shrink})
     def mine(data_dir=None, **options) -> Benchmark: ...
 
-or, so that importing this module stays cheap, an import path resolved on first use:
-`register_benchmark("mine", "my_package.mine:benchmark")`. `ntkmtl train --benchmark NAME`
-and `ntkmtl compare --benchmark NAME` dispatch through `get_benchmark`.
+or, so that importing this module stays cheap, import paths resolved on first use:
+`register_benchmark("mine", "my_package.mine:benchmark", config="my_package.mine:config")`.
+`ntkmtl train --benchmark NAME --preset P` and `ntkmtl compare` dispatch through
+`get_config` and `from_config`. MT10 (multi-task SAC on Meta-World) is a reinforcement-
+learning benchmark with a loop of its own: `ntkmtl_jax.benchmarks.mt10`.
 """
 
 from __future__ import annotations
@@ -28,10 +35,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+import jax
+
 from ntkmtl_jax import metrics as metrics_lib
-from ntkmtl_jax.data.splits import Split, endless_batches
+from ntkmtl_jax._names import canonical
+from ntkmtl_jax.config import Config
+from ntkmtl_jax.data.splits import Split, endless_batches, epoch_batches
 from ntkmtl_jax.models.multitask import TaskFunctions
-from ntkmtl_jax.training import Config
 
 PyTree = Any
 
@@ -110,7 +120,7 @@ class Benchmark:
     test: the test `Split` (None: `val` is the test set, as in the MTAN layout).
     new_accumulator: `() -> accumulator` with `update(outputs, batch)` (host NumPy
       outputs of `functions.predict`) and `result() -> {metric_name: value}`.
-    config: the default run (`training.Config`): the official protocol of a paper
+    config: the default run (a `Config`): the official protocol of a paper
       benchmark; the options the benchmark was built with are in its `data` and `model`.
     paper_rows: published rows of other methods (for reference in reports and tests).
   """
@@ -157,30 +167,75 @@ class Benchmark:
     return self.scoring.delta_m(values, task=task)
 
   def train_data(self, seed: int, batch_size: int) -> Iterator[dict]:
-    """Endless training batches, epoch after epoch (the order `training.fit` uses)."""
+    """Endless training batches, epoch after epoch (the order `loop.fit` uses)."""
     return endless_batches(self.train, batch_size, seed)
 
-  def evaluate(self, params, model_state, split: str = "test") -> dict:
-    """The metrics of the model on the "test" (default) or "val" split."""
-    from ntkmtl_jax import training
-    chosen = self.val if split == "val" or self.test is None else self.test
-    return training.evaluate(self, params, model_state, chosen, self.config.eval_batch_size)
+  def evaluate(self, params, model_state, split: str | Split = "test",
+               batch_size: int | None = None) -> dict:
+    """The metrics of the model on a split, its batches in order.
+
+    Args:
+      params, model_state: the model.
+      split: "test" (the test split, or the validation split where the layout has no test
+        split), "val", or a `Split`.
+      batch_size: the evaluation batch (default: `config.eval_batch_size`).
+    """
+    if isinstance(split, str):
+      if split not in ("test", "val"):
+        raise ValueError(f"split must be 'test', 'val' or a Split, got {split!r}.")
+      split = self.val if split == "val" or self.test is None else self.test
+    predict = _jitted_predict(self.functions)
+    accumulator = self.new_accumulator()
+    for batch in epoch_batches(split, batch_size or self.config.eval_batch_size, seed=None):
+      accumulator.update(jax.tree.map(np.asarray, predict(params, model_state, batch)), batch)
+    return accumulator.result()
 
 
-_REGISTRY: dict[str, Callable[..., Benchmark] | str] = {}
+_PREDICT: dict[TaskFunctions, Callable] = {}
 
 
-def register_benchmark(name: str, factory: Callable[..., Benchmark] | str | None = None):
+def _jitted_predict(functions: TaskFunctions) -> Callable:
+  """`functions.predict`, jitted once per model (later runs reuse the compilation)."""
+  if functions not in _PREDICT:
+    _PREDICT[functions] = jax.jit(functions.predict)
+  return _PREDICT[functions]
+
+
+Preset = Callable[[Config], Config]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  factory: Callable[..., Benchmark] | str
+  config: Callable[..., Config] | str | None
+  presets: dict[str, Preset] | str
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_benchmark(name: str, factory: Callable[..., Benchmark] | str | None = None, *,
+                       config: Callable[..., Config] | str | None = None,
+                       presets: dict[str, Preset] | str | None = None):
   """Registers a benchmark factory (or a "module:attribute" path) under `name`.
 
   Usable as a decorator. The factory takes keyword options (all with defaults) and
   returns a `Benchmark`.
+
+  Args:
+    name: the registry name.
+    factory: `factory(data_dir=None, **options) -> Benchmark`, or its import path.
+    config: `config(**options) -> Config`, the default run without reading any data (or its
+      import path); None: the built benchmark's `config`.
+    presets: named changes of the default run, `preset(config) -> config` (or the import
+      path of such a dict); "default" is the default run itself.
   """
 
   def do(f):
-    if name in _REGISTRY and _REGISTRY[name] != f:
+    entry = _Entry(f, config, presets or {})
+    if name in _REGISTRY and _REGISTRY[name] != entry:
       raise ValueError(f"A benchmark named {name!r} is already registered.")
-    _REGISTRY[name] = f
+    _REGISTRY[name] = entry
     return f
 
   return do if factory is None else do(factory)
@@ -193,28 +248,62 @@ def benchmark_names() -> list[str]:
 
 def describe(name: str) -> str:
   """One line on benchmark `name`: its description, or its factory's docstring's first line."""
-  factory = _REGISTRY[name]
-  if isinstance(factory, str):
-    factory = _resolve(factory)
+  factory = _resolve(_REGISTRY[name].factory)
   owner = getattr(factory, "__self__", None)  # a bound method: e.g. `MTANDataset.benchmark`
   if isinstance(getattr(owner, "description", None), str):
     return owner.description
   return (factory.__doc__ or "").strip().splitlines()[0]
 
 
-def _resolve(path: str) -> Callable[..., Benchmark]:
-  module, _, attribute = path.partition(":")
+def _resolve(target):
+  if not isinstance(target, str):
+    return target
+  module, _, attribute = target.partition(":")
   return getattr(importlib.import_module(module), attribute)
+
+
+def _entry(name: str) -> _Entry:
+  key = canonical(name)
+  if key not in _REGISTRY:
+    raise ValueError(f"Unknown benchmark {name!r}. Known benchmarks: "
+                     f"{', '.join(benchmark_names())}.")
+  return _REGISTRY[key]
 
 
 def get_benchmark(name: str, **options) -> Benchmark:
   """Builds the benchmark `name` with the given options (see each factory's docstring)."""
-  key = name.lower().replace("-", "_")
-  if key not in _REGISTRY:
-    raise ValueError(f"Unknown benchmark {name!r}. Known benchmarks: "
-                     f"{', '.join(benchmark_names())}.")
-  factory = _REGISTRY[key]
-  return (_resolve(factory) if isinstance(factory, str) else factory)(**options)
+  return _resolve(_entry(name).factory)(**options)
+
+
+def preset_names(name: str) -> list[str]:
+  """The presets of benchmark `name`: "default" and the registered ones."""
+  return ["default", *sorted(_resolve(_entry(name).presets))]
+
+
+def get_config(name: str, preset: str = "default", *, data_dir: str | None = None,
+               **options) -> Config:
+  """The run that preset `preset` of benchmark `name` describes, without reading any data.
+
+  Args:
+    name: the benchmark.
+    preset: "default" (the published protocol) or a registered preset (`preset_names`).
+    data_dir: where the data lives.
+    **options: data and model options: a name the preset's `model` has goes there, any other
+      to `data` (an unknown one is refused when `from_config` builds the benchmark).
+  """
+  entry = _entry(name)
+  presets = _resolve(entry.presets)
+  if preset != "default" and preset not in presets:
+    raise ValueError(f"Benchmark {name!r} has no preset {preset!r}; its presets: "
+                     f"{', '.join(preset_names(name))}.")
+  config = (_resolve(entry.config)() if entry.config is not None
+            else get_benchmark(name).config)
+  if preset != "default":
+    config = presets[preset](config)
+  model = {k: v for k, v in options.items() if k in config.model}
+  data = {k: v for k, v in options.items() if k not in model}
+  config = config.replace(data={**config.data, **data}, model={**config.model, **model})
+  return config if data_dir is None else config.replace(data_dir=data_dir)
 
 
 def from_config(config: Config) -> Benchmark:
@@ -227,6 +316,10 @@ def from_config(config: Config) -> Benchmark:
 
 # Importing a benchmark module (its data pipeline and model) waits for the first use.
 for _name in ("multidigits", "sines"):
-  register_benchmark(_name, f"ntkmtl_jax.benchmarks.offline:{_name}")
+  register_benchmark(_name, f"ntkmtl_jax.benchmarks.offline:{_name}",
+                     config=f"ntkmtl_jax.benchmarks.offline:{_name}_config",
+                     presets="ntkmtl_jax.benchmarks.offline:PRESETS")
 for _name in ("celeba", "qm9", "nyuv2", "cityscapes", "multimnist"):
-  register_benchmark(_name, f"ntkmtl_jax.benchmarks.{_name}:benchmark")
+  register_benchmark(_name, f"ntkmtl_jax.benchmarks.{_name}:benchmark",
+                     config=f"ntkmtl_jax.benchmarks.{_name}:default_config",
+                     presets=f"ntkmtl_jax.benchmarks.{_name}:PRESETS")

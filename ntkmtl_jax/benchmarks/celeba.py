@@ -17,7 +17,7 @@ from ntkmtl_jax import metrics
 from ntkmtl_jax.benchmarks import Benchmark, Scoring
 from ntkmtl_jax.data.splits import Split, open_tfds
 from ntkmtl_jax.models.celeba import celeba_functions
-from ntkmtl_jax.training import Config
+from ntkmtl_jax.config import Config
 
 HOW_TO_GET = ("download CelebA (img_align_celeba.zip, list_attr_celeba.txt, "
               "list_eval_partition.txt, list_landmarks_align_celeba.txt, identity_CelebA.txt) "
@@ -99,6 +99,16 @@ def default_config(*, image_size: int = 64, num_attributes: int = len(ATTRIBUTES
                 method_hparams={"ntkmtl": {"exponent": 0.5}, "ntkmtl_sr": {"num_chunks": 4}},
                 learning_rate=3e-4, batch_size=256, num_epochs=15, lr_schedule="cosine",
                 eval_batch_size=512, init_prng="rbg")
+
+
+def tiny(config: Config) -> Config:
+  """A smoke run: 16x16 images, the first 4 attributes, 3 batches of 8."""
+  return config.replace(batch_size=8, num_epochs=1, max_steps=3, log_every=1,
+                        eval_batch_size=16,
+                        data={**config.data, "image_size": 16, "num_attributes": 4})
+
+
+PRESETS = {"tiny": tiny}
 
 
 def benchmark(*, data_dir: str | None = None, **options) -> Benchmark:

@@ -32,4 +32,4 @@ DESCRIPTION = "Cityscapes: 7-class segmentation and depth, SegNet-MTAN (MTAN .np
 SCORING = Scoring(METRICS, HIGHER_IS_BETTER, metric_tasks=(0, 0, 1, 1), stl_row=STL)
 DATASET = MTANDataset("cityscapes", DESCRIPTION, TASKS, NUM_CLASSES, LABEL_DIR, HOW_TO_GET,
                       SCORING, PAPER_ROWS, batch_size=8, ntkmtl_exponent=0.5, sr_chunks=4)
-default_config, benchmark = DATASET.default_config, DATASET.benchmark
+default_config, benchmark, PRESETS = DATASET.default_config, DATASET.benchmark, DATASET.presets

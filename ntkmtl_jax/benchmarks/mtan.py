@@ -17,7 +17,7 @@ from ntkmtl_jax.benchmarks import Benchmark, Scoring
 from ntkmtl_jax.data import mtan as layout
 from ntkmtl_jax.data.splits import missing_dataset
 from ntkmtl_jax.models.mtan import FILTERS, mtan_functions
-from ntkmtl_jax.training import Config
+from ntkmtl_jax.config import Config
 
 
 class DenseMetrics:
@@ -106,6 +106,15 @@ class MTANDataset:
                   method_hparams={"ntkmtl": {"exponent": self.ntkmtl_exponent},
                                   "ntkmtl_sr": {"num_chunks": self.sr_chunks}},
                   init_prng="rbg")
+
+  @property
+  def presets(self) -> dict:
+    """`tiny`: a smoke run, a one-stage SegNet-MTAN of width 8, a few batches of 4."""
+    def tiny(config: Config) -> Config:
+      return config.replace(batch_size=4, num_epochs=1, max_steps=3, log_every=1,
+                            eval_batch_size=4, model={**config.model, "filters": (8,)})
+
+    return {"tiny": tiny}
 
   def benchmark(self, *, data_dir: str | None = None, **options) -> Benchmark:
     """The `Benchmark` over the MTAN layout under `data_dir` (the folder holding `train/`

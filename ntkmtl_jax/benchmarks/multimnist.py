@@ -18,7 +18,7 @@ import numpy as np
 from ntkmtl_jax.benchmarks import Benchmark, Scoring
 from ntkmtl_jax.data.splits import Split, open_tfds, read_examples
 from ntkmtl_jax.models.lenet import lenet_functions
-from ntkmtl_jax.training import Config
+from ntkmtl_jax.config import Config
 
 HOW_TO_GET = ("on a machine with TensorFlow installed, `pip install tensorflow "
               "tensorflow-datasets && tfds build mnist --file_format=array_record "
@@ -111,6 +111,15 @@ def default_config(*, val_size: int = 10_000, data_seed: int = 0) -> Config:
   return Config(benchmark="multimnist", data=dict(val_size=val_size, data_seed=data_seed),
                 learning_rate=1e-3, batch_size=256, num_epochs=10, eval_batch_size=1000,
                 init_prng="rbg")
+
+
+def tiny(config: Config) -> Config:
+  """A smoke run: 8 validation images, 3 batches of 8."""
+  return config.replace(batch_size=8, num_epochs=1, max_steps=3, log_every=1,
+                        eval_batch_size=16, data={**config.data, "val_size": 8})
+
+
+PRESETS = {"tiny": tiny}
 
 
 def benchmark(*, data_dir: str | None = None, **options) -> Benchmark:

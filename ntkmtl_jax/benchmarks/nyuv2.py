@@ -34,4 +34,4 @@ SCORING = Scoring(METRICS, HIGHER_IS_BETTER, metric_tasks=(0, 0, 1, 1, 2, 2, 2, 
                   stl_row=STL)
 DATASET = MTANDataset("nyuv2", DESCRIPTION, TASKS, NUM_CLASSES, LABEL_DIR, HOW_TO_GET,
                       SCORING, PAPER_ROWS, batch_size=2, ntkmtl_exponent=0.75, sr_chunks=2)
-default_config, benchmark = DATASET.default_config, DATASET.benchmark
+default_config, benchmark, PRESETS = DATASET.default_config, DATASET.benchmark, DATASET.presets

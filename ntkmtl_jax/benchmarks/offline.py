@@ -17,7 +17,7 @@ from ntkmtl_jax.data import offline
 from ntkmtl_jax.data.splits import Split
 from ntkmtl_jax.models.mlp import MLPEncoder, TaskHeads
 from ntkmtl_jax.models.multitask import task_functions
-from ntkmtl_jax.training import Config
+from ntkmtl_jax.config import Config
 
 
 class TaskScores:
@@ -66,6 +66,42 @@ def _offline_benchmark(name, description, dataset: offline.OfflineDataset, encod
       new_accumulator=lambda: TaskScores(names, kinds), config=config)
 
 
+def multidigits_config(*, regression: str = "number", regression_scale: float = 1.0,
+                       num_train: int = 10_000, num_test: int = 2_000, data_seed: int = 0,
+                       hidden: tuple[int, ...] = (128, 64)) -> Config:
+  """MultiDigits' default run: Adam 1e-3, batch 128, 400 steps, shared update clipped to 1."""
+  return Config(benchmark="multidigits",
+                data=dict(regression=regression, regression_scale=regression_scale,
+                          num_train=num_train, num_test=num_test, data_seed=data_seed),
+                model=dict(hidden=tuple(hidden)), num_epochs=None, max_steps=400,
+                batch_size=128, learning_rate=1e-3, max_grad_norm=1.0, probe_every=20,
+                eval_batch_size=1024, log_every=10)
+
+
+def sines_config(*, num_tasks: int = 3, imbalance: float = 30.0, min_frequency: float = 0.5,
+                 max_frequency: float = 1.5, input_dim: int = 2, noise: float = 0.0,
+                 num_train: int = 8_192, num_test: int = 2_048, data_seed: int = 0,
+                 hidden: tuple[int, ...] = (64, 64)) -> Config:
+  """Sines' default run: Adam 3e-3, batch 128, 600 steps, no clipping."""
+  return Config(benchmark="sines",
+                data=dict(num_tasks=num_tasks, imbalance=imbalance,
+                          min_frequency=min_frequency, max_frequency=max_frequency,
+                          input_dim=input_dim, noise=noise, num_train=num_train,
+                          num_test=num_test, data_seed=data_seed),
+                model=dict(hidden=tuple(hidden)), num_epochs=None, max_steps=600,
+                batch_size=128, learning_rate=3e-3, max_grad_norm=None, probe_every=30,
+                eval_batch_size=1024, log_every=10)
+
+
+def tiny(config: Config) -> Config:
+  """A smoke run: 20 steps of batch 32."""
+  return config.replace(max_steps=20, num_epochs=None, batch_size=32, probe_every=5,
+                        log_every=5)
+
+
+PRESETS = {"tiny": tiny}
+
+
 def multidigits(*, regression: str = "number", regression_scale: float = 1.0,
                 num_train: int = 10_000, num_test: int = 2_000, data_seed: int = 0,
                 hidden: tuple[int, ...] = (128, 64)) -> Benchmark:
@@ -76,13 +112,11 @@ def multidigits(*, regression: str = "number", regression_scale: float = 1.0,
   initialisation. Runs use Adam 1e-3 with the shared update's norm clipped to 1.0, as the
   official NTKMTL trainers do.
   """
-  options = dict(regression=regression, regression_scale=regression_scale,
-                 num_train=num_train, num_test=num_test, data_seed=data_seed)
+  config = multidigits_config(regression=regression, regression_scale=regression_scale,
+                              num_train=num_train, num_test=num_test, data_seed=data_seed,
+                              hidden=hidden)
   dataset = offline.multidigits(num_train, num_test, regression=regression,
                                 regression_scale=regression_scale, data_seed=data_seed)
-  config = Config(benchmark="multidigits", data=options, model=dict(hidden=tuple(hidden)),
-                  num_epochs=None, max_steps=400, batch_size=128, learning_rate=1e-3,
-                  max_grad_norm=1.0, probe_every=20, eval_batch_size=1024, log_every=10)
   return _offline_benchmark(
       "multidigits", "two sklearn digits side by side: left (cls), right (cls), "
       f"{regression} (reg)", dataset, MLPEncoder(tuple(hidden)), config)
@@ -96,13 +130,11 @@ def sines(*, num_tasks: int = 3, imbalance: float = 30.0, min_frequency: float =
 
   See `ntkmtl_jax.data.offline.sines` for the knobs.
   """
-  options = dict(num_tasks=num_tasks, imbalance=imbalance, min_frequency=min_frequency,
-                 max_frequency=max_frequency, input_dim=input_dim, noise=noise,
-                 num_train=num_train, num_test=num_test, data_seed=data_seed)
-  dataset = offline.sines(**options)
-  config = Config(benchmark="sines", data=options, model=dict(hidden=tuple(hidden)),
-                  num_epochs=None, max_steps=600, batch_size=128, learning_rate=3e-3,
-                  max_grad_norm=None, probe_every=30, eval_batch_size=1024, log_every=10)
+  config = sines_config(num_tasks=num_tasks, imbalance=imbalance, min_frequency=min_frequency,
+                        max_frequency=max_frequency, input_dim=input_dim, noise=noise,
+                        num_train=num_train, num_test=num_test, data_seed=data_seed,
+                        hidden=hidden)
+  dataset = offline.sines(**config.data)
   return _offline_benchmark(
       "sines", f"{num_tasks} generated sine regressions, amplitude ratio {imbalance:g}",
       dataset, MLPEncoder(tuple(hidden), activation="tanh"), config)

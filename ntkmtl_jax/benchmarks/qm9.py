@@ -32,7 +32,7 @@ import numpy as np
 from ntkmtl_jax.benchmarks import Benchmark, Scoring
 from ntkmtl_jax.data.splits import Split, open_tfds, read_examples
 from ntkmtl_jax.models.qm9 import qm9_functions
-from ntkmtl_jax.training import Config
+from ntkmtl_jax.config import Config
 
 HOW_TO_GET = ("on a machine with TensorFlow installed, `pip install tensorflow "
               "tensorflow-datasets && tfds build qm9 --file_format=array_record --data_dir DIR` "
@@ -172,6 +172,16 @@ def default_config(*, test_size: int = 10_000, val_size: int = 10_000, split_see
                 method_hparams={"ntkmtl": {"exponent": 0.5}, "ntkmtl_sr": {"num_chunks": 4}},
                 learning_rate=1e-3, batch_size=60, num_epochs=300, lr_schedule="plateau",
                 eval_batch_size=500, init_prng="rbg")
+
+
+def tiny(config: Config) -> Config:
+  """A smoke run: 4 test and 4 validation molecules, 3 batches of 4."""
+  return config.replace(batch_size=4, num_epochs=1, max_steps=3, log_every=1,
+                        eval_batch_size=8,
+                        data={**config.data, "test_size": 4, "val_size": 4})
+
+
+PRESETS = {"tiny": tiny}
 
 
 def benchmark(*, data_dir: str | None = None, **options) -> Benchmark:

@@ -15,6 +15,7 @@ import inspect
 import math
 from typing import Callable
 
+from ntkmtl_jax._names import canonical
 from ntkmtl_jax.method import Method
 
 _REGISTRY: dict[str, Callable[..., Method]] = {}
@@ -67,7 +68,7 @@ def register(name: str, factory: Callable[..., Method] | None = None, *,
 
 def claims(name: str) -> dict[str, dict]:
   """The properties method `name` claims, each with the hyper-parameters it holds under."""
-  return dict(_CLAIMS[name.lower().replace("-", "_")])
+  return dict(_CLAIMS[canonical(name)])
 
 
 def names() -> list[str]:
@@ -77,7 +78,7 @@ def names() -> list[str]:
 
 def get(name: str, num_tasks: int, **hparams) -> Method:
   """Builds the method `name` for `num_tasks` tasks with the given hyper-parameters."""
-  key = name.lower().replace("-", "_")
+  key = canonical(name)
   if key not in _REGISTRY:
     raise ValueError(f"Unknown method {name!r}. Known methods: {', '.join(names())}.")
   factory = _REGISTRY[key]
@@ -96,7 +97,7 @@ def get(name: str, num_tasks: int, **hparams) -> Method:
 
 def defaults(name: str) -> dict:
   """The published default hyper-parameters of a method."""
-  factory = _REGISTRY[name.lower().replace("-", "_")]
+  factory = _REGISTRY[canonical(name)]
   return {p.name: p.default for p in inspect.signature(factory).parameters.values()
           if p.default is not inspect.Parameter.empty}
 

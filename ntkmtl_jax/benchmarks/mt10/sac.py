@@ -192,10 +192,6 @@ def make_agent(config, obs_dim: int, action_dim: int, num_tasks: int,
   Returns:
     An `Agent`.
   """
-  if config.method.lower().replace("-", "_") == "ntkmtl_sr":
-    raise ValueError("ntkmtl_sr takes the kernel at a shared representation, which MT10's "
-                     "SAC networks do not split off (the paper does not run SR on MT10); "
-                     "use method='ntkmtl'.")
   networks = Networks(
       Actor(action_dim, config.hidden_dim, config.num_layers, tuple(config.log_std_bounds)),
       DoubleCritic(config.hidden_dim, config.num_layers))
@@ -207,6 +203,10 @@ def make_agent(config, obs_dim: int, action_dim: int, num_tasks: int,
       return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adam)
   hparams = config.hparams()
   critic_method = ntkmtl_jax.methods.get(config.method, num_tasks, **hparams)
+  if critic_method.needs.uses_representation:
+    raise ValueError(f"{config.method} works at a shared representation, which MT10's SAC "
+                     "networks do not split off (the paper does not run NTKMTL-SR on MT10); "
+                     "use method='ntkmtl'.")
   actor_method_name = ACTOR_METHOD_FALLBACK.get(config.method, config.method)
   actor_method = ntkmtl_jax.methods.get(
       actor_method_name, num_tasks, **(hparams if actor_method_name == config.method else {}))

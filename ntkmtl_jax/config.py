@@ -1,0 +1,119 @@
+"""The settings of one run (`Config`): a leaf that every other module may import.
+
+    config = ntkmtl_jax.benchmarks.get_config("qm9", preset="tiny")
+    config.replace(method="ntkmtl_sr", seed=1)
+
+A `Config` names the benchmark (and its data and model options), the method and its
+hyper-parameters, the optimiser and the protocol (epochs, schedule, evaluation batch,
+checkpoint cadence). `ntkmtl_jax.loop.fit` runs one; the `ntkmtl` command builds them from
+its flags (`ntkmtl_jax.cli.flags`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from ntkmtl_jax._names import canonical
+
+SCHEDULES = ("constant", "cosine", "step", "plateau")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+@dataclasses.dataclass
+class Config:
+  """The settings of one run: benchmark options, method, optimiser and protocol.
+
+  Attributes:
+    benchmark: the benchmark's registry name.
+    data_dir: where the benchmark's data lives (tfds data_dir or the MTAN `.npy` root).
+    data: the benchmark's data options (image size, split sizes, ...).
+    model: the benchmark's model options (widths, ...).
+    method: a name from `ntkmtl_jax.methods.names()`, with its registered defaults (the
+      published code's: "ntkmtl" is the official step, NTKMTL scaled by k with plain head
+      gradients; gradient methods get the shared clip of `max_grad_norm`).
+    method_hparams: per method, the published hyper-parameters used on this benchmark.
+    hparams: hyper-parameters of this run's method (override `method_hparams`).
+    optimizer: one of `OPTIMIZERS` (or give `fit` any optax transformation).
+    learning_rate: the optimiser's base learning rate.
+    weight_decay: decoupled weight decay for "adamw".
+    batch_size: training batch size.
+    num_epochs: epochs to run (None: as many as `max_steps` needs).
+    max_steps: stop after this many train steps (None: run all epochs).
+    lr_schedule: "constant", "cosine" (per epoch, to 0 at the end), "step" (times
+      `lr_gamma` every `lr_step_size` epochs) or "plateau" (times `plateau_factor` when the
+      validation score has not improved for `plateau_patience` epochs, not below
+      `plateau_min_lr`).
+    max_grad_norm: global-norm clip of the shared update for gradient-based methods (None:
+      no clipping). That is what the NTKMTL and FairGrad repositories do for NTKMTL and
+      FairGrad (inside their own backward passes) and the original nash-mtl repository for
+      Nash-MTL; the NTKMTL and FAMO repositories' other gradient methods (MGDA, IMTL-G,
+      their Nash-MTL, ...) call the clip before the backward pass, where it does nothing,
+      and so run unclipped there. Loss-weighting methods are not clipped, as in those
+      repositories.
+    eval_batch_size: batch of the evaluation passes.
+    probe_every: for methods whose step does not produce the shared-parameter eigenvalues,
+      compute lambda_i = ||g_i||^2 every `probe_every` steps outside the step (0: never).
+    task_passes: how the task backward passes loop: "auto" (the backend's measured
+      default), "vmap", "unroll", "chunked" or "sequential" (`ntkmtl_jax.strategy.Passes`).
+    materialize: whether the k task gradients are held together (True), or only their
+      statistics streamed task by task before one weighted backward pass (False); None: the
+      backend's measured default (`ntkmtl_jax.strategy.Strategy`).
+    seed: seeds the parameters and the order of the batches.
+    init_prng: the random-number generator of the parameter initialisation (a
+      `jax.random.key` impl); the paper benchmarks use "rbg": on XLA:CPU, initialising a
+      network of a hundred layers with threefry keys spends tens of seconds compiling
+      random-number code.
+    log_every: steps between progress-bar refreshes (and host transfers of the metrics).
+    checkpoint_every: with a workdir, also checkpoint every this many steps (0: at epoch
+      ends and where `max_steps` stops the run only).
+  """
+  benchmark: str = ""
+  data_dir: str | None = None
+  data: dict = dataclasses.field(default_factory=dict)
+  model: dict = dataclasses.field(default_factory=dict)
+  method: str = "ls"
+  method_hparams: dict = dataclasses.field(default_factory=dict)
+  hparams: dict = dataclasses.field(default_factory=dict)
+  optimizer: str = "adam"
+  learning_rate: float = 1e-3
+  weight_decay: float = 0.0
+  batch_size: int = 32
+  num_epochs: int | None = 1
+  max_steps: int | None = None
+  lr_schedule: str = "constant"
+  lr_step_size: int = 100
+  lr_gamma: float = 0.5
+  plateau_factor: float = 0.7
+  plateau_patience: int = 10
+  plateau_min_lr: float = 1e-5
+  max_grad_norm: float | None = 1.0
+  eval_batch_size: int = 64
+  probe_every: int = 0
+  task_passes: str = "auto"
+  materialize: bool | None = None
+  seed: int = 0
+  init_prng: str = "threefry2x32"
+  log_every: int = 50
+  checkpoint_every: int = 0
+
+  def replace(self, **changes) -> "Config":
+    return dataclasses.replace(self, **changes)
+
+  @property
+  def method_key(self) -> str:
+    """The method's registry name ("NTKMTL-SR" -> "ntkmtl_sr")."""
+    return canonical(self.method)
+
+  def method_hyperparameters(self) -> dict:
+    """The published hyper-parameters of the method, overridden by `hparams`."""
+    return {**self.method_hparams.get(self.method_key, {}), **self.hparams}
+
+  def run_length(self, steps_per_epoch: int) -> tuple[int, int]:
+    """(epochs, steps) of the run, given the batches in one epoch."""
+    if self.num_epochs is None and self.max_steps is None:
+      raise ValueError("Config: set num_epochs or max_steps (or both).")
+    epochs = (self.num_epochs if self.num_epochs is not None
+              else math.ceil(self.max_steps / steps_per_epoch))
+    steps = epochs * steps_per_epoch
+    return epochs, steps if self.max_steps is None else min(steps, self.max_steps)

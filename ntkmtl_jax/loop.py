@@ -1,0 +1,533 @@
+"""The training loop: one multi-task method on one benchmark, epoch by epoch.
+
+    bench = ntkmtl_jax.benchmarks.get_benchmark("multidigits")
+    result = fit(bench, bench.config.replace(method="ntkmtl", max_steps=300))
+    result.metrics         # {"left acc": 0.93, ...}: the test metrics of the selected model
+    result.history.losses  # (steps, k) task losses, one row per step
+
+`fit` runs a `Config` (the method, its optimiser and the protocol) on a `Benchmark` (model
+functions, train / validation / test `Split`s, metrics and `Benchmark.evaluate`). The loop
+itself is a straight line over epochs and batches; what happens around the steps is a few
+small hooks, each one concept:
+
+- `EigenvalueProbe`: lambda_i = ||g_i||^2 every `probe_every` steps, for methods whose
+  step does not produce the shared-parameter eigenvalues.
+- `ProgressLog`: the tqdm bar and the step times; metrics move to the host every
+  `log_every` steps (`Recorder`).
+- `Selection`: after every epoch (and where `max_steps` stops the run) a benchmark with a
+  validation split is scored on it (`Benchmark.selection_score`); the best model is scored on
+  the test split, and that is the result; the plateau schedule reads the same score.
+- `Checkpointing`: with a `workdir`, crash-safe checkpoints (`ntkmtl_jax.checkpoints`: state,
+  history and the typed `RunState` in one orbax checkpoint) at epoch ends, where the run
+  stops, every `checkpoint_every` steps and on Ctrl-C; a run started again with the same
+  `workdir` resumes where it stopped, with the same batches and augmentation.
+
+The learning rate follows a per-epoch schedule (`ntkmtl_jax.optimizer`). The `ntkmtl`
+command runs this loop for every benchmark but MT10 (a reinforcement-learning loop of its
+own, `ntkmtl_jax.benchmarks.mt10`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import jax
+import numpy as np
+import optax
+
+from ntkmtl_jax import io, kernel
+from ntkmtl_jax.checkpoints import RunCheckpoints, RunMismatchError, fingerprint
+from ntkmtl_jax.config import Config
+from ntkmtl_jax.data.splits import epoch_batches
+from ntkmtl_jax.models.multitask import TaskFunctions
+from ntkmtl_jax.optimizer import (build_optimizer, learning_rate_factor,
+                                  set_learning_rate_factor, with_learning_rate_factor)
+from ntkmtl_jax.results import History, RunResult
+from ntkmtl_jax.step import TrainState, TrainStep, make_train_step
+from ntkmtl_jax.strategy import Strategy
+
+if TYPE_CHECKING:
+  from ntkmtl_jax.benchmarks import Benchmark
+
+PyTree = Any
+
+
+@dataclasses.dataclass
+class RunState:
+  """Where a run stands between two steps; saved (as JSON) with every checkpoint.
+
+  Attributes:
+    epoch: the current epoch (0-based).
+    batch: batches of `epoch` already taken.
+    best_score, best_epoch, val_metrics, metrics: the selected model so far: its validation
+      score, epoch, validation metrics and test metrics (None before the first selection).
+    plateau_scale, plateau_best, plateau_wait: the plateau schedule's factor, best score and
+      epochs without improvement.
+    evaluations: one entry per validation pass (epoch, step, val, score, and test when
+      that model became the best).
+    step_times: wall seconds of the steps that were timed (the first ones and every
+      `log_every`-th).
+    fingerprint: what identifies the run's config (`checkpoints.fingerprint`).
+    finished: whether the run took all its steps.
+  """
+  epoch: int = 0
+  batch: int = 0
+  best_score: float = -math.inf
+  best_epoch: int | None = None
+  val_metrics: dict | None = None
+  metrics: dict | None = None
+  plateau_scale: float = 1.0
+  plateau_best: float = -math.inf
+  plateau_wait: int = 0
+  evaluations: list = dataclasses.field(default_factory=list)
+  step_times: list = dataclasses.field(default_factory=list)
+  fingerprint: dict = dataclasses.field(default_factory=dict)
+  finished: bool = False
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "RunState":
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class Recorder:
+  """Per-step metrics, moved to the host every `log_every` steps, and eigenvalue probes."""
+
+  KEYS = ("losses", "weights", "grad_norm", "eigenvalues", "skip_cause")
+
+  def __init__(self, num_tasks: int):
+    self.k = num_tasks
+    self.host = {key: [] for key in self.KEYS}
+    self.pending = []
+    self.probe_steps, self.probe_values = [], []
+
+  def add(self, metrics: dict):
+    record = {key: metrics[key] for key in self.KEYS if key in metrics}
+    if "nonfinite_losses" in metrics:  # the three causes exclude each other
+      record["skip_cause"] = (1 * metrics["nonfinite_losses"] + 2 * metrics["nonfinite_update"]
+                              + 3 * metrics["nonfinite_state"])
+    self.pending.append(record)
+
+  def flush(self):
+    for record in jax.device_get(self.pending):
+      for key, value in record.items():
+        self.host[key].append(np.asarray(value, np.float64))
+    self.pending = []
+
+  def arrays(self) -> dict:
+    self.flush()
+    shapes = dict(losses=(0, self.k), weights=(0, self.k), grad_norm=(0,),
+                  eigenvalues=(0, self.k), skip_cause=(0,))
+    out = {key: np.stack(v) if v else np.zeros(shapes[key]) for key, v in self.host.items()}
+    out["probe_steps"] = np.asarray(self.probe_steps, np.float64)
+    out["probe_values"] = np.asarray(self.probe_values, np.float64).reshape(-1, self.k)
+    return out
+
+  def load(self, arrays: dict):
+    """Continues from `arrays()` of an earlier run (empty arrays may be left out)."""
+    self.host = {key: list(arrays.get(key, ())) for key in self.KEYS}
+    self.probe_steps = list(arrays.get("probe_steps", ()))
+    self.probe_values = list(arrays.get("probe_values", ()))
+
+  def history(self, eigenvalues_in_step: bool) -> History:
+    a = self.arrays()
+    taken = len(a["losses"])
+    if eigenvalues_in_step and len(a["eigenvalues"]):
+      eigen_steps, eigenvalues, source = np.arange(1, taken + 1), a["eigenvalues"], "step"
+    elif len(a["probe_steps"]):
+      eigen_steps, eigenvalues, source = a["probe_steps"], a["probe_values"], "probe"
+    else:
+      eigen_steps, eigenvalues, source = np.zeros(0), np.zeros((0, self.k)), ""
+    return History(steps=np.arange(1, taken + 1, dtype=np.float64), losses=a["losses"],
+                   weights=a["weights"], grad_norm=a["grad_norm"],
+                   eigen_steps=np.asarray(eigen_steps, np.float64), eigenvalues=eigenvalues,
+                   eigen_source=source, skip_cause=a["skip_cause"])
+
+
+class StopOnSigint:
+  """While entered (in the main thread), a first SIGINT (Ctrl-C) only asks the loop to stop
+  at the next step boundary, where the loop checkpoints a consistent state; a second one
+  interrupts at once."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def _handle(self, signum, frame):
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGINT, self._handle)
+    return self
+
+  def __exit__(self, *unused):
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
+      self._previous = None
+
+
+# The jitted functions of a model and the train steps of (model, method, optimiser)
+# combinations, built once so later runs (other seeds) reuse their compilations.
+_JITTED: dict[tuple, Callable] = {}
+_STEPS: dict[tuple, tuple[TrainStep, Any]] = {}
+
+
+def _jitted_probe(functions: TaskFunctions) -> Callable:
+  key = ("probe", functions)
+  if key not in _JITTED:
+
+    def probe(params, model_state, batch):
+      losses = lambda p, b: functions.loss_fn(p, model_state, b)[0]
+      return kernel.ntk_weights(losses, params, batch, num_chunks=1, shared=functions.shared,
+                                strategy="unroll").eigenvalues
+
+    _JITTED[key] = jax.jit(probe)
+  return _JITTED[key]
+
+
+def strategy_of(config: Config) -> Strategy:
+  """The `Strategy` of the train step that `config` describes."""
+  return Strategy(passes=config.task_passes, materialize=config.materialize)
+
+
+def build_step(benchmark: "Benchmark", config: Config, *, method=None,
+               optimizer: optax.GradientTransformation | None = None) -> tuple[TrainStep, Any]:
+  """The jitted train step of `config` on `benchmark` and its method (built once each).
+
+  Args:
+    benchmark: the `Benchmark` (its model functions and number of tasks).
+    config: the run's `Config` (method, hyper-parameters, optimiser, strategy).
+    method: a method object to use instead of `config.method`.
+    optimizer: any optax transformation to use instead of the one `config` describes.
+
+  Returns:
+    (the `TrainStep`, whose optimiser ends with the learning-rate factor; the method).
+  """
+  functions = benchmark.functions
+  cache_key = None
+  if method is None and optimizer is None:
+    cache_key = (functions, benchmark.num_tasks, config.method_key,
+                 repr(sorted(config.method_hyperparameters().items())), config.optimizer,
+                 config.learning_rate, config.weight_decay, config.max_grad_norm,
+                 strategy_of(config))
+    if cache_key in _STEPS:
+      return _STEPS[cache_key]
+  if method is None or optimizer is None:
+    built_method, built_optimizer = build_optimizer(config, benchmark.num_tasks,
+                                                    functions.shared)
+    method = built_method if method is None else method
+    optimizer = built_optimizer if optimizer is None else optimizer
+  step = make_train_step(functions.loss_fn, method, with_learning_rate_factor(optimizer),
+                         strategy=strategy_of(config), has_state=True,
+                         encode=functions.encode, decode=functions.decode)
+  if cache_key is not None:
+    _STEPS[cache_key] = step, method
+  return step, method
+
+
+def initial_state(benchmark: "Benchmark", config: Config, step: TrainStep) -> TrainState:
+  """The `TrainState` a run of `config` starts from."""
+  key = ("init", benchmark.functions)
+  if key not in _JITTED:
+    _JITTED[key] = jax.jit(benchmark.functions.init)
+  sample = benchmark.train.take(np.arange(min(config.batch_size, len(benchmark.train))))
+  params, model_state = _JITTED[key](jax.random.key(config.seed, impl=config.init_prng), sample)
+  return step.init(params, model_state, jax.random.fold_in(jax.random.key(config.seed), 2))
+
+
+def eigenvalues_in_step(method, state: TrainState) -> bool:
+  """Whether the step's metrics carry lambda_i over the shared parameters: the method's
+  statistics come from task backward passes over them (squared norms or kernel blocks) and
+  its state records the eigenvalues it used (NTKMTL's `NTKMTLState.eigenvalues`)."""
+  return (method.needs.kind in ("sq_norms", "kernel")
+          and "eigenvalues" in getattr(state.method_state, "_fields", ()))
+
+
+# The hooks around the steps.
+
+
+class EigenvalueProbe:
+  """lambda_i = ||g_i||^2 on the step's batch before step 1 and every `every` steps."""
+
+  def __init__(self, benchmark: "Benchmark", every: int, recorder: Recorder):
+    self.probe = _jitted_probe(benchmark.functions) if every else None
+    self.every, self.recorder = every, recorder
+
+  def before_step(self, taken: int, state: TrainState, batch: dict):
+    if self.probe is not None and (taken == 0 or (taken + 1) % self.every == 0):
+      self.recorder.probe_steps.append(taken + 1)
+      self.recorder.probe_values.append(
+          np.asarray(self.probe(state.params, state.model_state, batch), np.float64))
+
+
+class ProgressLog:
+  """The progress bar (step, task losses, weights) and the step times, every `every` steps."""
+
+  def __init__(self, total: int, initial: int, description: str, enabled: bool, every: int,
+               recorder: Recorder):
+    self.total, self.every, self.recorder = total, every, recorder
+    self.bar = None
+    if enabled:
+      from tqdm.auto import tqdm
+      self.bar = tqdm(total=total, initial=initial, desc=description, unit="step",
+                      leave=False, dynamic_ncols=True)
+    self.say = print if self.bar is None else self.bar.write
+
+  def after_step(self, taken: int, started: float, run: RunState):
+    if taken % self.every and taken != self.total and len(run.step_times) >= 3:
+      return
+    self.recorder.flush()  # waits for the step
+    run.step_times.append(time.perf_counter() - started)
+    if self.bar is not None:
+      fmt = lambda values: "/".join(f"{v:.3g}" for v in values)
+      self.bar.update(taken - self.bar.n)
+      self.bar.set_postfix_str(f"loss {fmt(self.recorder.host['losses'][-1])} | "
+                               f"w {fmt(self.recorder.host['weights'][-1])}", refresh=False)
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+
+
+class Selection:
+  """Model selection on the validation split, and the plateau schedule that reads its score."""
+
+  def __init__(self, benchmark: "Benchmark", config: Config, label: str, stl_task: int | None,
+               checkpoints: RunCheckpoints | None, say: Callable[[str], None]):
+    self.benchmark, self.config, self.label = benchmark, config, label
+    self.stl_task, self.checkpoints, self.say = stl_task, checkpoints, say
+
+  def after_epoch(self, epoch: int, state: TrainState, run: RunState):
+    bench, config = self.benchmark, self.config
+    if bench.val is None:
+      return
+    val = bench.evaluate(state.params, state.model_state, "val", config.eval_batch_size)
+    score = bench.selection_score(val, task=self.stl_task)
+    entry = dict(epoch=epoch, step=int(state.step), val=val, score=score)
+    if score > run.best_score:
+      test = val if bench.test is None else bench.evaluate(
+          state.params, state.model_state, "test", config.eval_batch_size)
+      run.best_score, run.best_epoch, run.val_metrics, run.metrics = score, epoch, val, test
+      entry["test"] = test
+      if self.checkpoints is not None:
+        self.checkpoints.save_best(state)
+    if config.lr_schedule == "plateau":
+      if score > run.plateau_best:
+        run.plateau_best, run.plateau_wait = score, 0
+      else:
+        run.plateau_wait += 1
+        if run.plateau_wait > config.plateau_patience:
+          run.plateau_scale, run.plateau_wait = run.plateau_scale * config.plateau_factor, 0
+    run.evaluations.append(entry)
+    self.say(f"[{self.label}] epoch {epoch} step {int(state.step)} val score {score:.4f} "
+             + " ".join(f"{n}={v:.4g}" for n, v in val.items()))
+
+
+class Checkpointing:
+  """The run's checkpoints: at epoch ends and stops (`save`), every `every` steps inside an
+  epoch (`periodic`); does nothing without a workdir."""
+
+  def __init__(self, checkpoints: RunCheckpoints | None, every: int, total_steps: int,
+               steps_per_epoch: int, recorder: Recorder):
+    self.checkpoints, self.every, self.total = checkpoints, every, total_steps
+    self.steps_per_epoch, self.recorder = steps_per_epoch, recorder
+
+  def save(self, state: TrainState, run: RunState, taken: int):
+    if self.checkpoints is not None:
+      run.finished = taken >= self.total
+      self.checkpoints.save(state, run.to_dict(), self.recorder.arrays())
+
+  def periodic(self, state: TrainState, run: RunState, taken: int):
+    if self.every and taken % self.every == 0 and run.batch < self.steps_per_epoch:
+      self.save(state, run, taken)
+
+
+def resume_run(checkpoints: RunCheckpoints, config: Config, state: TrainState, recorder: Recorder,
+           *, resume: bool, overwrite: bool) -> tuple[TrainState, RunState]:
+  """The state and run state to start from, after checking what the workdir holds."""
+  workdir = checkpoints.workdir
+  fresh = state, RunState(fingerprint=fingerprint(config))
+  if not checkpoints.steps():
+    return fresh
+  restored = checkpoints.restore(state)
+  if restored is None:
+    if not overwrite:
+      raise RunMismatchError(f"{workdir} holds checkpoints but none restores; pass "
+                             "overwrite=True (--overwrite) to start the run over.")
+    checkpoints.clear()
+    return fresh
+  saved_state, saved, history = restored
+  saved = RunState.from_dict(saved)
+  wanted = fresh[1].fingerprint
+  if overwrite:
+    if saved.finished:
+      raise RunMismatchError(f"{workdir} holds a finished run; refusing to overwrite it: "
+                             "delete it or choose another directory.")
+    checkpoints.clear()
+    return fresh
+  if saved.fingerprint != wanted:
+    differ = sorted(k for k in wanted if saved.fingerprint.get(k) != wanted[k])
+    raise RunMismatchError(f"{workdir} holds another run (different {', '.join(differ)}); "
+                           "choose another directory, or pass overwrite=True (--overwrite) to "
+                           "discard it.")
+  if not resume:
+    raise RunMismatchError(f"{workdir} holds a run of this config; pass resume=True "
+                           "(--resume) to continue it or overwrite=True (--overwrite) to "
+                           "start over.")
+  recorder.load(history)
+  print(f"Resuming {config.benchmark}/{config.method} at epoch {saved.epoch}, batch "
+        f"{saved.batch} (step {int(saved_state.step)}).")
+  return saved_state, dataclasses.replace(saved, finished=False)
+
+
+def fit(benchmark: "Benchmark", config: Config, workdir: str | None = None, *, method=None,
+        optimizer: optax.GradientTransformation | None = None, progress: bool = True,
+        description: str | None = None,
+        callback: Callable[[int, TrainState, dict], None] | None = None,
+        resume: bool = True, overwrite: bool = False) -> RunResult:
+  """Trains `config.method` on `benchmark` and returns the run's record.
+
+  Ctrl-C (SIGINT, or a KeyboardInterrupt) during training stops the run cleanly: the result
+  has `interrupted=True`, the history of the steps taken, and metrics of the best model so far
+  (or of the current one, scored then). With a `workdir`, a SIGINT stops at the next step
+  boundary and checkpoints there, so nothing trained is lost; started again, the run resumes
+  from the newest usable checkpoint and ends with the parameters an uninterrupted run ends
+  with.
+
+  Args:
+    benchmark: the `Benchmark` (model functions, splits, metrics, selection rule).
+    config: the run's `Config`.
+    workdir: where checkpoints and results.json go (None: nothing is written).
+    method: a method object (e.g. `ntkmtl_jax.ntkmtl(...)`) instead of `config.method`.
+    optimizer: any optax transformation instead of the one `config` describes; the
+      learning-rate schedule multiplies its updates.
+    progress: show a tqdm progress bar (step, task losses, task weights).
+    description: the progress bar's label (default: the method's name and seed).
+    callback: called as `callback(t, state, metrics)` after step t (1-based), e.g. a
+      `spectra.SpectrumTracker`; it runs on the host, so keep it cheap or sparse.
+    resume: continue the run that `workdir` holds (False: refuse to touch it).
+    overwrite: discard an unfinished run (of this config or another) that `workdir` holds;
+      a finished run is never discarded.
+
+  Returns:
+    A `RunResult`.
+
+  Raises:
+    RunMismatchError: `workdir` holds a run of another config (without `overwrite`), a run
+      of this one (with neither `resume` nor `overwrite`), or a finished run to overwrite.
+  """
+  started = time.perf_counter()
+  steps_per_epoch, num_epochs, total = run_length(benchmark, config)
+  name = config.method_key if method is None else method.name
+  step, method = build_step(benchmark, config, method=method, optimizer=optimizer)
+  state = initial_state(benchmark, config, step)
+  hparams = config.method_hyperparameters()
+  recorder = Recorder(benchmark.num_tasks)
+  checkpoints = RunCheckpoints(workdir) if workdir else None
+  state, run = (resume_run(checkpoints, config, state, recorder, resume=resume,
+                           overwrite=overwrite)
+                if checkpoints else (state, RunState(fingerprint=fingerprint(config))))
+  in_step = eigenvalues_in_step(method, state)
+  probe = EigenvalueProbe(benchmark, 0 if in_step else config.probe_every, recorder)
+  log = ProgressLog(total, int(state.step), description or f"{name} seed {config.seed}",
+                    progress, config.log_every, recorder)
+  select = Selection(benchmark, config, f"{config.benchmark}/{name}",
+                     hparams.get("task", 0) if name == "stl" else None, checkpoints, log.say)
+  saving = Checkpointing(checkpoints, config.checkpoint_every, total, steps_per_epoch, recorder)
+  taken = int(state.step)  # counted on the host: reading state.step would wait for the step
+  interrupted = False
+  with StopOnSigint() as sigint:
+    try:
+      for epoch in range(run.epoch, num_epochs):
+        if taken >= total and run.batch == 0:
+          break  # stopped exactly at an epoch's end, which was already scored
+        state = set_learning_rate_factor(state, learning_rate_factor(
+            config, epoch, num_epochs, run.plateau_scale))
+        stopped = taken >= total  # resumed where `max_steps` stopped an earlier run
+        for batch in () if stopped else epoch_batches(benchmark.train, config.batch_size,
+                                                      seed=config.seed, epoch=epoch,
+                                                      skip=run.batch):
+          if sigint.requested:  # between steps: state, history and position agree
+            raise KeyboardInterrupt
+          probe.before_step(taken, state, batch)
+          step_started = time.perf_counter()
+          state, out = step(state, batch)
+          taken, run.batch = taken + 1, run.batch + 1
+          recorder.add(out)
+          if callback is not None:
+            callback(taken, state, out)
+          log.after_step(taken, step_started, run)
+          if taken >= total:
+            stopped = run.batch < steps_per_epoch
+            break
+          saving.periodic(state, run, taken)
+        if not stopped:
+          run.epoch, run.batch = epoch + 1, 0
+        select.after_epoch(epoch, state, run)
+        saving.save(state, run, taken)
+        if stopped:
+          break
+    except KeyboardInterrupt:
+      interrupted = True
+      if sigint.requested and checkpoints is not None:
+        saving.save(state, run, taken)
+        log.say(f"Interrupted at step {taken}: saved a checkpoint in {workdir}; run again "
+                "with it to resume.")
+    finally:
+      log.close()
+  if run.metrics is None and taken > 0:
+    # No validation split, or interrupted before its first pass: score the current model.
+    run.metrics = benchmark.evaluate(state.params, state.model_state, "test",
+                                     config.eval_batch_size)
+  result = _result(name, config, hparams, state, run, recorder.history(in_step), interrupted,
+                   time.perf_counter() - started)
+  if workdir:
+    io.write_json(os.path.join(workdir, "results.json"), result.to_dict())
+  return result
+
+
+def run_length(benchmark: "Benchmark", config: Config) -> tuple[int, int, int]:
+  """(steps per epoch, epochs, steps) of a run of `config` on `benchmark`."""
+  steps_per_epoch = len(benchmark.train) // config.batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(f"The training split has {len(benchmark.train)} examples, fewer than the "
+                     f"batch size {config.batch_size}; lower the batch size.")
+  return (steps_per_epoch, *config.run_length(steps_per_epoch))
+
+
+def _result(name: str, config: Config, hparams: dict, state: TrainState, run: RunState,
+            history: History, interrupted: bool, wall_time: float) -> RunResult:
+  times = run.step_times[2:] or run.step_times
+  return RunResult(
+      method=name, seed=config.seed, hparams=hparams, metrics=run.metrics or {},
+      wall_time=wall_time, steps=int(state.step), skipped=int(state.skipped),
+      interrupted=interrupted, history=history, val_metrics=run.val_metrics,
+      best_epoch=run.best_epoch, evaluations=run.evaluations,
+      step_time_s=float(np.median(times)) if times else None, params=state.params,
+      model_state=state.model_state)
+
+
+def restore_checkpoint(benchmark: "Benchmark", config: Config, workdir: str,
+                       which: str = "best") -> TrainState:
+  """The `TrainState` that `fit` saved in `workdir`: "best" (the selected model) or "latest"."""
+  step, _ = build_step(benchmark, config)
+  template = initial_state(benchmark, config, step)
+  checkpoints = RunCheckpoints(workdir)
+  if which == "best":
+    return checkpoints.restore_best(template)
+  restored = checkpoints.restore(template)
+  if restored is None:
+    raise FileNotFoundError(f"No usable checkpoint in {workdir}.")
+  return restored[0]
