@@ -12,7 +12,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 f1_score = pytest.importorskip("sklearn.metrics").f1_score
 pytest.importorskip("PIL")  # the input pipeline resizes with it
 
-from experiments.celeba import configs
+from ntkmtl_jax import benchmarks, cli
 from ntkmtl_jax.benchmarks import celeba
 from ntkmtl_jax.models.celeba import celeba_functions
 
@@ -20,7 +20,7 @@ NUM_MOCK = 16
 
 
 def test_pipeline_on_mock_celeba_shapes_ranges_labels_and_splits():
-  config = configs.get_config("default")
+  config = benchmarks.get_config("celeba", "default")
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
     splits = celeba.load_splits(config.data_dir, **config.data)
     source = tfds.data_source("celeb_a", split="validation")
@@ -70,17 +70,16 @@ def test_f1_accumulator_against_sklearn(seed):
 
 
 def test_model_selection_is_the_mean_validation_f1(seed):
-  scoring = celeba.scoring(configs.get_config("tiny").data["num_attributes"])
+  scoring = celeba.scoring(benchmarks.get_config("celeba", "tiny").data["num_attributes"])
   assert scoring.metric_names == tuple(f"{a} F1" for a in celeba.ATTRIBUTES[:4])
   values = dict(zip(scoring.metric_names, np.random.default_rng(seed).uniform(0, 100, 4)))
   assert scoring.selection_score(values) == pytest.approx(np.mean(list(values.values())))
   assert scoring.delta_m(values) is None  # the paper publishes no STL row
 
 
-def test_missing_dataset_gives_one_clear_message(tmp_path):
-  from experiments.celeba import main
-  with pytest.raises(SystemExit) as exit_info:
-    main.main(["--config", "tiny", "--data-dir", str(tmp_path)])
-  message = str(exit_info.value)
+def test_missing_dataset_gives_one_clear_message(tmp_path, capsys):
+  assert cli.main(["train", "--benchmark", "celeba", "--preset", "tiny", "--data-dir",
+                   str(tmp_path), "--workdir", str(tmp_path / "out"), "--quiet"]) == 2
+  message = capsys.readouterr().err
   assert "celeb_a" in message and "tfds build celeb_a" in message
   assert "--data-dir DIR" in message and str(tmp_path) in message

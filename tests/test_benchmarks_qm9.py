@@ -10,8 +10,7 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from experiments.qm9 import configs
-from ntkmtl_jax import metrics
+from ntkmtl_jax import benchmarks, metrics
 from ntkmtl_jax.benchmarks import qm9
 from ntkmtl_jax.models.qm9 import qm9_functions
 from conftest import check_published_delta_m
@@ -52,7 +51,7 @@ def test_split_is_a_partition_with_the_paper_sizes(seed):
 
 
 def test_pipeline_on_mock_qm9_units_standardisation_and_shapes():
-  config = configs.get_config("tiny")
+  config = benchmarks.get_config("qm9", "tiny")
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
     train_split, val_split, test_split, standardize = qm9.load_splits(config.data_dir,
                                                                      **config.data)

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.nyuv2 import configs
 from ntkmtl_jax import benchmarks, metrics
 from ntkmtl_jax.benchmarks import nyuv2
 from ntkmtl_jax.benchmarks.mtan import DenseMetrics
@@ -65,7 +64,7 @@ def test_flip_negates_the_normals_x_component():
 
 
 def test_missing_data_gives_one_clear_message(tmp_path):
-  config = configs.get_config("tiny").replace(data_dir=str(tmp_path))
+  config = benchmarks.get_config("nyuv2", "tiny").replace(data_dir=str(tmp_path))
   with pytest.raises(DatasetMissingError, match="--data-dir") as error:
     benchmarks.from_config(config)
   assert "lorenmt/mtan" in str(error.value)

@@ -14,8 +14,8 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from experiments.multimnist import configs, main
-from ntkmtl_jax import benchmarks, cli, metrics, report, training
+from ntkmtl_jax import benchmarks, cli, loop, metrics, report
+from ntkmtl_jax.results import RunResult
 from ntkmtl_jax.benchmarks import multimnist
 from ntkmtl_jax.checkpoints import RunCheckpoints
 from ntkmtl_jax.models.lenet import lenet_functions
@@ -37,7 +37,7 @@ def test_overlay_matches_an_independent_bilinear_resize(seed):
 
 
 def test_pipeline_on_mock_mnist_shapes_labels_and_split_sizes():
-  config = configs.get_config("tiny")
+  config = benchmarks.get_config("multimnist", "tiny")
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
     train_split, val_split, test_split = multimnist.load_splits(config.data_dir, **config.data)
     source = tfds.data_source("mnist", split="train")
@@ -82,8 +82,12 @@ def test_accuracy_accumulator_against_hand_count():
 def test_comparison_of_stl_and_ntkmtl_prints_and_writes_the_report(tmp_path, capsys):
   workdir = str(tmp_path / "compare")
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
-    runs = main.main(["--config", "tiny", "--methods", "stl,ntkmtl", "--max-steps", "2",
-                      "--workdir", workdir])
+    code = cli.main(["compare", "--benchmark", "multimnist", "--preset", "tiny", "--methods",
+                     "stl,ntkmtl", "--seeds", "0", "--steps", "2", "--workdir", workdir,
+                     "--quiet", "--no-plots"])
+  assert code == 0
+  with open(os.path.join(workdir, "results.json")) as f:
+    runs = [RunResult.from_dict(r) for r in json.load(f)["runs"]]
   assert [(r.method, r.hparams.get("task")) for r in runs] == [
       ("stl", 0), ("stl", 1), ("ntkmtl", None)]
   ntk = runs[-1]
@@ -108,11 +112,11 @@ def test_comparison_of_stl_and_ntkmtl_prints_and_writes_the_report(tmp_path, cap
 
 def test_a_few_ls_steps_with_checkpoint_and_resume(tmp_path, capsys):
   workdir = str(tmp_path / "ls")
-  config = configs.get_config("tiny").replace(method="ls")
+  config = benchmarks.get_config("multimnist", "tiny").replace(method="ls")
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
     bench = benchmarks.from_config(config)
-  first = training.fit(bench, config.replace(max_steps=1), workdir, progress=False)
-  second = training.fit(bench, config.replace(max_steps=2), workdir, progress=False)
+  first = loop.fit(bench, config.replace(max_steps=1), workdir, progress=False)
+  second = loop.fit(bench, config.replace(max_steps=2), workdir, progress=False)
   assert "Resuming multimnist/ls" in capsys.readouterr().out
   assert (first.steps, second.steps) == (1, 2)
   assert second.skipped == 0 and np.all(np.isfinite(second.last_losses))
@@ -123,20 +127,20 @@ def test_a_few_ls_steps_with_checkpoint_and_resume(tmp_path, capsys):
   with open(os.path.join(workdir, "results.json")) as f:
     assert json.load(f)["steps"] == 2
   # The best checkpoint restores, and scores on validation what the run recorded for it.
-  best = training.restore_checkpoint(bench, config, workdir, "best")
-  val = training.evaluate(bench, best.params, best.model_state, bench.val,
-                          config.eval_batch_size)
+  best = loop.restore_checkpoint(bench, config, workdir, "best")
+  val = bench.evaluate(best.params, best.model_state, "val", config.eval_batch_size)
   assert val == second.val_metrics
 
 
-def test_the_ntkmtl_command_and_the_experiment_run_the_same_protocol(tmp_path):
+def test_the_ntkmtl_command_and_the_python_api_run_the_same_protocol(tmp_path):
   out = tmp_path / "cli"
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
     code = cli.main(["train", "--benchmark", "multimnist", "--option", "val_size=8",
                      "--method", "ntkmtl", "--steps", "2", "--batch-size", "8", "--quiet",
-                     "--no-plots", "--out", str(out)])
+                     "--no-plots", "--workdir", str(out)])
     assert code == 0
-    [from_experiment] = main.main(["--config", "tiny", "--method", "ntkmtl", "--max-steps", "2"])
+    config = benchmarks.get_config("multimnist", "tiny").replace(method="ntkmtl", max_steps=2)
+    from_experiment = loop.fit(benchmarks.from_config(config), config, progress=False)
   [from_cli] = json.loads((out / "results.json").read_text())["runs"]
   # Same benchmark, method, optimiser, batches and model selection: the same run.
   assert from_cli["steps"] == from_experiment.steps == 2
@@ -149,7 +153,7 @@ def test_library_registry_builds_the_benchmark_for_the_loop():
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
     bench = benchmarks.get_benchmark("multimnist", val_size=8)
   assert bench.metric_names == ("left acc", "right acc") and bench.num_tasks == 2
-  result = training.fit(bench, bench.config.replace(method="ntkmtl_sr", batch_size=8,
+  result = loop.fit(bench, bench.config.replace(method="ntkmtl_sr", batch_size=8,
                                                     max_steps=2), progress=False)
   assert result.steps == 2 and result.skipped == 0
   assert np.all(np.isfinite(result.history.losses))

@@ -1,1 +1,0 @@
-"""Cityscapes: 7-class segmentation and depth with SegNet-MTAN."""

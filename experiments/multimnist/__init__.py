@@ -1,1 +1,0 @@
-"""MultiMNIST: classify the left and the right digit of two overlaid MNIST digits (LeNet)."""

@@ -1,1 +1,0 @@
-"""QM9: 11 molecular property regressions with an MPNN on padded dense graphs."""
