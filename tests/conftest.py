@@ -144,6 +144,70 @@ def assert_close(actual, desired, rtol=2e-4, err_msg=""):
                              atol=rtol * scale, err_msg=err_msg)
 
 
+def random_jacobian(rng, k=None, p=None):
+  """Task gradients (k, P) of different sizes, k in 2..6 and P in 5..50 unless given."""
+  k = int(rng.integers(2, 7)) if k is None else k
+  p = int(rng.integers(5, 51)) if p is None else p
+  return rng.normal(size=(k, p)) * rng.uniform(0.2, 5.0, size=(k, 1))
+
+
+def random_wide_jacobian(rng, k=None, p=None):
+  """`random_jacobian` with P in k+2..40 unless given: more directions than tasks."""
+  k = int(rng.integers(2, 7)) if k is None else k
+  p = int(rng.integers(k + 2, 41)) if p is None else p
+  return random_jacobian(rng, k, p)
+
+
+def gram32(jac):
+  return jnp.asarray(jac @ jac.T, jnp.float32)
+
+
+def run_gram_weighting(agg, gram, key=None, losses=None, state=None):
+  """One jitted step of `agg.weights` on a Gram matrix: (weights as float64, state)."""
+  from ntkmtl_jax.method import TaskStats
+  state = agg.init(None) if state is None else state
+  stats = TaskStats(gram=gram, losses=losses, key=key)
+  weights, state = jax.jit(agg.weights)(stats, state)
+  return np.asarray(weights, np.float64), state
+
+
+def random_losses(rng, steps, k):
+  return rng.uniform(0.1, 3.0, size=(steps, k))
+
+
+def run_loss_weighting(agg, losses, sq_norms=None, keys=None, jit=False):
+  """Runs `agg.weights` over a sequence of steps; returns the weights (steps, k) and state."""
+  from ntkmtl_jax.method import TaskStats
+  weighting = jax.jit(agg.weights) if jit else agg.weights
+  state = agg.init(None)
+  out = []
+  for t, l in enumerate(losses):
+    stats = TaskStats(losses=jnp.asarray(l, jnp.float32),
+                      sq_norms=None if sq_norms is None else jnp.asarray(sq_norms[t], jnp.float32),
+                      key=None if keys is None else keys[t])
+    w, state = weighting(stats, state)
+    out.append(np.asarray(w, np.float64))
+  return np.stack(out), state
+
+
+class NumpyAdam:
+  """PyTorch's Adam, with its L2 `weight_decay` added to the gradient, in float64."""
+
+  def __init__(self, lr, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8):
+    self.lr, self.wd, self.b1, self.b2, self.eps = lr, weight_decay, b1, b2, eps
+    self.m = self.v = 0.0
+    self.t = 0
+
+  def step(self, x, g):
+    g = g + self.wd * x
+    self.t += 1
+    self.m = self.b1 * self.m + (1 - self.b1) * g
+    self.v = self.b2 * self.v + (1 - self.b2) * g ** 2
+    m_hat = self.m / (1 - self.b1 ** self.t)
+    v_hat = self.v / (1 - self.b2 ** self.t)
+    return x - self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+
+
 def check_jit_and_eager(seed, method):
   """The method's update of random (3, 12) task gradients of different sizes is the same
   jitted and eager."""

@@ -36,7 +36,7 @@ TOLERANCES = {
 # diagonal): the Gram is a float32 matmul, the rest is k x k.
 GRAM_BASED = tuple(n for n in methods.names() if methods.get(n, 2).needs.kind in ("gram", "sq_norms"))
 # SDMGrad's default iteration does not converge and turns rounding differences into
-# different weights; small steps make it a contraction (as in test_methods_more.py).
+# different weights; small steps make it a contraction (as in test_methods_min_norm.py).
 HPARAMS = {"sdmgrad": dict(learning_rate=0.05, momentum=0.0)}
 
 
@@ -113,7 +113,7 @@ def test_gram_method_direction_at_default_precision(name):
 # rounding level of float32 eigenvalues), IMTL-G (7e-4) and ConFIG (3e-4 on nearly
 # collinear tasks, whose cosine matrix is ill-conditioned). Nearly opposite tasks, a zero
 # gradient and a hull through 0 leave a direction of 1e-3 of the gradients or less, which
-# float32 does not resolve; they are checked in float64 only (tests/test_solvers.py).
+# float32 does not resolve; they are checked in float64 only (tests/test_methods_solvers.py).
 FLOAT32_TOLERANCE = {"upgrad": 5e-4, "dualproj": 5e-4, "aligned_mtl": 3e-2, "imtl_g": 3e-3,
                      "config": 1e-3}
 FLOAT32_DEFAULT = 5e-5

@@ -1,6 +1,6 @@
-"""The loss- and norm-based weightings (SI, RLW, DWA, UW, FAMO, GradNorm, DB-MTL, STCH)
+"""The loss-based weightings (SI, RLW, DWA, UW, FAMO, STCH; methods/loss_weighting.py)
 against NumPy references of their papers' update rules, on fresh random losses (the
-properties every method shares are in test_method_properties.py)."""
+properties every method shares are in test_testing_properties.py)."""
 
 import numpy as np
 import pytest
@@ -10,50 +10,14 @@ import optax
 
 from ntkmtl_jax import methods
 from ntkmtl_jax.method import TaskStats
-from ntkmtl_jax.step import make_train_step
-from conftest import TanhMLP, assert_close, flat_shared
-
-
-
-def random_losses(rng, steps, k):
-  return rng.uniform(0.1, 3.0, size=(steps, k))
-
-
-def run_weighting(agg, losses, sq_norms=None, keys=None, jit=False):
-  """Runs `agg.weights` over a sequence of steps; returns the weights (steps, k) and state."""
-  weighting = jax.jit(agg.weights) if jit else agg.weights
-  state = agg.init(None)
-  out = []
-  for t, l in enumerate(losses):
-    stats = TaskStats(losses=jnp.asarray(l, jnp.float32),
-                      sq_norms=None if sq_norms is None else jnp.asarray(sq_norms[t], jnp.float32),
-                      key=None if keys is None else keys[t])
-    w, state = weighting(stats, state)
-    out.append(np.asarray(w, np.float64))
-  return np.stack(out), state
-
-
-class NumpyAdam:
-  """PyTorch's Adam, with its L2 `weight_decay` added to the gradient, in float64."""
-
-  def __init__(self, lr, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8):
-    self.lr, self.wd, self.b1, self.b2, self.eps = lr, weight_decay, b1, b2, eps
-    self.m = self.v = 0.0
-    self.t = 0
-
-  def step(self, x, g):
-    g = g + self.wd * x
-    self.t += 1
-    self.m = self.b1 * self.m + (1 - self.b1) * g
-    self.v = self.b2 * self.v + (1 - self.b2) * g ** 2
-    m_hat = self.m / (1 - self.b1 ** self.t)
-    v_hat = self.v / (1 - self.b2 ** self.t)
-    return x - self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+from conftest import NumpyAdam, TanhMLP, assert_close, random_losses
+from conftest import run_loss_weighting as run_weighting
 
 
 def softmax(x):
   e = np.exp(x - np.max(x))
   return e / e.sum()
+
 
 
 # ---------------------------------------------------------------------------------- SI
@@ -71,6 +35,7 @@ def test_si_weights_are_inverse_losses_and_update_is_grad_of_log_sum(seed):
   expected = jax.grad(lambda p: jnp.sum(jnp.log(model.loss_fn(p, model.batch))))(model.params)
   jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-4, err_msg=f"seed={seed}"),
                update, expected)
+
 
 
 # --------------------------------------------------------------------------------- RLW
@@ -94,6 +59,7 @@ def test_rlw_weights_on_simplex_random_per_key_mean_one_over_k(seed):
   w2, s2 = agg.weights(TaskStats(losses=losses), s1)
   assert np.max(np.abs(np.asarray(w1) - np.asarray(w2))) > 1e-6, f"seed={seed}"
   assert int(s2.count) == 2
+
 
 
 # --------------------------------------------------------------------------------- DWA
@@ -131,6 +97,7 @@ def test_dwa_default_temperature_is_two():
   assert methods.defaults("dwa")["temperature"] == 2.0
 
 
+
 # ---------------------------------------------------------------------------------- UW
 
 def test_uw_log_variances_follow_gradient_of_objective(seed):
@@ -154,6 +121,7 @@ def test_uw_log_variances_follow_gradient_of_objective(seed):
     s = adam.step(s, 0.5 * (1.0 - np.exp(-s) * l))
   np.testing.assert_allclose(state.log_variances, s, rtol=1e-4, atol=1e-6,
                              err_msg=f"seed={seed}")
+
 
 
 # -------------------------------------------------------------------------------- FAMO
@@ -204,101 +172,6 @@ def test_famo_paper_rule_with_plain_gradient_step(seed):
   assert np.max(np.abs(expected_xi[-1])) > 1e-4  # the check is not vacuous
 
 
-# ---------------------------------------------------------------------------- GradNorm
-
-def gradnorm_objective(w, norms, target):
-  return np.sum(np.abs(np.abs(w) * norms - target))
-
-
-def test_gradnorm_weight_step_is_gradient_of_l_grad(seed):
-  rng = np.random.default_rng(seed)
-  k = int(rng.integers(2, 6))
-  alpha, lr = 1.5, float(rng.uniform(0.01, 0.1))
-  losses = random_losses(rng, 2, k)
-  norms = rng.uniform(0.1, 3.0, size=(2, k))
-  w, state = run_weighting(methods.get("gradnorm", k, alpha=alpha, optimizer=optax.sgd(lr)),
-                           losses, sq_norms=norms ** 2)
-  # Step 0: w = 1, r = 1; step 1 starts from the renormalised weights of step 0.
-  weights = np.ones(k)
-  for t in range(2):
-    np.testing.assert_allclose(w[t], weights, rtol=1e-5, err_msg=f"seed={seed}")
-    rates = losses[t] / losses[0]
-    target = np.mean(np.abs(weights) * norms[t]) * (rates / rates.mean()) ** alpha
-    h = 1e-6
-    grad = np.array([(gradnorm_objective(weights + h * e, norms[t], target)
-                      - gradnorm_objective(weights - h * e, norms[t], target)) / (2 * h)
-                     for e in np.eye(k)])
-    weights = weights - lr * grad
-    weights = k * weights / weights.sum()
-  np.testing.assert_allclose(state.loss_weights, weights, rtol=1e-4, err_msg=f"seed={seed}")
-  np.testing.assert_allclose(np.sum(state.loss_weights), k, rtol=1e-5)
-  np.testing.assert_allclose(state.initial_losses, losses[0], rtol=1e-6)
-
-
-def test_gradnorm_default_adam_and_norms_from_shared_gradients(seed):
-  rng = np.random.default_rng(seed)
-  k = int(rng.integers(2, 6))
-  model = TanhMLP(rng, num_tasks=k, task_scales=rng.uniform(0.2, 5.0, k))
-  agg = methods.get("gradnorm", k, shared=model.shared)
-  assert agg.needs.kind == "sq_norms" and methods.defaults("gradnorm")["alpha"] == 1.5
-  g, heads = model.numpy_task_gradients()
-  norms = np.linalg.norm(g, axis=1)
-  grads = jax.jacrev(model.loss_fn)(model.params, model.batch)
-  state = agg.init(model.params)
-  adam, weights, initial = NumpyAdam(0.025), np.ones(k), None
-  for step in range(3):
-    losses = rng.uniform(0.1, 3.0, k)
-    initial = losses if initial is None else initial
-    update, state = agg.update(grads, state, model.params, losses=jnp.asarray(losses))
-    assert_close(flat_shared(update), weights @ g, err_msg=f"seed={seed}")
-    assert_close(update["heads"]["w"], np.tensordot(weights, heads, 1), err_msg=f"seed={seed}")
-    grad_norms = np.abs(weights) * norms
-    rates = (losses / initial) / np.mean(losses / initial)
-    target = grad_norms.mean() * rates ** 1.5
-    weights = adam.step(weights, np.sign(grad_norms - target) * np.sign(weights) * norms)
-    weights = k * weights / weights.sum()
-    np.testing.assert_allclose(state.loss_weights, weights, rtol=1e-4,
-                               err_msg=f"seed={seed} step={step}")
-    np.testing.assert_allclose(np.sum(state.loss_weights), k, rtol=1e-5)
-
-
-# ------------------------------------------------------------------------------ DB-MTL
-
-def db_mtl_params(rng, k):
-  params = {"body": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
-            "head": jnp.asarray(rng.normal(size=(3, k)), jnp.float32)}
-  return params, {"body": True, "head": False}
-
-
-def test_db_mtl_matches_numpy_reference(seed):
-  rng = np.random.default_rng(seed)
-  k = int(rng.integers(2, 6))
-  beta, beta_sigma = float(rng.uniform(0.5, 0.95)), float(rng.choice([0.0, 0.5]))
-  params, mask = db_mtl_params(rng, k)
-  agg = methods.get("db-mtl", k, beta=beta, beta_sigma=beta_sigma, shared=mask)
-  assert agg.needs.kind == "gradients"
-  state = agg.init(params)
-  buffer = np.zeros((k, 15))
-  for t in range(1, 4):
-    # Task gradients of very different sizes: the balancing must undo that.
-    body = rng.normal(size=(k, 5, 3)) * rng.uniform(0.01, 10.0, size=(k, 1, 1))
-    head = rng.normal(size=(k, 3, k))
-    losses = rng.uniform(0.1, 3.0, k)
-    grads = {"body": jnp.asarray(body, jnp.float32), "head": jnp.asarray(head, jnp.float32)}
-    update, state = agg.update(grads, state, params, losses=jnp.asarray(losses, jnp.float32))
-    log_grads = body.reshape(k, -1) / (losses + 1e-8)[:, None]
-    buffer = log_grads + beta / t ** beta_sigma * (buffer - log_grads)
-    norms = np.linalg.norm(buffer, axis=1)
-    scales = norms.max() / (norms + 1e-8)
-    assert_close(np.asarray(update["body"]).ravel(), scales @ buffer,
-                 err_msg=f"seed={seed} t={t}")
-    assert_close(update["head"], np.tensordot(1 / (losses + 1e-8), head, 1),
-                 err_msg=f"seed={seed} t={t}")
-    np.testing.assert_allclose(state.weights, scales, rtol=1e-4)
-    # Every rescaled buffer has the largest norm.
-    np.testing.assert_allclose(np.linalg.norm(scales[:, None] * buffer, axis=1), norms.max(),
-                               rtol=1e-4)
-
 
 # -------------------------------------------------------------------------------- STCH
 
@@ -338,26 +211,3 @@ def test_stch_matches_numpy_reference(seed):
   np.testing.assert_allclose(w, expected, rtol=1e-4, err_msg=f"seed={seed}")
   np.testing.assert_allclose(state.nadir, nadir, rtol=1e-5, err_msg=f"seed={seed}")
 
-
-def test_published_defaults():
-  assert methods.defaults("famo")["learning_rate"] == 0.025
-  assert methods.defaults("famo")["gamma"] == 0.01
-  assert methods.defaults("uw")["learning_rate"] == 0.025
-  assert methods.defaults("stch")["mu"] == 1.0 and methods.defaults("stch")["warmup_epochs"] == 4
-  assert methods.defaults("db_mtl")["beta"] == 0.9
-
-
-def test_gradnorm_streaming_matches_unrolled_step(seed):
-  rng = np.random.default_rng(seed)
-  model = TanhMLP(rng, num_tasks=3, task_scales=rng.uniform(0.2, 5.0, 3))
-  agg = methods.get("gradnorm", 3, shared=model.shared)
-  results = []
-  for strategy in ("streaming", "unroll"):
-    step = make_train_step(model.loss_fn, agg, optax.sgd(1e-2), strategy=strategy)
-    state = step.init(model.params)
-    for _ in range(3):
-      state, metrics = step(state, model.batch)
-    results.append((state.method_state.loss_weights, state.params))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6,
-                                                       err_msg=f"seed={seed}"),
-               results[0], results[1])

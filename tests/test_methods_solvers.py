@@ -24,8 +24,8 @@ from conftest import SEEDS, enable_x64
 TOLERANCE = 1e-6
 # (`references.NOT_EXACT`: MGDA's Frank-Wolfe and projected-gradient options, which say so
 # when they cannot certify, test_unconverged_solvers_say_so; SDMGrad's published iteration,
-# compared step by step with a NumPy replica in test_methods_more.py.) MGDA-UB runs MGDA's
-# weighting on another Gram matrix: test_methods_gradient.py checks that the two agree.
+# compared step by step with a NumPy replica in test_methods_min_norm.py.) MGDA-UB runs MGDA's
+# weighting on another Gram matrix: test_methods_min_norm.py checks that the two agree.
 EXACT_ROWS = [row for row in references.REFERENCES
               if row not in references.NOT_EXACT + ("mgda_ub",)]
 
