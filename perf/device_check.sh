@@ -46,7 +46,7 @@ section() { echo; echo "=== $* (at $(( $(date +%s) - START )) s) ==="; }
 if [ "$QUICK" = 1 ]; then
   TEST_SECONDS=${DEVICE_CHECK_TEST_SECONDS:-300}
   BENCH_SECONDS=${DEVICE_CHECK_BENCH_SECONDS:-300}
-  TESTS=${DEVICE_CHECK_TESTS:-"tests/test_metrics.py tests/test_report.py tests/test_data_offline.py tests/test_cli.py tests/test_experiments_celeba.py tests/test_notebook.py tests/test_default_precision.py::test_gram_based_methods_are_found"}
+  TESTS=${DEVICE_CHECK_TESTS:-"tests/test_metrics.py tests/test_report.py tests/test_data_offline.py tests/test_cli.py tests/test_benchmarks_celeba.py tests/test_notebook.py tests/test_default_precision.py::test_gram_based_methods_are_found"}
   CASES=celeba:8
   SKIP="NTKMTL n=1@celeba:8,NTKMTL n=4@celeba:8,MGDA@celeba:8"  # LS and NTKMTL-SR only
   REPEATS=1

@@ -272,11 +272,11 @@ def write_mtan_files(root, name, height=32, width=64):
 
 
 def tiny_mtan_splits(name, data_dir):
-  """(train, test) splits of `experiments.<name>`'s tiny config on `data_dir`: the MTAN
+  """(train, test) splits of the tiny preset of benchmark `name` on `data_dir`: the MTAN
   layout's val/ is the test set (no separate test split), 8 and 4 images."""
   import importlib
   from ntkmtl_jax import benchmarks
-  config = importlib.import_module(f"experiments.{name}.configs").get_config("tiny")
+  config = benchmarks.get_config(name, "tiny")
   bench = benchmarks.from_config(config.replace(data_dir=data_dir))
   assert bench.test is None and (len(bench.train), len(bench.val)) == (8, 4)
   return bench.train, bench.val

@@ -62,7 +62,8 @@ def test_kernel_form_takes_eigenvalues_as_extra_argument(seed):
   model = TanhMLP(rng, num_tasks=3, batch=8)
   ntk = nm.ntk_weights(model.loss_fn, model.params, model.batch, num_chunks=4,
                        shared=model.shared)
-  agg = nm.ntkmtl(3, num_chunks=4, shared=model.shared, normalization="mean", exponent=0.75)
+  agg = nm.ntkmtl(3, num_chunks=4, shared=model.shared, normalization="mean", exponent=0.75,
+                  scale_by_num_tasks=False)  # the paper's formula
   grads = stacked_task_grads(model)
   update, state = agg.update(grads, agg.init(model.params), model.params,
                              eigenvalues=ntk.eigenvalues)
