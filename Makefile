@@ -1,11 +1,11 @@
 # `make demo`: set up .venv and run the built-in offline comparison (no network, no GPU).
-# `make test`: set up .venv and run the test suite.
+# `make test`: set up .venv, lint and format-check the code (ruff), run the test suite.
 # `make docs`: build the docs site into site/ (mkdocs, warnings as errors).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test docs bench clean
+.PHONY: demo test lint format docs bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,16 @@ $(VENV)/.docs-installed: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/ntkmtl compare
 
-test: $(VENV)/.installed
+test: lint
 	$(PY) -m pytest -q -n 2 --durations=15 tests
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 docs: $(VENV)/.docs-installed
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict

@@ -17,8 +17,9 @@ class MissingExtraError(ImportError):
     self.module = module
     self.extra = extra
     for_what = f" for {purpose}" if purpose else ""
-    super().__init__(f"{module} is needed{for_what}: pip install 'ntkmtl-jax[{extra}]'",
-                     name=module)
+    super().__init__(
+      f"{module} is needed{for_what}: pip install 'ntkmtl-jax[{extra}]'", name=module
+    )
 
 
 def require(module: str, extra: str, purpose: str = "") -> ModuleType:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,17 +24,19 @@ def resolve_mask(shared: SharedSpec, params: PyTree) -> PyTree:
     mask_leaves = treedef.flatten_up_to(mask)
   except (ValueError, TypeError) as e:
     raise ValueError(
-        "The `shared` mask does not match the parameter tree: give a pytree of bools with "
-        "the same structure as the parameters, or a function params -> mask. "
-        f"Parameter structure: {treedef}") from e
+      "The `shared` mask does not match the parameter tree: give a pytree of bools with "
+      "the same structure as the parameters, or a function params -> mask. "
+      f"Parameter structure: {treedef}"
+    ) from e
   bools = []
   for m in mask_leaves:
     if not isinstance(m, (bool, int)) and not (hasattr(m, "shape") and m.shape == ()):
       raise ValueError(f"`shared` mask leaves must be Python bools, got {type(m).__name__}.")
     bools.append(bool(m))
   if not any(bools):
-    raise ValueError("The `shared` mask selects no parameter: at least one parameter must "
-                     "be shared between tasks.")
+    raise ValueError(
+      "The `shared` mask selects no parameter: at least one parameter must be shared between tasks."
+    )
   del leaves
   return jax.tree.unflatten(treedef, bools)
 
@@ -47,8 +50,9 @@ def split(tree: PyTree, mask: PyTree) -> tuple[PyTree, PyTree]:
 
 def merge(shared: PyTree, rest: PyTree, mask: PyTree) -> PyTree:
   """Inverse of `split`."""
-  return jax.tree.map(lambda m, s, r: s if m else r, mask, shared, rest,
-                      is_leaf=lambda x: x is None)
+  return jax.tree.map(
+    lambda m, s, r: s if m else r, mask, shared, rest, is_leaf=lambda x: x is None
+  )
 
 
 def masked_leaves(tree: PyTree, mask: PyTree, shared: bool = True) -> list[jax.Array]:
@@ -98,8 +102,9 @@ def batch_size(batch: PyTree) -> int:
   sizes = {x.shape[0] if getattr(x, "ndim", 0) else None for x in leaves}
   if None in sizes or len(sizes) != 1:
     shapes = [getattr(x, "shape", ()) for x in leaves]
-    raise ValueError("Every array in the batch must share its leading (batch) axis; got shapes "
-                     f"{shapes}.")
+    raise ValueError(
+      f"Every array in the batch must share its leading (batch) axis; got shapes {shapes}."
+    )
   return sizes.pop()
 
 
@@ -110,9 +115,10 @@ def split_batch(batch: PyTree, num_chunks: int) -> PyTree:
   size = batch_size(batch)
   if size % num_chunks:
     raise ValueError(
-        f"Batch size {size} is not divisible by num_chunks={num_chunks}: the extended NTK "
-        f"splits the batch into equal chunks. Use a batch size that is a multiple of "
-        f"{num_chunks}, or a num_chunks that divides {size}.")
+      f"Batch size {size} is not divisible by num_chunks={num_chunks}: the extended NTK "
+      f"splits the batch into equal chunks. Use a batch size that is a multiple of "
+      f"{num_chunks}, or a num_chunks that divides {size}."
+    )
   return jax.tree.map(lambda x: x.reshape((num_chunks, size // num_chunks) + x.shape[1:]), batch)
 
 
@@ -122,5 +128,6 @@ def check_losses(losses: jax.Array, num_tasks: int | None = None, where: str = "
   if shape is None or len(shape) != 1 or (num_tasks is not None and shape[0] != num_tasks):
     want = f"({num_tasks},)" if num_tasks is not None else "(num_tasks,)"
     raise ValueError(
-        f"{where} must return a vector of task losses of shape {want}, got shape {shape}. "
-        "Reduce each task's loss over the batch (e.g. a mean) and stack the k results.")
+      f"{where} must return a vector of task losses of shape {want}, got shape {shape}. "
+      "Reduce each task's loss over the batch (e.g. a mean) and stack the k results."
+    )

@@ -38,9 +38,14 @@ class RunMismatchError(ValueError):
 
 def fingerprint(config) -> dict:
   """What identifies a run: benchmark, its data and model options, method, hparams, seed."""
-  record = dict(benchmark=config.benchmark, data=config.data, model=config.model,
-                method=config.method_key, hparams=config.method_hyperparameters(),
-                seed=config.seed)
+  record = dict(
+    benchmark=config.benchmark,
+    data=config.data,
+    model=config.model,
+    method=config.method_key,
+    hparams=config.method_hyperparameters(),
+    seed=config.seed,
+  )
   return json.loads(json.dumps(record, default=list))  # tuples as lists, as read back
 
 
@@ -57,8 +62,11 @@ def keys_as_data(tree: PyTree) -> PyTree:
 def keys_from_data(tree: PyTree, template: PyTree) -> PyTree:
   """Undoes `keys_as_data`: wraps the leaves where `template` holds PRNG keys back into keys
   of the template's implementations."""
-  return jax.tree.map(lambda t, x: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t))
-                      if _is_key(t) else x, template, tree)
+  return jax.tree.map(
+    lambda t, x: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t) else x,
+    template,
+    tree,
+  )
 
 
 def tree_arrays(tree: PyTree) -> dict[str, np.ndarray]:
@@ -82,8 +90,9 @@ def check_arrays(tree: dict, template: dict):
   for name in sorted(template):
     got, want = np.asarray(tree[name]), template[name]
     if got.shape != want.shape or got.dtype != want.dtype:
-      raise ValueError(f"array {name} is {got.dtype}{list(got.shape)}, the run's is "
-                       f"{want.dtype}{list(want.shape)}")
+      raise ValueError(
+        f"array {name} is {got.dtype}{list(got.shape)}, the run's is {want.dtype}{list(want.shape)}"
+      )
     if np.issubdtype(got.dtype, np.floating) and not np.all(np.isfinite(got)):
       raise ValueError(f"array {name} has non-finite values")
 
@@ -96,14 +105,19 @@ def step_manager(directory: str, keep: int):
   """An orbax `CheckpointManager` of numbered steps in `directory` (made if missing) that
   keeps the newest `keep`."""
   ocp = _orbax()
-  return ocp.CheckpointManager(os.path.abspath(directory),
-                               options=ocp.CheckpointManagerOptions(max_to_keep=keep,
-                                                                    create=True))
+  return ocp.CheckpointManager(
+    os.path.abspath(directory), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+  )
 
 
-def save_step(manager, step: int, *, trees: dict[str, PyTree] | None = None,
-              arrays: dict[str, dict] | None = None,
-              json_items: dict[str, Any] | None = None):
+def save_step(
+  manager,
+  step: int,
+  *,
+  trees: dict[str, PyTree] | None = None,
+  arrays: dict[str, dict] | None = None,
+  json_items: dict[str, Any] | None = None,
+):
   """Writes checkpoint `step` of `manager` (replacing one of that step) and waits until orbax
   has committed it: the step directory appears complete or not at all.
 
@@ -117,8 +131,9 @@ def save_step(manager, step: int, *, trees: dict[str, PyTree] | None = None,
   ocp = _orbax()
   items = {name: ocp.args.StandardSave(tree_arrays(tree)) for name, tree in (trees or {}).items()}
   for name, values in (arrays or {}).items():
-    items[name] = ocp.args.StandardSave({k: np.asarray(v) for k, v in values.items()
-                                         if np.asarray(v).size})
+    items[name] = ocp.args.StandardSave(
+      {k: np.asarray(v) for k, v in values.items() if np.asarray(v).size}
+    )
   items.update({name: ocp.args.JsonSave(value) for name, value in (json_items or {}).items()})
   if step in manager.all_steps():  # e.g. a stopped run scored again where it stopped
     manager.delete(step)
@@ -126,8 +141,14 @@ def save_step(manager, step: int, *, trees: dict[str, PyTree] | None = None,
   manager.wait_until_finished()
 
 
-def restore_step(manager, step: int, *, trees: dict[str, PyTree] | None = None,
-                 arrays: tuple[str, ...] = (), json_items: tuple[str, ...] = ()) -> dict[str, Any]:
+def restore_step(
+  manager,
+  step: int,
+  *,
+  trees: dict[str, PyTree] | None = None,
+  arrays: tuple[str, ...] = (),
+  json_items: tuple[str, ...] = (),
+) -> dict[str, Any]:
   """Reads the named items of checkpoint `step` of `manager` (see `save_step`).
 
   Args:
@@ -147,8 +168,10 @@ def restore_step(manager, step: int, *, trees: dict[str, PyTree] | None = None,
   """
   ocp = _orbax()
   expected = {name: tree_arrays(template) for name, template in (trees or {}).items()}
-  items = {name: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, tree))
-           for name, tree in expected.items()}
+  items = {
+    name: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, tree))
+    for name, tree in expected.items()
+  }
   items.update({name: ocp.args.StandardRestore() for name in arrays})
   items.update({name: ocp.args.JsonRestore() for name in json_items})
   restored = manager.restore(step, args=ocp.args.Composite(**items))
@@ -156,8 +179,7 @@ def restore_step(manager, step: int, *, trees: dict[str, PyTree] | None = None,
   for name, template in (trees or {}).items():
     check_arrays(dict(restored[name]), expected[name])
     out[name] = tree_from_arrays(template, dict(restored[name]))
-  out.update({name: {k: np.asarray(v) for k, v in dict(restored[name]).items()}
-              for name in arrays})
+  out.update({name: {k: np.asarray(v) for k, v in dict(restored[name]).items()} for name in arrays})
   out.update({name: restored[name] for name in json_items})
   return out
 
@@ -182,8 +204,13 @@ class RunCheckpoints:
 
   def save(self, state, run: dict, history: dict):
     """Saves `state`, the run state (JSON) and the history arrays as one checkpoint."""
-    save_step(self.latest, int(state.step), trees=dict(state=state), arrays=dict(history=history),
-              json_items=dict(run=run))
+    save_step(
+      self.latest,
+      int(state.step),
+      trees=dict(state=state),
+      arrays=dict(history=history),
+      json_items=dict(run=run),
+    )
 
   def save_best(self, state):
     """Saves `state` as the selected model."""
@@ -201,8 +228,9 @@ class RunCheckpoints:
     """
     for step in self.steps():
       try:
-        restored = restore_step(self.latest, step, trees=dict(state=template),
-                                arrays=("history",), json_items=("run",))
+        restored = restore_step(
+          self.latest, step, trees=dict(state=template), arrays=("history",), json_items=("run",)
+        )
         run = dict(restored["run"])
         missing = {"epoch", "batch", "fingerprint"} - set(run)
         if missing:
@@ -220,8 +248,9 @@ class RunCheckpoints:
     """The selected model's `TrainState`."""
     step = self.best.latest_step()
     if step is None:
-      raise FileNotFoundError(f"No best model in {self.workdir}: the run never scored its "
-                              "validation split.")
+      raise FileNotFoundError(
+        f"No best model in {self.workdir}: the run never scored its validation split."
+      )
     return restore_step(self.best, step, trees=dict(state=template))["state"]
 
   def clear(self):

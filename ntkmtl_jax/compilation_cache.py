@@ -35,9 +35,12 @@ def default_directory() -> str:
   return os.path.abspath(os.path.join(base, "ntkmtl-jax", "xla"))
 
 
-def enable(directory: str | os.PathLike | None = None, *,
-           min_compile_time_secs: float = MIN_COMPILE_TIME_SECS,
-           min_entry_size_bytes: int = MIN_ENTRY_SIZE_BYTES) -> str:
+def enable(
+  directory: str | os.PathLike | None = None,
+  *,
+  min_compile_time_secs: float = MIN_COMPILE_TIME_SECS,
+  min_entry_size_bytes: int = MIN_ENTRY_SIZE_BYTES,
+) -> str:
   """Turns on jax's persistent compilation cache in `directory`; returns the folder.
 
   Idempotent: calling it again with the same folder changes nothing. Call it before the
@@ -53,8 +56,11 @@ def enable(directory: str | os.PathLike | None = None, *,
   Returns:
     The absolute path of the cache folder.
   """
-  path = os.path.abspath(os.path.expanduser(os.fspath(directory))) if directory else (
-      default_directory())
+  path = (
+    os.path.abspath(os.path.expanduser(os.fspath(directory)))
+    if directory
+    else (default_directory())
+  )
   os.makedirs(path, mode=0o700, exist_ok=True)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", int(min_entry_size_bytes))

@@ -68,6 +68,7 @@ class Config:
     checkpoint_every: with a workdir, also checkpoint every this many steps (0: at epoch
       ends and where `max_steps` stops the run only).
   """
+
   benchmark: str = ""
   data_dir: str | None = None
   data: dict = dataclasses.field(default_factory=dict)
@@ -97,7 +98,7 @@ class Config:
   log_every: int = 50
   checkpoint_every: int = 0
 
-  def replace(self, **changes) -> "Config":
+  def replace(self, **changes) -> Config:
     return dataclasses.replace(self, **changes)
 
   @property
@@ -113,7 +114,10 @@ class Config:
     """(epochs, steps) of the run, given the batches in one epoch."""
     if self.num_epochs is None and self.max_steps is None:
       raise ValueError("Config: set num_epochs or max_steps (or both).")
-    epochs = (self.num_epochs if self.num_epochs is not None
-              else math.ceil(self.max_steps / steps_per_epoch))
+    epochs = (
+      self.num_epochs
+      if self.num_epochs is not None
+      else math.ceil(self.max_steps / steps_per_epoch)
+    )
     steps = epochs * steps_per_epoch
     return epochs, steps if self.max_steps is None else min(steps, self.max_steps)

@@ -16,8 +16,9 @@ def replaced_file(path: str, mode: str = "w", **open_kwargs):
   not followed (the temporary file is created exclusively, so one planted at its name is
   never opened either).
   """
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                             prefix=os.path.basename(path) + ".", suffix=".tmp")
+  fd, tmp = tempfile.mkstemp(
+    dir=os.path.dirname(os.path.abspath(path)), prefix=os.path.basename(path) + ".", suffix=".tmp"
+  )
   try:
     with os.fdopen(fd, mode, **open_kwargs) as f:
       yield f

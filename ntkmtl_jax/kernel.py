@@ -12,17 +12,19 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from ntkmtl_jax import _tree
 from ntkmtl_jax._tree import PyTree, SharedSpec
-from ntkmtl_jax.method import EIGEN_METHODS, STATISTICS, check_statistic
-# `default_strategy` stays reachable as `kernel.default_strategy` too.
-from ntkmtl_jax.strategy import (Passes, Strategy, default_strategy, resolve, run_passes,
-                                 unit)
+# `STATISTICS` and `default_strategy` stay reachable as `kernel.STATISTICS` and
+# `kernel.default_strategy` too.
+from ntkmtl_jax.method import EIGEN_METHODS, STATISTICS, check_statistic  # noqa: F401
+from ntkmtl_jax.strategy import (Passes, Strategy, default_strategy,  # noqa: F401
+                                 resolve, run_passes, unit)
 
 NORMALIZATIONS = ("sum", "mean")
 # Relative floor on eigenvalues: a task whose kernel is (numerically) zero gets

@@ -35,7 +35,8 @@ import os
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -46,8 +47,12 @@ from ntkmtl_jax.checkpoints import RunCheckpoints, RunMismatchError, fingerprint
 from ntkmtl_jax.config import Config
 from ntkmtl_jax.data.splits import epoch_batches
 from ntkmtl_jax.models.multitask import TaskFunctions
-from ntkmtl_jax.optimizer import (build_optimizer, learning_rate_factor,
-                                  set_learning_rate_factor, with_learning_rate_factor)
+from ntkmtl_jax.optimizer import (
+  build_optimizer,
+  learning_rate_factor,
+  set_learning_rate_factor,
+  with_learning_rate_factor,
+)
 from ntkmtl_jax.results import History, RunResult
 from ntkmtl_jax.step import TrainState, TrainStep, make_train_step
 from ntkmtl_jax.strategy import Strategy
@@ -76,6 +81,7 @@ class RunState:
     fingerprint: what identifies the run's config (`checkpoints.fingerprint`).
     finished: whether the run took all its steps.
   """
+
   epoch: int = 0
   batch: int = 0
   best_score: float = -math.inf
@@ -94,7 +100,7 @@ class RunState:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_dict(cls, d: dict) -> "RunState":
+  def from_dict(cls, d: dict) -> RunState:
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -113,8 +119,11 @@ class Recorder:
   def add(self, metrics: dict):
     record = {key: metrics[key] for key in self.KEYS if key in metrics}
     if "nonfinite_losses" in metrics:  # the three causes exclude each other
-      record["skip_cause"] = (1 * metrics["nonfinite_losses"] + 2 * metrics["nonfinite_update"]
-                              + 3 * metrics["nonfinite_state"])
+      record["skip_cause"] = (
+        1 * metrics["nonfinite_losses"]
+        + 2 * metrics["nonfinite_update"]
+        + 3 * metrics["nonfinite_state"]
+      )
     self.pending.append(record)
 
   def flush(self):
@@ -125,8 +134,13 @@ class Recorder:
 
   def arrays(self) -> dict:
     self.flush()
-    shapes = dict(losses=(0, self.k), weights=(0, self.k), grad_norm=(0,),
-                  eigenvalues=(0, self.k), skip_cause=(0,))
+    shapes = dict(
+      losses=(0, self.k),
+      weights=(0, self.k),
+      grad_norm=(0,),
+      eigenvalues=(0, self.k),
+      skip_cause=(0,),
+    )
     out = {key: np.stack(v) if v else np.zeros(shapes[key]) for key, v in self.host.items()}
     out["probe_steps"] = np.asarray(self.probe_steps, np.float64)
     out["probe_values"] = np.asarray(self.probe_values, np.float64).reshape(-1, self.k)
@@ -147,10 +161,16 @@ class Recorder:
       eigen_steps, eigenvalues, source = a["probe_steps"], a["probe_values"], "probe"
     else:
       eigen_steps, eigenvalues, source = np.zeros(0), np.zeros((0, self.k)), ""
-    return History(steps=np.arange(1, taken + 1, dtype=np.float64), losses=a["losses"],
-                   weights=a["weights"], grad_norm=a["grad_norm"],
-                   eigen_steps=np.asarray(eigen_steps, np.float64), eigenvalues=eigenvalues,
-                   eigen_source=source, skip_cause=a["skip_cause"])
+    return History(
+      steps=np.arange(1, taken + 1, dtype=np.float64),
+      losses=a["losses"],
+      weights=a["weights"],
+      grad_norm=a["grad_norm"],
+      eigen_steps=np.asarray(eigen_steps, np.float64),
+      eigenvalues=eigenvalues,
+      eigen_source=source,
+      skip_cause=a["skip_cause"],
+    )
 
 
 class StopOnSigint:
@@ -190,8 +210,9 @@ def _jitted_probe(functions: TaskFunctions) -> Callable:
 
     def probe(params, model_state, batch):
       losses = lambda p, b: functions.loss_fn(p, model_state, b)[0]
-      return kernel.ntk_weights(losses, params, batch, num_chunks=1, shared=functions.shared,
-                                strategy="unroll").eigenvalues
+      return kernel.ntk_weights(
+        losses, params, batch, num_chunks=1, shared=functions.shared, strategy="unroll"
+      ).eigenvalues
 
     _JITTED[key] = jax.jit(probe)
   return _JITTED[key]
@@ -202,8 +223,13 @@ def strategy_of(config: Config) -> Strategy:
   return Strategy(passes=config.task_passes, materialize=config.materialize)
 
 
-def build_step(benchmark: "Benchmark", config: Config, *, method=None,
-               optimizer: optax.GradientTransformation | None = None) -> tuple[TrainStep, Any]:
+def build_step(
+  benchmark: Benchmark,
+  config: Config,
+  *,
+  method=None,
+  optimizer: optax.GradientTransformation | None = None,
+) -> tuple[TrainStep, Any]:
   """The jitted train step of `config` on `benchmark` and its method (built once each).
 
   Args:
@@ -218,26 +244,38 @@ def build_step(benchmark: "Benchmark", config: Config, *, method=None,
   functions = benchmark.functions
   cache_key = None
   if method is None and optimizer is None:
-    cache_key = (functions, benchmark.num_tasks, config.method_key,
-                 repr(sorted(config.method_hyperparameters().items())), config.optimizer,
-                 config.learning_rate, config.weight_decay, config.max_grad_norm,
-                 strategy_of(config))
+    cache_key = (
+      functions,
+      benchmark.num_tasks,
+      config.method_key,
+      repr(sorted(config.method_hyperparameters().items())),
+      config.optimizer,
+      config.learning_rate,
+      config.weight_decay,
+      config.max_grad_norm,
+      strategy_of(config),
+    )
     if cache_key in _STEPS:
       return _STEPS[cache_key]
   if method is None or optimizer is None:
-    built_method, built_optimizer = build_optimizer(config, benchmark.num_tasks,
-                                                    functions.shared)
+    built_method, built_optimizer = build_optimizer(config, benchmark.num_tasks, functions.shared)
     method = built_method if method is None else method
     optimizer = built_optimizer if optimizer is None else optimizer
-  step = make_train_step(functions.loss_fn, method, with_learning_rate_factor(optimizer),
-                         strategy=strategy_of(config), has_state=True,
-                         encode=functions.encode, decode=functions.decode)
+  step = make_train_step(
+    functions.loss_fn,
+    method,
+    with_learning_rate_factor(optimizer),
+    strategy=strategy_of(config),
+    has_state=True,
+    encode=functions.encode,
+    decode=functions.decode,
+  )
   if cache_key is not None:
     _STEPS[cache_key] = step, method
   return step, method
 
 
-def initial_state(benchmark: "Benchmark", config: Config, step: TrainStep) -> TrainState:
+def initial_state(benchmark: Benchmark, config: Config, step: TrainStep) -> TrainState:
   """The `TrainState` a run of `config` starts from."""
   key = ("init", benchmark.functions)
   if key not in _JITTED:
@@ -251,8 +289,9 @@ def eigenvalues_in_step(method, state: TrainState) -> bool:
   """Whether the step's metrics carry lambda_i over the shared parameters: the method's
   statistics come from task backward passes over them (squared norms or kernel blocks) and
   its state records the eigenvalues it used (NTKMTL's `NTKMTLState.eigenvalues`)."""
-  return (method.needs.kind in ("sq_norms", "kernel")
-          and "eigenvalues" in getattr(state.method_state, "_fields", ()))
+  return method.needs.kind in ("sq_norms", "kernel") and "eigenvalues" in getattr(
+    state.method_state, "_fields", ()
+  )
 
 
 # The hooks around the steps.
@@ -261,7 +300,7 @@ def eigenvalues_in_step(method, state: TrainState) -> bool:
 class EigenvalueProbe:
   """lambda_i = ||g_i||^2 on the step's batch before step 1 and every `every` steps."""
 
-  def __init__(self, benchmark: "Benchmark", every: int, recorder: Recorder):
+  def __init__(self, benchmark: Benchmark, every: int, recorder: Recorder):
     self.probe = _jitted_probe(benchmark.functions) if every else None
     self.every, self.recorder = every, recorder
 
@@ -269,20 +308,24 @@ class EigenvalueProbe:
     if self.probe is not None and (taken == 0 or (taken + 1) % self.every == 0):
       self.recorder.probe_steps.append(taken + 1)
       self.recorder.probe_values.append(
-          np.asarray(self.probe(state.params, state.model_state, batch), np.float64))
+        np.asarray(self.probe(state.params, state.model_state, batch), np.float64)
+      )
 
 
 class ProgressLog:
   """The progress bar (step, task losses, weights) and the step times, every `every` steps."""
 
-  def __init__(self, total: int, initial: int, description: str, enabled: bool, every: int,
-               recorder: Recorder):
+  def __init__(
+    self, total: int, initial: int, description: str, enabled: bool, every: int, recorder: Recorder
+  ):
     self.total, self.every, self.recorder = total, every, recorder
     self.bar = None
     if enabled:
       from tqdm.auto import tqdm
-      self.bar = tqdm(total=total, initial=initial, desc=description, unit="step",
-                      leave=False, dynamic_ncols=True)
+
+      self.bar = tqdm(
+        total=total, initial=initial, desc=description, unit="step", leave=False, dynamic_ncols=True
+      )
     self.say = print if self.bar is None else self.bar.write
 
   def after_step(self, taken: int, started: float, run: RunState):
@@ -293,8 +336,11 @@ class ProgressLog:
     if self.bar is not None:
       fmt = lambda values: "/".join(f"{v:.3g}" for v in values)
       self.bar.update(taken - self.bar.n)
-      self.bar.set_postfix_str(f"loss {fmt(self.recorder.host['losses'][-1])} | "
-                               f"w {fmt(self.recorder.host['weights'][-1])}", refresh=False)
+      self.bar.set_postfix_str(
+        f"loss {fmt(self.recorder.host['losses'][-1])} | "
+        f"w {fmt(self.recorder.host['weights'][-1])}",
+        refresh=False,
+      )
 
   def close(self):
     if self.bar is not None:
@@ -304,8 +350,15 @@ class ProgressLog:
 class Selection:
   """Model selection on the validation split, and the plateau schedule that reads its score."""
 
-  def __init__(self, benchmark: "Benchmark", config: Config, label: str, stl_task: int | None,
-               checkpoints: RunCheckpoints | None, say: Callable[[str], None]):
+  def __init__(
+    self,
+    benchmark: Benchmark,
+    config: Config,
+    label: str,
+    stl_task: int | None,
+    checkpoints: RunCheckpoints | None,
+    say: Callable[[str], None],
+  ):
     self.benchmark, self.config, self.label = benchmark, config, label
     self.stl_task, self.checkpoints, self.say = stl_task, checkpoints, say
 
@@ -317,8 +370,11 @@ class Selection:
     score = bench.selection_score(val, task=self.stl_task)
     entry = dict(epoch=epoch, step=int(state.step), val=val, score=score)
     if score > run.best_score:
-      test = val if bench.test is None else bench.evaluate(
-          state.params, state.model_state, "test", config.eval_batch_size)
+      test = (
+        val
+        if bench.test is None
+        else bench.evaluate(state.params, state.model_state, "test", config.eval_batch_size)
+      )
       run.best_score, run.best_epoch, run.val_metrics, run.metrics = score, epoch, val, test
       entry["test"] = test
       if self.checkpoints is not None:
@@ -331,16 +387,24 @@ class Selection:
         if run.plateau_wait > config.plateau_patience:
           run.plateau_scale, run.plateau_wait = run.plateau_scale * config.plateau_factor, 0
     run.evaluations.append(entry)
-    self.say(f"[{self.label}] epoch {epoch} step {int(state.step)} val score {score:.4f} "
-             + " ".join(f"{n}={v:.4g}" for n, v in val.items()))
+    self.say(
+      f"[{self.label}] epoch {epoch} step {int(state.step)} val score {score:.4f} "
+      + " ".join(f"{n}={v:.4g}" for n, v in val.items())
+    )
 
 
 class Checkpointing:
   """The run's checkpoints: at epoch ends and stops (`save`), every `every` steps inside an
   epoch (`periodic`); does nothing without a workdir."""
 
-  def __init__(self, checkpoints: RunCheckpoints | None, every: int, total_steps: int,
-               steps_per_epoch: int, recorder: Recorder):
+  def __init__(
+    self,
+    checkpoints: RunCheckpoints | None,
+    every: int,
+    total_steps: int,
+    steps_per_epoch: int,
+    recorder: Recorder,
+  ):
     self.checkpoints, self.every, self.total = checkpoints, every, total_steps
     self.steps_per_epoch, self.recorder = steps_per_epoch, recorder
 
@@ -354,8 +418,15 @@ class Checkpointing:
       self.save(state, run, taken)
 
 
-def resume_run(checkpoints: RunCheckpoints, config: Config, state: TrainState, recorder: Recorder,
-           *, resume: bool, overwrite: bool) -> tuple[TrainState, RunState]:
+def resume_run(
+  checkpoints: RunCheckpoints,
+  config: Config,
+  state: TrainState,
+  recorder: Recorder,
+  *,
+  resume: bool,
+  overwrite: bool,
+) -> tuple[TrainState, RunState]:
   """The state and run state to start from, after checking what the workdir holds."""
   workdir = checkpoints.workdir
   fresh = state, RunState(fingerprint=fingerprint(config))
@@ -364,8 +435,10 @@ def resume_run(checkpoints: RunCheckpoints, config: Config, state: TrainState, r
   restored = checkpoints.restore(state)
   if restored is None:
     if not overwrite:
-      raise RunMismatchError(f"{workdir} holds checkpoints but none restores; pass "
-                             "overwrite=True (--overwrite) to start the run over.")
+      raise RunMismatchError(
+        f"{workdir} holds checkpoints but none restores; pass "
+        "overwrite=True (--overwrite) to start the run over."
+      )
     checkpoints.clear()
     return fresh
   saved_state, saved, history = restored
@@ -373,30 +446,46 @@ def resume_run(checkpoints: RunCheckpoints, config: Config, state: TrainState, r
   wanted = fresh[1].fingerprint
   if overwrite:
     if saved.finished:
-      raise RunMismatchError(f"{workdir} holds a finished run; refusing to overwrite it: "
-                             "delete it or choose another directory.")
+      raise RunMismatchError(
+        f"{workdir} holds a finished run; refusing to overwrite it: "
+        "delete it or choose another directory."
+      )
     checkpoints.clear()
     return fresh
   if saved.fingerprint != wanted:
     differ = sorted(k for k in wanted if saved.fingerprint.get(k) != wanted[k])
-    raise RunMismatchError(f"{workdir} holds another run (different {', '.join(differ)}); "
-                           "choose another directory, or pass overwrite=True (--overwrite) to "
-                           "discard it.")
+    raise RunMismatchError(
+      f"{workdir} holds another run (different {', '.join(differ)}); "
+      "choose another directory, or pass overwrite=True (--overwrite) to "
+      "discard it."
+    )
   if not resume:
-    raise RunMismatchError(f"{workdir} holds a run of this config; pass resume=True "
-                           "(--resume) to continue it or overwrite=True (--overwrite) to "
-                           "start over.")
+    raise RunMismatchError(
+      f"{workdir} holds a run of this config; pass resume=True "
+      "(--resume) to continue it or overwrite=True (--overwrite) to "
+      "start over."
+    )
   recorder.load(history)
-  print(f"Resuming {config.benchmark}/{config.method} at epoch {saved.epoch}, batch "
-        f"{saved.batch} (step {int(saved_state.step)}).")
+  print(
+    f"Resuming {config.benchmark}/{config.method} at epoch {saved.epoch}, batch "
+    f"{saved.batch} (step {int(saved_state.step)})."
+  )
   return saved_state, dataclasses.replace(saved, finished=False)
 
 
-def fit(benchmark: "Benchmark", config: Config, workdir: str | None = None, *, method=None,
-        optimizer: optax.GradientTransformation | None = None, progress: bool = True,
-        description: str | None = None,
-        callback: Callable[[int, TrainState, dict], None] | None = None,
-        resume: bool = True, overwrite: bool = False) -> RunResult:
+def fit(
+  benchmark: Benchmark,
+  config: Config,
+  workdir: str | None = None,
+  *,
+  method=None,
+  optimizer: optax.GradientTransformation | None = None,
+  progress: bool = True,
+  description: str | None = None,
+  callback: Callable[[int, TrainState, dict], None] | None = None,
+  resume: bool = True,
+  overwrite: bool = False,
+) -> RunResult:
   """Trains `config.method` on `benchmark` and returns the run's record.
 
   Ctrl-C (SIGINT, or a KeyboardInterrupt) during training stops the run cleanly: the result
@@ -436,15 +525,29 @@ def fit(benchmark: "Benchmark", config: Config, workdir: str | None = None, *, m
   hparams = config.method_hyperparameters()
   recorder = Recorder(benchmark.num_tasks)
   checkpoints = RunCheckpoints(workdir) if workdir else None
-  state, run = (resume_run(checkpoints, config, state, recorder, resume=resume,
-                           overwrite=overwrite)
-                if checkpoints else (state, RunState(fingerprint=fingerprint(config))))
+  state, run = (
+    resume_run(checkpoints, config, state, recorder, resume=resume, overwrite=overwrite)
+    if checkpoints
+    else (state, RunState(fingerprint=fingerprint(config)))
+  )
   in_step = eigenvalues_in_step(method, state)
   probe = EigenvalueProbe(benchmark, 0 if in_step else config.probe_every, recorder)
-  log = ProgressLog(total, int(state.step), description or f"{name} seed {config.seed}",
-                    progress, config.log_every, recorder)
-  select = Selection(benchmark, config, f"{config.benchmark}/{name}",
-                     hparams.get("task", 0) if name == "stl" else None, checkpoints, log.say)
+  log = ProgressLog(
+    total,
+    int(state.step),
+    description or f"{name} seed {config.seed}",
+    progress,
+    config.log_every,
+    recorder,
+  )
+  select = Selection(
+    benchmark,
+    config,
+    f"{config.benchmark}/{name}",
+    hparams.get("task", 0) if name == "stl" else None,
+    checkpoints,
+    log.say,
+  )
   saving = Checkpointing(checkpoints, config.checkpoint_every, total, steps_per_epoch, recorder)
   taken = int(state.step)  # counted on the host: reading state.step would wait for the step
   interrupted = False
@@ -453,12 +556,17 @@ def fit(benchmark: "Benchmark", config: Config, workdir: str | None = None, *, m
       for epoch in range(run.epoch, num_epochs):
         if taken >= total and run.batch == 0:
           break  # stopped exactly at an epoch's end, which was already scored
-        state = set_learning_rate_factor(state, learning_rate_factor(
-            config, epoch, num_epochs, run.plateau_scale))
+        state = set_learning_rate_factor(
+          state, learning_rate_factor(config, epoch, num_epochs, run.plateau_scale)
+        )
         stopped = taken >= total  # resumed where `max_steps` stopped an earlier run
-        for batch in () if stopped else epoch_batches(benchmark.train, config.batch_size,
-                                                      seed=config.seed, epoch=epoch,
-                                                      skip=run.batch):
+        for batch in (
+          ()
+          if stopped
+          else epoch_batches(
+            benchmark.train, config.batch_size, seed=config.seed, epoch=epoch, skip=run.batch
+          )
+        ):
           if sigint.requested:  # between steps: state, history and position agree
             raise KeyboardInterrupt
           probe.before_step(taken, state, batch)
@@ -483,44 +591,76 @@ def fit(benchmark: "Benchmark", config: Config, workdir: str | None = None, *, m
       interrupted = True
       if sigint.requested and checkpoints is not None:
         saving.save(state, run, taken)
-        log.say(f"Interrupted at step {taken}: saved a checkpoint in {workdir}; run again "
-                "with it to resume.")
+        log.say(
+          f"Interrupted at step {taken}: saved a checkpoint in {workdir}; run again "
+          "with it to resume."
+        )
     finally:
       log.close()
   if run.metrics is None and taken > 0:
     # No validation split, or interrupted before its first pass: score the current model.
-    run.metrics = benchmark.evaluate(state.params, state.model_state, "test",
-                                     config.eval_batch_size)
-  result = _result(name, config, hparams, state, run, recorder.history(in_step), interrupted,
-                   time.perf_counter() - started)
+    run.metrics = benchmark.evaluate(
+      state.params, state.model_state, "test", config.eval_batch_size
+    )
+  result = _result(
+    name,
+    config,
+    hparams,
+    state,
+    run,
+    recorder.history(in_step),
+    interrupted,
+    time.perf_counter() - started,
+  )
   if workdir:
     io.write_json(os.path.join(workdir, "results.json"), result.to_dict())
   return result
 
 
-def run_length(benchmark: "Benchmark", config: Config) -> tuple[int, int, int]:
+def run_length(benchmark: Benchmark, config: Config) -> tuple[int, int, int]:
   """(steps per epoch, epochs, steps) of a run of `config` on `benchmark`."""
   steps_per_epoch = len(benchmark.train) // config.batch_size
   if steps_per_epoch < 1:
-    raise ValueError(f"The training split has {len(benchmark.train)} examples, fewer than the "
-                     f"batch size {config.batch_size}; lower the batch size.")
+    raise ValueError(
+      f"The training split has {len(benchmark.train)} examples, fewer than the "
+      f"batch size {config.batch_size}; lower the batch size."
+    )
   return (steps_per_epoch, *config.run_length(steps_per_epoch))
 
 
-def _result(name: str, config: Config, hparams: dict, state: TrainState, run: RunState,
-            history: History, interrupted: bool, wall_time: float) -> RunResult:
+def _result(
+  name: str,
+  config: Config,
+  hparams: dict,
+  state: TrainState,
+  run: RunState,
+  history: History,
+  interrupted: bool,
+  wall_time: float,
+) -> RunResult:
   times = run.step_times[2:] or run.step_times
   return RunResult(
-      method=name, seed=config.seed, hparams=hparams, metrics=run.metrics or {},
-      wall_time=wall_time, steps=int(state.step), skipped=int(state.skipped),
-      interrupted=interrupted, history=history, val_metrics=run.val_metrics,
-      best_epoch=run.best_epoch, evaluations=run.evaluations,
-      step_time_s=float(np.median(times)) if times else None, params=state.params,
-      model_state=state.model_state)
+    method=name,
+    seed=config.seed,
+    hparams=hparams,
+    metrics=run.metrics or {},
+    wall_time=wall_time,
+    steps=int(state.step),
+    skipped=int(state.skipped),
+    interrupted=interrupted,
+    history=history,
+    val_metrics=run.val_metrics,
+    best_epoch=run.best_epoch,
+    evaluations=run.evaluations,
+    step_time_s=float(np.median(times)) if times else None,
+    params=state.params,
+    model_state=state.model_state,
+  )
 
 
-def restore_checkpoint(benchmark: "Benchmark", config: Config, workdir: str,
-                       which: str = "best") -> TrainState:
+def restore_checkpoint(
+  benchmark: Benchmark, config: Config, workdir: str, which: str = "best"
+) -> TrainState:
   """The `TrainState` that `fit` saved in `workdir`: "best" (the selected model) or "latest"."""
   step, _ = build_step(benchmark, config)
   template = initial_state(benchmark, config, step)

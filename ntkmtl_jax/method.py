@@ -22,7 +22,8 @@ own `init`/`update` are that aggregator's.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple, Union
+from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -268,7 +269,7 @@ class GradientRule:
 
 
 # Every multi-task method is one of these two.
-Method = Union[Weighting, GradientRule]
+Method = Weighting | GradientRule
 
 
 def is_method(value: Any) -> bool:

@@ -11,28 +11,32 @@ References:
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 
-def delta_m(values: Sequence[float], baseline: Sequence[float],
-            higher_is_better: Sequence[bool]) -> float:
+def delta_m(
+  values: Sequence[float], baseline: Sequence[float], higher_is_better: Sequence[bool]
+) -> float:
   """Delta m % of one method's metrics against the STL baseline (lower is better)."""
   values = np.asarray(values, np.float64)
   baseline = np.asarray(baseline, np.float64)
   higher = np.asarray(higher_is_better, bool)
   if not values.shape == baseline.shape == higher.shape or values.ndim != 1:
-    raise ValueError(f"delta_m needs three vectors of equal length, got {values.shape}, "
-                     f"{baseline.shape} and {higher.shape}.")
+    raise ValueError(
+      f"delta_m needs three vectors of equal length, got {values.shape}, "
+      f"{baseline.shape} and {higher.shape}."
+    )
   if np.any(baseline == 0):
     raise ValueError("delta_m: a baseline metric is zero, so the relative change is undefined.")
   sign = np.where(higher, -1.0, 1.0)
   return float(np.mean(sign * (values - baseline) / np.abs(baseline)) * 100.0)
 
 
-def mean_rank(table: Mapping[str, Sequence[float]],
-              higher_is_better: Sequence[bool]) -> dict[str, float]:
+def mean_rank(
+  table: Mapping[str, Sequence[float]], higher_is_better: Sequence[bool]
+) -> dict[str, float]:
   """Mean rank of each method across the metrics (1 = best; ties share the mean rank)."""
   names = list(table)
   values = np.asarray([table[n] for n in names], np.float64)  # (methods, metrics)
@@ -57,8 +61,9 @@ def accuracy(logits, labels) -> float:
   """Share of rows whose arg-max class equals the integer label (higher is better)."""
   logits, labels = np.asarray(logits), np.asarray(labels)
   if logits.ndim != 2 or labels.shape != logits.shape[:1]:
-    raise ValueError(f"accuracy needs logits (N, classes) and labels (N,), got {logits.shape} "
-                     f"and {labels.shape}.")
+    raise ValueError(
+      f"accuracy needs logits (N, classes) and labels (N,), got {logits.shape} and {labels.shape}."
+    )
   return float(np.mean(np.argmax(logits, axis=1) == labels))
 
 
@@ -66,8 +71,7 @@ def mean_absolute_error(predictions, targets) -> float:
   """Mean of |prediction - target| over every entry (lower is better)."""
   predictions, targets = np.asarray(predictions, np.float64), np.asarray(targets, np.float64)
   if predictions.shape != targets.shape:
-    raise ValueError(f"mean_absolute_error: shapes {predictions.shape} and {targets.shape} "
-                     "differ.")
+    raise ValueError(f"mean_absolute_error: shapes {predictions.shape} and {targets.shape} differ.")
   return float(np.mean(np.abs(predictions - targets)))
 
 
@@ -75,8 +79,7 @@ def mean_squared_error(predictions, targets) -> float:
   """Mean of (prediction - target)^2 over every entry (lower is better)."""
   predictions, targets = np.asarray(predictions, np.float64), np.asarray(targets, np.float64)
   if predictions.shape != targets.shape:
-    raise ValueError(f"mean_squared_error: shapes {predictions.shape} and {targets.shape} "
-                     "differ.")
+    raise ValueError(f"mean_squared_error: shapes {predictions.shape} and {targets.shape} differ.")
   return float(np.mean((predictions - targets) ** 2))
 
 
@@ -102,10 +105,14 @@ def binary_counts(predicted, targets) -> tuple[np.ndarray, np.ndarray, np.ndarra
   """Per-column true positives, false positives and false negatives of (N, k) binary arrays."""
   predicted, targets = np.asarray(predicted).astype(bool), np.asarray(targets).astype(bool)
   if predicted.shape != targets.shape or predicted.ndim != 2:
-    raise ValueError(f"binary_counts needs two (N, k) arrays, got {predicted.shape} and "
-                     f"{targets.shape}.")
-  return (np.sum(predicted & targets, axis=0), np.sum(predicted & ~targets, axis=0),
-          np.sum(~predicted & targets, axis=0))
+    raise ValueError(
+      f"binary_counts needs two (N, k) arrays, got {predicted.shape} and {targets.shape}."
+    )
+  return (
+    np.sum(predicted & targets, axis=0),
+    np.sum(predicted & ~targets, axis=0),
+    np.sum(~predicted & targets, axis=0),
+  )
 
 
 def f1_from_counts(true_positives, false_positives, false_negatives) -> np.ndarray:
@@ -123,7 +130,7 @@ def confusion_matrix(predicted, labels, num_classes: int) -> np.ndarray:
     raise ValueError(f"confusion_matrix: {predicted.size} predictions for {labels.size} labels.")
   keep = (labels >= 0) & (labels < num_classes)
   index = num_classes * labels[keep] + predicted[keep]
-  return np.bincount(index, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+  return np.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
 def segmentation_scores(confusion) -> tuple[float, float]:
@@ -162,8 +169,9 @@ def normal_angle_errors(prediction, target) -> np.ndarray:
   prediction = np.asarray(prediction, np.float64)
   target = np.asarray(target, np.float64)
   if prediction.shape != target.shape or prediction.shape[-1] != 3:
-    raise ValueError(f"normal_angle_errors needs two (..., 3) arrays, got {prediction.shape} "
-                     f"and {target.shape}.")
+    raise ValueError(
+      f"normal_angle_errors needs two (..., 3) arrays, got {prediction.shape} and {target.shape}."
+    )
   valid = np.sum(target, axis=-1) != 0
   cosine = np.clip(np.sum(prediction * target, axis=-1)[valid], -1.0, 1.0)
   return np.degrees(np.arccos(cosine))
@@ -176,8 +184,9 @@ def angle_histogram(angles, bin_width: float = 0.01) -> np.ndarray:
   """Counts of angles (degrees) in bins of `bin_width` over [0, 180]: accumulate over batches,
   then `surface_normal_scores_from_histogram`."""
   bins = int(round(180.0 / bin_width))
-  index = np.clip(np.floor(np.asarray(angles, np.float64) / bin_width).astype(np.int64), 0,
-                  bins - 1)
+  index = np.clip(
+    np.floor(np.asarray(angles, np.float64) / bin_width).astype(np.int64), 0, bins - 1
+  )
   return np.bincount(index, minlength=bins)
 
 
@@ -189,12 +198,16 @@ def surface_normal_scores(angles) -> tuple[float, ...]:
   angles = np.asarray(angles, np.float64).reshape(-1)
   if angles.size == 0:
     raise ValueError("surface_normal_scores: no valid pixel.")
-  return (float(angles.mean()), float(np.median(angles)),
-          *(float(np.mean(angles < t) * 100.0) for t in NORMAL_THRESHOLDS))
+  return (
+    float(angles.mean()),
+    float(np.median(angles)),
+    *(float(np.mean(angles < t) * 100.0) for t in NORMAL_THRESHOLDS),
+  )
 
 
-def surface_normal_scores_from_histogram(histogram, angle_sum: float,
-                                         bin_width: float = 0.01) -> tuple[float, ...]:
+def surface_normal_scores_from_histogram(
+  histogram, angle_sum: float, bin_width: float = 0.01
+) -> tuple[float, ...]:
   """`surface_normal_scores` from an `angle_histogram` and the exact sum of the angles.
 
   The mean is exact; the median is exact to `bin_width` (the midpoint of its bin); the
@@ -207,5 +220,8 @@ def surface_normal_scores_from_histogram(histogram, angle_sum: float,
   cumulative = np.cumsum(histogram)
   median_bin = int(np.searchsorted(cumulative, total / 2.0))
   within = [cumulative[int(round(t / bin_width)) - 1] / total * 100.0 for t in NORMAL_THRESHOLDS]
-  return (float(angle_sum / total), float((median_bin + 0.5) * bin_width),
-          *(float(w) for w in within))
+  return (
+    float(angle_sum / total),
+    float((median_bin + 0.5) * bin_width),
+    *(float(w) for w in within),
+  )

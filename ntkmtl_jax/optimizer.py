@@ -22,8 +22,9 @@ from ntkmtl_jax.methods.ntkmtl import clip_shared_by_global_norm
 from ntkmtl_jax.step import TrainState
 
 
-def build_optimizer(config: Config, num_tasks: int,
-                    shared) -> tuple[Method, optax.GradientTransformation]:
+def build_optimizer(
+  config: Config, num_tasks: int, shared
+) -> tuple[Method, optax.GradientTransformation]:
   """The method and the optimiser chain for `config`.
 
   The method is `config.method` with its registered defaults (the published code's) and the
@@ -39,22 +40,27 @@ def build_optimizer(config: Config, num_tasks: int,
   Returns:
     (method, optax transformation applied to the method's update).
   """
-  method = methods.get(config.method_key, num_tasks, shared=shared,
-                       **config.method_hyperparameters())
-  clip = (clip_shared_by_global_norm(config.max_grad_norm, shared)
-          if method.needs.task_gradients and config.max_grad_norm is not None
-          else optax.identity())
-  makers = {"adam": lambda: optax.adam(config.learning_rate),
-            "adamw": lambda: optax.adamw(config.learning_rate,
-                                         weight_decay=config.weight_decay),
-            "sgd": lambda: optax.sgd(config.learning_rate)}
+  method = methods.get(
+    config.method_key, num_tasks, shared=shared, **config.method_hyperparameters()
+  )
+  clip = (
+    clip_shared_by_global_norm(config.max_grad_norm, shared)
+    if method.needs.task_gradients and config.max_grad_norm is not None
+    else optax.identity()
+  )
+  makers = {
+    "adam": lambda: optax.adam(config.learning_rate),
+    "adamw": lambda: optax.adamw(config.learning_rate, weight_decay=config.weight_decay),
+    "sgd": lambda: optax.sgd(config.learning_rate),
+  }
   if config.optimizer not in makers:
     raise ValueError(f"Unknown optimizer {config.optimizer!r}: choose one of {OPTIMIZERS}.")
   return method, optax.chain(clip, makers[config.optimizer]())
 
 
-def learning_rate_factor(config: Config, epoch: int, num_epochs: int,
-                         plateau_scale: float) -> float:
+def learning_rate_factor(
+  config: Config, epoch: int, num_epochs: int, plateau_scale: float
+) -> float:
   """The factor on the base learning rate in `epoch` (0-based) under `config.lr_schedule`."""
   if config.lr_schedule == "constant":
     return 1.0
@@ -67,8 +73,9 @@ def learning_rate_factor(config: Config, epoch: int, num_epochs: int,
   raise ValueError(f"Unknown lr_schedule {config.lr_schedule!r}: use one of {SCHEDULES}.")
 
 
-def with_learning_rate_factor(optimizer: optax.GradientTransformation
-                              ) -> optax.GradientTransformation:
+def with_learning_rate_factor(
+  optimizer: optax.GradientTransformation,
+) -> optax.GradientTransformation:
   """`optimizer` followed by an injectable scale (the schedule's factor, initially 1)."""
   return optax.chain(optimizer, optax.inject_hyperparams(optax.scale)(step_size=1.0))
 

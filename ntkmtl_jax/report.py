@@ -14,10 +14,9 @@ methods' seed-mean metrics.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -39,8 +38,9 @@ def _std(values) -> float:
   return float(np.std(values, ddof=1)) if values.size > 1 else 0.0
 
 
-def stl_metrics_by_seed(runs: Sequence[RunResult], metric_names: Sequence[str],
-                        metric_tasks: Sequence[int]) -> dict[int, dict]:
+def stl_metrics_by_seed(
+  runs: Sequence[RunResult], metric_names: Sequence[str], metric_tasks: Sequence[int]
+) -> dict[int, dict]:
   """Per seed, the STL metrics (each from the run trained on its task) and total wall time.
 
   Seeds where some task's STL run is missing (or was interrupted) are left out.
@@ -53,14 +53,20 @@ def stl_metrics_by_seed(runs: Sequence[RunResult], metric_names: Sequence[str],
   for seed, per_task in sorted(by_seed.items()):
     if not all(t in per_task for t in metric_tasks):
       continue
-    out[seed] = dict(metrics=[per_task[t].metrics[m] for m, t in zip(metric_names, metric_tasks)],
-                     wall_time=sum(r.wall_time for r in per_task.values()))
+    out[seed] = dict(
+      metrics=[per_task[t].metrics[m] for m, t in zip(metric_names, metric_tasks)],
+      wall_time=sum(r.wall_time for r in per_task.values()),
+    )
   return out
 
 
-def summarize(runs: Sequence[RunResult], metric_names: Sequence[str],
-              higher_is_better: Sequence[bool], metric_tasks: Sequence[int],
-              stl_row: Sequence[float] | None = None) -> dict:
+def summarize(
+  runs: Sequence[RunResult],
+  metric_names: Sequence[str],
+  higher_is_better: Sequence[bool],
+  metric_tasks: Sequence[int],
+  stl_row: Sequence[float] | None = None,
+) -> dict:
   """The table: {method: row} in order of first appearance, STL first.
 
   Each row has `metrics_mean`, `metrics_std` (per metric), `delta_m_mean`, `delta_m_std`,
@@ -98,8 +104,11 @@ def summarize(runs: Sequence[RunResult], metric_names: Sequence[str],
   for label, by_seed in per_method.items():
     seeds = sorted(by_seed)
     values = np.asarray([[by_seed[s].metrics[m] for m in metric_names] for s in seeds])
-    deltas = ([metrics_lib.delta_m(v, baseline, higher_is_better) for v in values]
-              if baseline is not None else None)
+    deltas = (
+      [metrics_lib.delta_m(v, baseline, higher_is_better) for v in values]
+      if baseline is not None
+      else None
+    )
     rows[label] = _row(values, deltas, [by_seed[s].wall_time for s in seeds], seeds)
   multi = {k: r["metrics_mean"] for k, r in rows.items() if k != STL}
   ranks = metrics_lib.mean_rank(multi, higher_is_better) if multi else {}
@@ -112,14 +121,16 @@ def summarize(runs: Sequence[RunResult], metric_names: Sequence[str],
 
 def _row(values, deltas, walls, seeds) -> dict:
   values = np.asarray(values, np.float64)
-  return dict(metrics_mean=values.mean(axis=0).tolist(),
-              metrics_std=[_std(values[:, j]) for j in range(values.shape[1])],
-              delta_m_mean=None if deltas is None else float(np.mean(deltas)),
-              delta_m_std=None if deltas is None else _std(deltas),
-              delta_m_per_seed=None if deltas is None else [float(d) for d in deltas],
-              wall_time_mean=float(np.mean(walls)) if len(walls) else float("nan"),
-              wall_time_std=_std(walls),
-              seeds=[int(s) for s in seeds])
+  return dict(
+    metrics_mean=values.mean(axis=0).tolist(),
+    metrics_std=[_std(values[:, j]) for j in range(values.shape[1])],
+    delta_m_mean=None if deltas is None else float(np.mean(deltas)),
+    delta_m_std=None if deltas is None else _std(deltas),
+    delta_m_per_seed=None if deltas is None else [float(d) for d in deltas],
+    wall_time_mean=float(np.mean(walls)) if len(walls) else float("nan"),
+    wall_time_std=_std(walls),
+    seeds=[int(s) for s in seeds],
+  )
 
 
 def _number(value: float, width: int = 0) -> str:
@@ -131,28 +142,44 @@ def _number(value: float, width: int = 0) -> str:
   return f"{value:.4f}" if magnitude < 10 else f"{value:.2f}"
 
 
-def format_table(summary: dict, metric_names: Sequence[str], higher_is_better: Sequence[bool],
-                 *, title: str | None = None) -> str:
+def format_table(
+  summary: dict,
+  metric_names: Sequence[str],
+  higher_is_better: Sequence[bool],
+  *,
+  title: str | None = None,
+) -> str:
   """A plain-text table laid out like the paper's: metrics (arrow = better), MR, Delta m %.
 
   Metrics are seed means; Delta m % is mean +- std over seeds; time is the mean wall time
   of one seed's run in seconds (STL: its k runs together).
   """
-  headers = (["Method"] + [f"{m} {'↑' if h else '↓'}" for m, h in
-                           zip(metric_names, higher_is_better)]
-             + ["MR ↓", "Δm% ↓", "time s"])
+  headers = (
+    ["Method"]
+    + [f"{m} {'↑' if h else '↓'}" for m, h in zip(metric_names, higher_is_better)]
+    + ["MR ↓", "Δm% ↓", "time s"]
+  )
   body = []
   for name, row in summary.items():
     is_stl = name == STL
-    dm = ("-" if is_stl or row["delta_m_mean"] is None else
-          f"{row['delta_m_mean']:.2f} ± {row['delta_m_std']:.2f}")
-    body.append([name.upper() if is_stl else name]
-                + [_number(v) for v in row["metrics_mean"]]
-                + ["-" if row["mean_rank"] is None else f"{row['mean_rank']:.2f}", dm,
-                   f"{row['wall_time_mean']:.1f}"])
+    dm = (
+      "-"
+      if is_stl or row["delta_m_mean"] is None
+      else f"{row['delta_m_mean']:.2f} ± {row['delta_m_std']:.2f}"
+    )
+    body.append(
+      [name.upper() if is_stl else name]
+      + [_number(v) for v in row["metrics_mean"]]
+      + [
+        "-" if row["mean_rank"] is None else f"{row['mean_rank']:.2f}",
+        dm,
+        f"{row['wall_time_mean']:.1f}",
+      ]
+    )
   widths = [max(len(str(r[j])) for r in [headers] + body) for j in range(len(headers))]
-  line = lambda cells: "  ".join(str(c).ljust(w) if j == 0 else str(c).rjust(w)
-                                 for j, (c, w) in enumerate(zip(cells, widths)))
+  line = lambda cells: "  ".join(
+    str(c).ljust(w) if j == 0 else str(c).rjust(w) for j, (c, w) in enumerate(zip(cells, widths))
+  )
   rule = "-" * len(line(headers))
   out = ([title] if title else []) + [rule, line(headers), rule]
   for name, cells in zip(summary, body):
@@ -163,28 +190,51 @@ def format_table(summary: dict, metric_names: Sequence[str], higher_is_better: S
   return "\n".join(out)
 
 
-def write_results(path: str, *, config: dict, benchmark: dict, runs: Sequence[RunResult],
-                  summary: dict, interrupted: bool = False) -> None:
+def write_results(
+  path: str,
+  *,
+  config: dict,
+  benchmark: dict,
+  runs: Sequence[RunResult],
+  summary: dict,
+  interrupted: bool = False,
+) -> None:
   """results.json: the configuration, benchmark description, summary and every run (written
   whole or not at all: `io.write_json`)."""
-  write_json(path, dict(config=config, benchmark=benchmark, interrupted=interrupted,
-                        summary=summary, runs=[r.to_dict() for r in runs]))
+  write_json(
+    path,
+    dict(
+      config=config,
+      benchmark=benchmark,
+      interrupted=interrupted,
+      summary=summary,
+      runs=[r.to_dict() for r in runs],
+    ),
+  )
 
 
 def write_csv(path: str, summary: dict, metric_names: Sequence[str]) -> None:
   """results.csv: one row per method; per metric mean and std, MR, Delta m %, wall time."""
-  header = (["method", "seeds"]
-            + [c for m in metric_names for c in (f"{m} mean", f"{m} std")]
-            + ["mean_rank", "delta_m_mean", "delta_m_std", "wall_time_mean",
-               "wall_time_std"])
+  header = (
+    ["method", "seeds"]
+    + [c for m in metric_names for c in (f"{m} mean", f"{m} std")]
+    + ["mean_rank", "delta_m_mean", "delta_m_std", "wall_time_mean", "wall_time_std"]
+  )
   with replaced_file(path, newline="") as f:
     writer = csv.writer(f)
     writer.writerow(header)
     for name, row in summary.items():
-      writer.writerow([name, len(row["seeds"])]
-                      + [v for pair in zip(row["metrics_mean"], row["metrics_std"]) for v in pair]
-                      + [row["mean_rank"], row["delta_m_mean"], row["delta_m_std"],
-                         row["wall_time_mean"], row["wall_time_std"]])
+      writer.writerow(
+        [name, len(row["seeds"])]
+        + [v for pair in zip(row["metrics_mean"], row["metrics_std"]) for v in pair]
+        + [
+          row["mean_rank"],
+          row["delta_m_mean"],
+          row["delta_m_std"],
+          row["wall_time_mean"],
+          row["wall_time_std"],
+        ]
+      )
 
 
 # Plots.
@@ -228,14 +278,19 @@ def plot_training_curves(path: str, runs: Sequence[RunResult], task_names: Seque
   k = len(task_names)
   fig, axes = plt.subplots(1, k, figsize=(4.2 * k, 3.6), squeeze=False)
   for label, group in _runs_by_label(runs).items():
-    for i, name in enumerate(task_names):
+    for i in range(k):
       members = [r for r in group if label != STL or int(r.hparams.get("task", 0)) == i]
       curve = _seed_mean([r.history.losses[:, i] for r in members if r.history.losses.size])
       if curve is None:
         continue
       window = max(1, len(curve) // 40)
-      axes[0, i].plot(np.arange(1, len(curve) + 1), _smooth(curve, window), label=label,
-                      linestyle="--" if label == STL else "-", linewidth=1.3)
+      axes[0, i].plot(
+        np.arange(1, len(curve) + 1),
+        _smooth(curve, window),
+        label=label,
+        linestyle="--" if label == STL else "-",
+        linewidth=1.3,
+      )
   for i, name in enumerate(task_names):
     ax = axes[0, i]
     ax.set_title(f"task {name}: training loss")
@@ -259,7 +314,7 @@ def plot_task_weights(path: str, runs: Sequence[RunResult], task_names: Sequence
   cols = min(4, len(groups))
   rows = math.ceil(len(groups) / cols)
   fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-  for ax in axes.flat[len(groups):]:
+  for ax in axes.flat[len(groups) :]:
     ax.set_visible(False)
   for ax, (label, group) in zip(axes.flat, groups.items()):
     weights = _seed_mean([r.history.weights for r in group if r.history.weights.size])
@@ -281,8 +336,12 @@ def plot_task_weights(path: str, runs: Sequence[RunResult], task_names: Sequence
   plt.close(fig)
 
 
-def plot_eigenvalues(path: str, runs: Sequence[RunResult], task_names: Sequence[str],
-                     methods: Sequence[str] = ("ls", "ntkmtl")):
+def plot_eigenvalues(
+  path: str,
+  runs: Sequence[RunResult],
+  task_names: Sequence[str],
+  methods: Sequence[str] = ("ls", "ntkmtl"),
+):
   """lambda_i over training for the given methods (LS vs NTKMTL by default).
 
   Top row: lambda_i, the largest eigenvalue of task i's NTK block over the shared
@@ -292,22 +351,25 @@ def plot_eigenvalues(path: str, runs: Sequence[RunResult], task_names: Sequence[
   """
   plt = _pyplot()
   groups = _runs_by_label(runs)
-  chosen = [m for m in methods if m in groups and any(r.history.eigenvalues.size
-                                                      for r in groups[m])]
+  chosen = [
+    m for m in methods if m in groups and any(r.history.eigenvalues.size for r in groups[m])
+  ]
   if not chosen:
     chosen = [m for m, g in groups.items() if any(r.history.eigenvalues.size for r in g)][:2]
   if not chosen:
     return False
-  fig, axes = plt.subplots(2, len(chosen), figsize=(5 * len(chosen), 6.4), squeeze=False,
-                           sharey="row")
+  fig, axes = plt.subplots(
+    2, len(chosen), figsize=(5 * len(chosen), 6.4), squeeze=False, sharey="row"
+  )
   for col, label in enumerate(chosen):
     members = [r for r in groups[label] if r.history.eigenvalues.size]
     length = min(len(r.history.eigen_steps) for r in members)
     steps = members[0].history.eigen_steps[:length]
     lam = np.mean([r.history.eigenvalues[:length] for r in members], axis=0)
     index = np.clip(steps.astype(int) - 1, 0, None)
-    weights = np.mean([r.history.weights[np.minimum(index, len(r.history.weights) - 1)]
-                       for r in members], axis=0)
+    weights = np.mean(
+      [r.history.weights[np.minimum(index, len(r.history.weights) - 1)] for r in members], axis=0
+    )
     window = max(1, length // 40)
     for i, name in enumerate(task_names):
       # Distinct dashes keep equal curves (NTKMTL's bottom row) visible on top of each other.
@@ -328,22 +390,39 @@ def plot_eigenvalues(path: str, runs: Sequence[RunResult], task_names: Sequence[
   return True
 
 
-def write_reports(out_dir: str, *, runs: Sequence[RunResult], config: dict, benchmark,
-                  plots: bool = True, interrupted: bool = False) -> tuple[dict, list[str]]:
+def write_reports(
+  out_dir: str,
+  *,
+  runs: Sequence[RunResult],
+  config: dict,
+  benchmark,
+  plots: bool = True,
+  interrupted: bool = False,
+) -> tuple[dict, list[str]]:
   """Writes results.json, results.csv and (when `plots`) the PNGs; returns (summary, paths).
 
   `benchmark` is a `benchmarks.Benchmark` (only its names, metrics and directions are read).
   """
-  summary = summarize(runs, benchmark.metric_names, benchmark.higher_is_better,
-                      benchmark.metric_tasks, benchmark.stl_row)
-  meta = dict(name=benchmark.name, description=benchmark.description,
-              task_names=list(benchmark.task_names), metric_names=list(benchmark.metric_names),
-              higher_is_better=list(benchmark.higher_is_better),
-              metric_tasks=list(benchmark.metric_tasks),
-              stl_row=None if benchmark.stl_row is None else list(benchmark.stl_row))
+  summary = summarize(
+    runs,
+    benchmark.metric_names,
+    benchmark.higher_is_better,
+    benchmark.metric_tasks,
+    benchmark.stl_row,
+  )
+  meta = dict(
+    name=benchmark.name,
+    description=benchmark.description,
+    task_names=list(benchmark.task_names),
+    metric_names=list(benchmark.metric_names),
+    higher_is_better=list(benchmark.higher_is_better),
+    metric_tasks=list(benchmark.metric_tasks),
+    stl_row=None if benchmark.stl_row is None else list(benchmark.stl_row),
+  )
   paths = [os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.csv")]
-  write_results(paths[0], config=config, benchmark=meta, runs=runs, summary=summary,
-                interrupted=interrupted)
+  write_results(
+    paths[0], config=config, benchmark=meta, runs=runs, summary=summary, interrupted=interrupted
+  )
   write_csv(paths[1], summary, benchmark.metric_names)
   if plots and runs:
     names = list(benchmark.task_names)

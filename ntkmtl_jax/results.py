@@ -1,9 +1,9 @@
 """What a run leaves behind: its per-step `History` and its `RunResult`, and how to read them.
 
-    result = ntkmtl_jax.loop.fit(bench, config)
-    result.metrics           # test metrics of the selected model
-    result.history.losses    # (T, k)
-    skip_report(result)      # None, or why most steps were skipped
+result = ntkmtl_jax.loop.fit(bench, config)
+result.metrics           # test metrics of the selected model
+result.history.losses    # (T, k)
+skip_report(result)      # None, or why most steps were skipped
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class History:
     skip_cause: (T,) why each step was skipped: 0 applied, 1 non-finite losses, 2 non-finite
       update from the method, 3 non-finite new parameters or optimiser/method/model state.
   """
+
   steps: np.ndarray
   losses: np.ndarray
   weights: np.ndarray
@@ -49,10 +50,15 @@ class History:
     return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in out.items()}
 
   @classmethod
-  def from_dict(cls, d: dict) -> "History":
-    return cls(**{f.name: (np.asarray(d.get(f.name, ()), np.float64)
-                           if f.name != "eigen_source" else d[f.name])
-                  for f in dataclasses.fields(cls)})
+  def from_dict(cls, d: dict) -> History:
+    return cls(
+      **{
+        f.name: (
+          np.asarray(d.get(f.name, ()), np.float64) if f.name != "eigen_source" else d[f.name]
+        )
+        for f in dataclasses.fields(cls)
+      }
+    )
 
 
 # What `History.skip_cause` codes mean (0: the step was applied).
@@ -61,15 +67,18 @@ SKIP_CAUSES = {1: "losses", 2: "update", 3: "state"}
 MAX_SKIPPED_FRACTION = 0.5
 
 
-def skip_report(result: "RunResult", max_fraction: float = MAX_SKIPPED_FRACTION) -> str | None:
+def skip_report(result: RunResult, max_fraction: float = MAX_SKIPPED_FRACTION) -> str | None:
   """One line saying that `result` skipped most of its steps and why, or None if it trained."""
   if not result.steps or result.skipped <= max_fraction * result.steps:
     return None
-  causes = ", ".join(f"non-finite {name}: {count}"
-                     for name, count in result.skipped_by_cause.items() if count)
-  return (f"{result.method} seed {result.seed} skipped {result.skipped} of its {result.steps} "
-          f"steps ({causes}), so it did not train as configured. Check the learning rate, the "
-          "method's hyper-parameters and the data for NaN/inf.")
+  causes = ", ".join(
+    f"non-finite {name}: {count}" for name, count in result.skipped_by_cause.items() if count
+  )
+  return (
+    f"{result.method} seed {result.seed} skipped {result.skipped} of its {result.steps} "
+    f"steps ({causes}), so it did not train as configured. Check the learning rate, the "
+    "method's hyper-parameters and the data for NaN/inf."
+  )
 
 
 @dataclasses.dataclass
@@ -94,6 +103,7 @@ class RunResult:
     step_time_s: median wall time of a train step after the first two.
     params, model_state: the final parameters and model state (not serialised).
   """
+
   method: str
   seed: int
   hparams: dict
@@ -115,8 +125,7 @@ class RunResult:
     """Skipped steps per cause: non-finite `losses`, `update` (the method's) or `state`
     (new parameters, optimiser, method or model state)."""
     cause = np.asarray(self.history.skip_cause)
-    return {name: int(np.sum(cause == code))
-            for code, name in SKIP_CAUSES.items()}
+    return {name: int(np.sum(cause == code)) for code, name in SKIP_CAUSES.items()}
 
   @property
   def last_losses(self) -> np.ndarray:
@@ -124,19 +133,39 @@ class RunResult:
     return self.history.losses[-1] if len(self.history.losses) else np.zeros(0)
 
   def to_dict(self, with_history: bool = True) -> dict:
-    out = dict(method=self.method, seed=self.seed, hparams=jsonable(self.hparams),
-               metrics=self.metrics, wall_time=self.wall_time, steps=self.steps,
-               skipped=self.skipped, skipped_by_cause=self.skipped_by_cause,
-               interrupted=self.interrupted, val_metrics=self.val_metrics, best_epoch=self.best_epoch,
-               evaluations=self.evaluations, step_time_s=self.step_time_s)
+    out = dict(
+      method=self.method,
+      seed=self.seed,
+      hparams=jsonable(self.hparams),
+      metrics=self.metrics,
+      wall_time=self.wall_time,
+      steps=self.steps,
+      skipped=self.skipped,
+      skipped_by_cause=self.skipped_by_cause,
+      interrupted=self.interrupted,
+      val_metrics=self.val_metrics,
+      best_epoch=self.best_epoch,
+      evaluations=self.evaluations,
+      step_time_s=self.step_time_s,
+    )
     if with_history:
       out["history"] = self.history.to_dict()
     return out
 
   @classmethod
-  def from_dict(cls, d: dict) -> "RunResult":
-    return cls(method=d["method"], seed=d["seed"], hparams=d["hparams"], metrics=d["metrics"],
-               wall_time=d["wall_time"], steps=d["steps"], skipped=d["skipped"],
-               interrupted=d["interrupted"], history=History.from_dict(d["history"]),
-               val_metrics=d.get("val_metrics"), best_epoch=d.get("best_epoch"),
-               evaluations=d.get("evaluations", []), step_time_s=d.get("step_time_s"))
+  def from_dict(cls, d: dict) -> RunResult:
+    return cls(
+      method=d["method"],
+      seed=d["seed"],
+      hparams=d["hparams"],
+      metrics=d["metrics"],
+      wall_time=d["wall_time"],
+      steps=d["steps"],
+      skipped=d["skipped"],
+      interrupted=d["interrupted"],
+      history=History.from_dict(d["history"]),
+      val_metrics=d.get("val_metrics"),
+      best_epoch=d.get("best_epoch"),
+      evaluations=d.get("evaluations", []),
+      step_time_s=d.get("step_time_s"),
+    )

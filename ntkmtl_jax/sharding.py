@@ -33,14 +33,17 @@ def data_mesh(devices=None, axis: str = "data") -> Mesh:
   sharding of that reshape, which the step does not specify.
   """
   devices = jax.devices() if devices is None else devices
-  return jax.make_mesh((len(devices),), (axis,), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.make_mesh(
+    (len(devices),), (axis,), devices=devices, axis_types=(jax.sharding.AxisType.Auto,)
+  )
 
 
 def _check_divisible(size: int, n: int, what: str) -> None:
   if size % n:
-    raise ValueError(f"Batch size {size} is not divisible by the {n} devices of {what}; use a "
-                     f"batch size that is a multiple of {n}.")
+    raise ValueError(
+      f"Batch size {size} is not divisible by the {n} devices of {what}; use a "
+      f"batch size that is a multiple of {n}."
+    )
 
 
 def shard_batch(batch: PyTree, mesh: Mesh, axis: str = "data") -> PyTree:
@@ -56,8 +59,7 @@ def shard_batch(batch: PyTree, mesh: Mesh, axis: str = "data") -> PyTree:
   return jax.device_put(batch, sharding)
 
 
-def process_rows(global_batch_size: int, mesh: Mesh | None = None,
-                 axis: str = "data") -> slice:
+def process_rows(global_batch_size: int, mesh: Mesh | None = None, axis: str = "data") -> slice:
   """The rows of a global batch that this process loads for `shard_process_batch`.
 
   Process p holds the p-th contiguous block, as `data_mesh()` orders the devices by process.
@@ -82,8 +84,11 @@ def shard_process_batch(local_batch: PyTree, mesh: Mesh, axis: str = "data") -> 
   _check_divisible(local_size, local_devices, "this process on the mesh")
   global_size = local_size * (mesh.shape[axis] // local_devices)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(
-          sharding, np.asarray(x), (global_size,) + np.shape(x)[1:]), local_batch)
+    lambda x: jax.make_array_from_process_local_data(
+      sharding, np.asarray(x), (global_size,) + np.shape(x)[1:]
+    ),
+    local_batch,
+  )
 
 
 def _replicate_leaf(x, sharding: NamedSharding):

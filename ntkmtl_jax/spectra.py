@@ -23,7 +23,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +40,9 @@ AFFINITY_KINDS = ("cosine", "alignment")
 
 __all__ = [
     "AFFINITY_KINDS", "STATISTICS", "SpectrumHistory", "SpectrumTracker", "TaskGroups",
-    "TaskSpectra", "all_statistics", "diagonal_block_eigenvalues", "block_eigenvalues", "effective_rank",
-    "group_tasks", "imbalance", "spectrum_statistic", "task_affinity", "task_spectra",
+    "TaskSpectra", "all_statistics", "block_eigenvalues", "diagonal_block_eigenvalues",
+    "effective_rank", "group_tasks", "imbalance", "spectrum_statistic", "task_affinity",
+    "task_spectra",
 ]
 
 

@@ -18,7 +18,8 @@ statistics streamed, is the step's resolved `strategy.Strategy` (`strategy.resol
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +27,16 @@ import optax
 
 from ntkmtl_jax import _tree, kernel
 from ntkmtl_jax._tree import PyTree
-from ntkmtl_jax.method import (Method, Needs, TaskStats, Weighting, check_weights, combine,
-                                  is_method, stats_from_gradients)
+from ntkmtl_jax.method import (
+  Method,
+  Needs,
+  TaskStats,
+  Weighting,
+  check_weights,
+  combine,
+  is_method,
+  stats_from_gradients,
+)
 from ntkmtl_jax.strategy import Strategy, resolve, run_passes, unit
 
 
@@ -43,6 +52,7 @@ class TrainState(NamedTuple):
     skipped: number of steps skipped because something came out non-finite.
     key: base PRNG key; step t uses `jax.random.fold_in(key, t)`.
   """
+
   params: PyTree
   model_state: PyTree
   method_state: Any
@@ -66,9 +76,16 @@ class TrainStep:
   optimiser's, method's or model's new state).
   """
 
-  def __init__(self, step_fn: Callable, method: Method, needs: Needs,
-               optimizer: optax.GradientTransformation, jit: bool, donate: bool,
-               strategy: Strategy | None = None):
+  def __init__(
+    self,
+    step_fn: Callable,
+    method: Method,
+    needs: Needs,
+    optimizer: optax.GradientTransformation,
+    jit: bool,
+    donate: bool,
+    strategy: Strategy | None = None,
+  ):
     self.method = method
     self.needs = needs
     self.strategy = strategy
@@ -76,13 +93,18 @@ class TrainStep:
     self._raw = step_fn
     self._step = jax.jit(step_fn, donate_argnums=(0,) if donate else ()) if jit else step_fn
 
-  def init(self, params: PyTree, model_state: PyTree = None,
-           key: jax.Array | None = None) -> TrainState:
-    return TrainState(params=params, model_state=model_state,
-                      method_state=self.method.init(params),
-                      optimizer_state=self.optimizer.init(params),
-                      step=jnp.zeros([], jnp.int32), skipped=jnp.zeros([], jnp.int32),
-                      key=jax.random.key(0) if key is None else key)
+  def init(
+    self, params: PyTree, model_state: PyTree = None, key: jax.Array | None = None
+  ) -> TrainState:
+    return TrainState(
+      params=params,
+      model_state=model_state,
+      method_state=self.method.init(params),
+      optimizer_state=self.optimizer.init(params),
+      step=jnp.zeros([], jnp.int32),
+      skipped=jnp.zeros([], jnp.int32),
+      key=jax.random.key(0) if key is None else key,
+    )
 
   def __call__(self, state: TrainState, batch: PyTree) -> tuple[TrainState, dict]:
     return self._step(state, batch)
@@ -100,6 +122,7 @@ class Model(NamedTuple):
     encode: `encode(params, model_state, batch) -> (z, new_model_state)`, or None.
     decode: `decode(params, z, batch) -> (k,)`, or None.
   """
+
   losses: Callable
   encode: Callable | None
   decode: Callable | None
@@ -116,6 +139,7 @@ class Observation(NamedTuple):
       (one backward pass), when the oracle did not keep the task gradients.
     task_grads: the task gradients stacked on axis 0 (all parameters), when it did.
   """
+
   losses: jax.Array
   stats: TaskStats
   model_state: PyTree
@@ -125,12 +149,15 @@ class Observation(NamedTuple):
 
 def _normalise_model(loss_fn, encode, decode, has_state) -> Model:
   if loss_fn is None and (encode is None or decode is None):
-    raise ValueError("Give either loss_fn(params, batch) -> (k,) losses, or both "
-                     "encode(params, batch) -> z and decode(params, z, batch) -> (k,).")
+    raise ValueError(
+      "Give either loss_fn(params, batch) -> (k,) losses, or both "
+      "encode(params, batch) -> z and decode(params, z, batch) -> (k,)."
+    )
   enc = None
   if encode is not None:
     enc = encode if has_state else (lambda p, s, b: (encode(p, b), s))
   if loss_fn is None:
+
     def losses_with_state(p, s, b):
       z, s = enc(p, s, b)
       return decode(p, z, b), s
@@ -142,8 +169,10 @@ def _normalise_model(loss_fn, encode, decode, has_state) -> Model:
   def checked(p, s, b):
     out = losses_with_state(p, s, b)
     if not (isinstance(out, tuple) and len(out) == 2):
-      raise ValueError("With has_state=True, loss_fn(params, model_state, batch) must return "
-                       "(losses, new_model_state).")
+      raise ValueError(
+        "With has_state=True, loss_fn(params, model_state, batch) must return "
+        "(losses, new_model_state)."
+      )
     _tree.check_losses(out[0])
     return out
 
@@ -151,8 +180,9 @@ def _normalise_model(loss_fn, encode, decode, has_state) -> Model:
 
 
 def _mean_over_chunks(tree):
-  return jax.tree.map(lambda x: jnp.mean(x, axis=0) if jnp.issubdtype(x.dtype, jnp.floating)
-                      else x[0], tree)
+  return jax.tree.map(
+    lambda x: jnp.mean(x, axis=0) if jnp.issubdtype(x.dtype, jnp.floating) else x[0], tree
+  )
 
 
 def _at_least_float32(x):
@@ -165,8 +195,9 @@ def _at_least_float32(x):
 def _losses_oracle(model, needs, strategy, params, ms, batch, mask, key):
   """The losses and one backward pass (loss-weighting methods)."""
   losses, vjp_fn, ms_new = jax.vjp(lambda p: model.losses(p, ms, batch), params, has_aux=True)
-  return Observation(losses, TaskStats(losses=losses, key=key), ms_new,
-                     pullback=lambda c: vjp_fn(c)[0])
+  return Observation(
+    losses, TaskStats(losses=losses, key=key), ms_new, pullback=lambda c: vjp_fn(c)[0]
+  )
 
 
 def _gradients_oracle(model, needs, strategy, params, ms, batch, mask, key):
@@ -175,8 +206,18 @@ def _gradients_oracle(model, needs, strategy, params, ms, batch, mask, key):
   pull = lambda c: vjp_fn(c)[0]
   k = losses.shape[0]
   if not strategy.materialize:  # `resolve` refuses this for the "gradients" kind
-    stats = _streamed_stats(model, params, ms, batch, mask, pull, k, losses.dtype,
-                            full_gram=(needs.kind == "gram"), strategy=strategy)
+    stats = _streamed_stats(
+      model,
+      params,
+      ms,
+      batch,
+      mask,
+      pull,
+      k,
+      losses.dtype,
+      full_gram=(needs.kind == "gram"),
+      strategy=strategy,
+    )
     return Observation(losses, stats._replace(losses=losses, key=key), ms_new, pullback=pull)
   task_grads = kernel.pullback_rows(pull, k, losses.dtype, strategy=strategy)
   stats = stats_from_gradients(needs.kind, task_grads, mask, losses=losses, key=key)
@@ -186,26 +227,33 @@ def _gradients_oracle(model, needs, strategy, params, ms, batch, mask, key):
 def _kernel_oracle(model, needs, strategy, params, ms, batch, mask, key):
   """The k * n Jacobian rows (`kernel.task_jacobian`) and each task block's eigenvalue."""
   n = needs.num_chunks
-  spectrum = dict(eigen_method=needs.eigen_method, statistic=needs.statistic,
-                  top_r=needs.top_r, power_iterations=needs.power_iterations)
+  spectrum = dict(
+    eigen_method=needs.eigen_method,
+    statistic=needs.statistic,
+    top_r=needs.top_r,
+    power_iterations=needs.power_iterations,
+  )
   chunk_losses = lambda p, c: model.losses(p, ms, c)
   if strategy.materialize:  # rows over all parameters: the heads' part makes their update
     per_task_chunk, jac, ms_chunks = kernel.task_jacobian(
-        chunk_losses, params, batch, num_chunks=n, strategy=strategy, has_aux=True)
+      chunk_losses, params, batch, num_chunks=n, strategy=strategy, has_aux=True
+    )
     eig = kernel.eigenvalues_from_jacobian(_tree.split(jac, mask)[0], **spectrum)
     losses = jnp.mean(per_task_chunk, axis=1)
     task_grads = jax.tree.map(lambda x: jnp.mean(x, axis=1), jac)
     ms_new = _mean_over_chunks(ms_chunks) if ms is not None else None
-    return Observation(losses, TaskStats(losses=losses, eigenvalues=eig, key=key), ms_new,
-                       task_grads=task_grads)
+    return Observation(
+      losses, TaskStats(losses=losses, eigenvalues=eig, key=key), ms_new, task_grads=task_grads
+    )
   # Task by task: its n rows, then its eigenvalue; one weighted backward pass after.
   fn = kernel.chunk_loss_fn(chunk_losses, batch, n, has_aux=True)
   flat, vjp_fn, (per_chunk, ms_chunks) = jax.vjp(fn, params, has_aux=True)
   k = per_chunk.shape[1]
 
   def task_eigenvalue(i, after):
-    rows = [_tree.split(vjp_fn(after(unit(i * n + a, k * n, flat.dtype)))[0], mask)[0]
-            for a in range(n)]
+    rows = [
+      _tree.split(vjp_fn(after(unit(i * n + a, k * n, flat.dtype)))[0], mask)[0] for a in range(n)
+    ]
     jac_i = jax.tree.map(lambda *xs: jnp.stack(xs)[None], *rows)
     return kernel.eigenvalues_from_jacobian(jac_i, **spectrum)[0]
 
@@ -213,8 +261,9 @@ def _kernel_oracle(model, needs, strategy, params, ms, batch, mask, key):
   losses = jnp.mean(per_chunk, axis=0)
   ms_new = _mean_over_chunks(ms_chunks) if ms is not None else None
   pullback = lambda c: vjp_fn(jnp.repeat(c, n) / n)[0]
-  return Observation(losses, TaskStats(losses=losses, eigenvalues=eig, key=key), ms_new,
-                     pullback=pullback)
+  return Observation(
+    losses, TaskStats(losses=losses, eigenvalues=eig, key=key), ms_new, pullback=pullback
+  )
 
 
 def _representation_oracle(model, needs, strategy, params, ms, batch, mask, key):
@@ -226,11 +275,11 @@ def _representation_oracle(model, needs, strategy, params, ms, batch, mask, key)
     # Gram of d l_i / d z: k backward passes through the heads only (MGDA-UB).
     eye = jnp.eye(losses.shape[0], dtype=losses.dtype)
     dz = jnp.stack([dec_vjp(eye[i])[1].reshape(-1) for i in range(losses.shape[0])])
-    stats = TaskStats(losses=losses, gram=jnp.matmul(dz, dz.T, precision="highest"),
-                      key=key)
+    stats = TaskStats(losses=losses, gram=jnp.matmul(dz, dz.T, precision="highest"), key=key)
   else:
-    eig, _ = kernel.representation_eigenvalues(model.decode, params, jax.lax.stop_gradient(z),
-                                               batch, num_chunks=needs.num_chunks)
+    eig, _ = kernel.representation_eigenvalues(
+      model.decode, params, jax.lax.stop_gradient(z), batch, num_chunks=needs.num_chunks
+    )
     stats = TaskStats(losses=losses, eigenvalues=eig, key=key)
 
   def pullback(cotangent):  # heads, then the encoder through d loss / d z
@@ -242,13 +291,13 @@ def _representation_oracle(model, needs, strategy, params, ms, batch, mask, key)
 
 # One oracle per kind of need (the implementation table of the step).
 ORACLES = {
-    "losses": _losses_oracle,
-    "sq_norms": _gradients_oracle,
-    "gram": _gradients_oracle,
-    "gradients": _gradients_oracle,
-    "kernel": _kernel_oracle,
-    "representation": _representation_oracle,
-    "representation_gram": _representation_oracle,
+  "losses": _losses_oracle,
+  "sq_norms": _gradients_oracle,
+  "gram": _gradients_oracle,
+  "gradients": _gradients_oracle,
+  "kernel": _kernel_oracle,
+  "representation": _representation_oracle,
+  "representation_gram": _representation_oracle,
 }
 
 
@@ -260,8 +309,7 @@ def _streamed_stats(model, params, ms, batch, mask, pull, k, dtype, full_gram, s
   """
   cotangent = lambda i, after: after(unit(i, k, dtype))
   if not full_gram:
-    sq = run_passes(strategy, lambda i, after: _tree.sq_norm(pull(cotangent(i, after)), mask),
-                    k)
+    sq = run_passes(strategy, lambda i, after: _tree.sq_norm(pull(cotangent(i, after)), mask), k)
     return TaskStats(sq_norms=sq)
   shared_params, rest = _tree.split(params, mask)
   of_shared = lambda sp: model.losses(_tree.merge(sp, rest, mask), ms, batch)[0]
@@ -281,10 +329,13 @@ def _streamed_stats(model, params, ms, batch, mask, pull, k, dtype, full_gram, s
 def _method_update(method, obs: Observation, method_state, params, mask):
   """The method's update of all parameters from an oracle's observation."""
   if not isinstance(method, Weighting):  # a GradientRule or any optax aggregator
-    return method.update(obs.task_grads, method_state, params, losses=obs.losses,
-                         key=obs.stats.key)
-  stats = obs.stats._replace(**{f: _at_least_float32(getattr(obs.stats, f))
-                                for f in ("losses", "sq_norms", "gram", "eigenvalues")})
+    return method.update(obs.task_grads, method_state, params, losses=obs.losses, key=obs.stats.key)
+  stats = obs.stats._replace(
+    **{
+      f: _at_least_float32(getattr(obs.stats, f))
+      for f in ("losses", "sq_norms", "gram", "eigenvalues")
+    }
+  )
   weights, method_state = method.weights(stats, method_state)
   check_weights(method.name, weights, obs.losses.shape[0])
   if obs.task_grads is not None:
@@ -295,21 +346,30 @@ def _method_update(method, obs: Observation, method_state, params, mask):
     return shared_grad, method_state
   # Heads get the plain sum: a second pass with unit cotangents (XLA prunes its shared part).
   head_grad = obs.pullback(jnp.ones_like(obs.losses))
-  return _tree.merge(_tree.split(shared_grad, mask)[0], _tree.split(head_grad, mask)[1],
-                     mask), method_state
+  return _tree.merge(
+    _tree.split(shared_grad, mask)[0], _tree.split(head_grad, mask)[1], mask
+  ), method_state
 
 
 def _floating_finite(tree) -> jax.Array:
-  return _tree.all_finite([x for x in jax.tree.leaves(tree)
-                           if jnp.issubdtype(jnp.result_type(x), jnp.inexact)])
+  return _tree.all_finite(
+    [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  )
 
 
-def make_train_step(loss_fn: Callable | None, method: Method,
-                    optimizer: optax.GradientTransformation, *,
-                    strategy: Strategy | str = "auto", has_state: bool = False,
-                    encode: Callable | None = None, decode: Callable | None = None,
-                    chunk_size: int | None = None, jit: bool = True,
-                    donate: bool = False) -> TrainStep:
+def make_train_step(
+  loss_fn: Callable | None,
+  method: Method,
+  optimizer: optax.GradientTransformation,
+  *,
+  strategy: Strategy | str = "auto",
+  has_state: bool = False,
+  encode: Callable | None = None,
+  decode: Callable | None = None,
+  chunk_size: int | None = None,
+  jit: bool = True,
+  donate: bool = False,
+) -> TrainStep:
   """Builds one jitted train step for a multi-task method.
 
   The step computes only what the method needs (`method.needs`, see `ORACLES`): the losses
@@ -364,15 +424,19 @@ def make_train_step(loss_fn: Callable | None, method: Method,
     needs, name, shared = Needs("gradients"), type(method).__name__, None
     method = optax.with_extra_args_support(method)
   else:
-    raise TypeError("method must be a multi-task method (a Weighting or GradientRule, e.g. "
-                    "ntkmtl_jax.ntkmtl(k) or ntkmtl_jax.methods.get(name, num_tasks=k)) or an "
-                    "optax aggregator of stacked task gradients, got "
-                    f"{type(method).__name__}.")
+    raise TypeError(
+      "method must be a multi-task method (a Weighting or GradientRule, e.g. "
+      "ntkmtl_jax.ntkmtl(k) or ntkmtl_jax.methods.get(name, num_tasks=k)) or an "
+      "optax aggregator of stacked task gradients, got "
+      f"{type(method).__name__}."
+    )
   strategy = resolve(strategy, needs, chunk_size=chunk_size, name=name)
   model = _normalise_model(loss_fn, encode, decode, has_state)
   if needs.uses_representation and (model.encode is None or model.decode is None):
-    raise ValueError(f"{name} takes the kernel at the shared representation: give "
-                     "make_train_step encode=... and decode=... instead of (or with) loss_fn.")
+    raise ValueError(
+      f"{name} takes the kernel at the shared representation: give "
+      "make_train_step encode=... and decode=... instead of (or with) loss_fn."
+    )
   oracle = ORACLES[needs.kind]
   optimizer = optax.with_extra_args_support(optimizer)
 
@@ -382,8 +446,9 @@ def make_train_step(loss_fn: Callable | None, method: Method,
     key = jax.random.fold_in(state.key, state.step)
     obs = oracle(model, needs, strategy, params, ms, batch, mask, key)
     update, method_state = _method_update(method, obs, state.method_state, params, mask)
-    updates, opt_state = optimizer.update(update, state.optimizer_state, params,
-                                          value=jnp.sum(obs.losses))
+    updates, opt_state = optimizer.update(
+      update, state.optimizer_state, params, value=jnp.sum(obs.losses)
+    )
     new_params = optax.apply_updates(params, updates)
 
     losses_ok = _tree.all_finite(obs.losses)
@@ -392,28 +457,37 @@ def make_train_step(loss_fn: Callable | None, method: Method,
     finite = losses_ok & update_ok & state_ok
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = TrainState(
-        params=keep(new_params, params),
-        model_state=keep(obs.model_state, ms) if ms is not None else None,
-        method_state=keep(method_state, state.method_state),
-        optimizer_state=keep(opt_state, state.optimizer_state),
-        step=state.step + 1,
-        skipped=state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
-        key=state.key)
+      params=keep(new_params, params),
+      model_state=keep(obs.model_state, ms) if ms is not None else None,
+      method_state=keep(method_state, state.method_state),
+      optimizer_state=keep(opt_state, state.optimizer_state),
+      step=state.step + 1,
+      skipped=state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
+      key=state.key,
+    )
     losses = obs.losses
-    metrics = dict(losses=losses, finite=finite, skipped=new_state.skipped,
-                   nonfinite_losses=~losses_ok, nonfinite_update=losses_ok & ~update_ok,
-                   nonfinite_state=losses_ok & update_ok & ~state_ok,
-                   grad_norm=jnp.sqrt(_tree.sq_norm(update, mask)))
+    metrics = dict(
+      losses=losses,
+      finite=finite,
+      skipped=new_state.skipped,
+      nonfinite_losses=~losses_ok,
+      nonfinite_update=losses_ok & ~update_ok,
+      nonfinite_state=losses_ok & update_ok & ~state_ok,
+      grad_norm=jnp.sqrt(_tree.sq_norm(update, mask)),
+    )
     # Every method's state records its last weights; NTK methods also their eigenvalues,
     # solvers their diagnostics (conflicting pairs, iterations, failures): report every
     # scalar or per-task field of the state, never the large buffers some methods keep.
     weights_now = getattr(method_state, "weights", None)
     metrics["weights"] = weights_now if weights_now is not None else jnp.ones_like(losses)
     for name, value in getattr(method_state, "_asdict", dict)().items():
-      if (name not in metrics and name != "count" and isinstance(value, jax.Array)
-          and (value.ndim == 0 or value.shape == losses.shape)):
+      if (
+        name not in metrics
+        and name != "count"
+        and isinstance(value, jax.Array)
+        and (value.ndim == 0 or value.shape == losses.shape)
+      ):
         metrics[name] = value
     return new_state, metrics
 
-  return TrainStep(step_fn, method, needs, optimizer, jit=jit, donate=donate,
-                   strategy=strategy)
+  return TrainStep(step_fn, method, needs, optimizer, jit=jit, donate=donate, strategy=strategy)

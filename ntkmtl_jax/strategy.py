@@ -40,7 +40,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,7 @@ class Passes(str, enum.Enum):
     SEQUENTIAL: one compiled pass run task after task (`lax.map`): compile time and memory
       flat in k, the form for accelerators.
   """
+
   VMAP = "vmap"
   UNROLL = "unroll"
   CHUNKED = "chunked"
@@ -84,6 +86,7 @@ class Strategy:
       the method allows it, held otherwise).
     chunk_size: passes per vmapped group with `Passes.CHUNKED`.
   """
+
   passes: Passes | str = AUTO
   materialize: bool | None = None
   chunk_size: int = 8
@@ -93,25 +96,33 @@ class Strategy:
       try:
         object.__setattr__(self, "passes", Passes(self.passes))
       except ValueError:
-        hint = (f" ({self.passes!r} names {NAMES[self.passes]})"
-                if isinstance(self.passes, str) and self.passes in NAMES else "")
-        raise ValueError(f"Unknown passes {self.passes!r}{hint}: choose one of "
-                         f"{tuple(p.value for p in Passes)} or 'auto'.") from None
+        hint = (
+          f" ({self.passes!r} names {NAMES[self.passes]})"
+          if isinstance(self.passes, str) and self.passes in NAMES
+          else ""
+        )
+        raise ValueError(
+          f"Unknown passes {self.passes!r}{hint}: choose one of "
+          f"{tuple(p.value for p in Passes)} or 'auto'."
+        ) from None
     if self.materialize is not None and not isinstance(self.materialize, bool):
       raise TypeError(f"materialize must be True, False or None, got {self.materialize!r}.")
-    if (isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int)
-        or self.chunk_size < 1):
+    if (
+      isinstance(self.chunk_size, bool)
+      or not isinstance(self.chunk_size, int)
+      or self.chunk_size < 1
+    ):
       raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size!r}.")
 
 
 # The names `strategy=` takes (the table of the module docstring).
 NAMES: dict[str, Strategy] = {
-    AUTO: Strategy(),
-    "vmap": Strategy(Passes.VMAP, materialize=True),
-    "unroll": Strategy(Passes.UNROLL, materialize=True),
-    "chunked": Strategy(Passes.CHUNKED, materialize=True),
-    "sequential": Strategy(Passes.SEQUENTIAL),
-    "streaming": Strategy(Passes.UNROLL, materialize=False),
+  AUTO: Strategy(),
+  "vmap": Strategy(Passes.VMAP, materialize=True),
+  "unroll": Strategy(Passes.UNROLL, materialize=True),
+  "chunked": Strategy(Passes.CHUNKED, materialize=True),
+  "sequential": Strategy(Passes.SEQUENTIAL),
+  "streaming": Strategy(Passes.UNROLL, materialize=False),
 }
 
 
@@ -142,8 +153,14 @@ def _needs_gradients(needs) -> bool:
   return needs is None or needs.kind == "gradients"
 
 
-def resolve(strategy: Strategy | str = AUTO, needs=None, *, backend: str | None = None,
-            chunk_size: int | None = None, name: str = "this computation") -> Strategy:
+def resolve(
+  strategy: Strategy | str = AUTO,
+  needs=None,
+  *,
+  backend: str | None = None,
+  chunk_size: int | None = None,
+  name: str = "this computation",
+) -> Strategy:
   """The concrete choices of `strategy` for a method's needs on a backend.
 
   Args:
@@ -163,24 +180,29 @@ def resolve(strategy: Strategy | str = AUTO, needs=None, *, backend: str | None 
   """
   if isinstance(strategy, str):
     if strategy not in NAMES:
-      raise ValueError(f"Unknown strategy {strategy!r}: choose one of {tuple(NAMES)} or a "
-                       "ntkmtl_jax.Strategy(passes=..., materialize=...).")
+      raise ValueError(
+        f"Unknown strategy {strategy!r}: choose one of {tuple(NAMES)} or a "
+        "ntkmtl_jax.Strategy(passes=..., materialize=...)."
+      )
     strategy = NAMES[strategy]
   elif not isinstance(strategy, Strategy):
-    raise TypeError("strategy must be a ntkmtl_jax.Strategy or one of the names "
-                    f"{tuple(NAMES)}, got {type(strategy).__name__}.")
+    raise TypeError(
+      "strategy must be a ntkmtl_jax.Strategy or one of the names "
+      f"{tuple(NAMES)}, got {type(strategy).__name__}."
+    )
   passes = default_strategy(backend).passes if strategy.passes == AUTO else strategy.passes
   gradients = _needs_gradients(needs)
   materialize = strategy.materialize
   if materialize is None:
     materialize = gradients or passes is not Passes.SEQUENTIAL
   elif not materialize and gradients:
-    raise ValueError(f"{name} needs the task gradients themselves, which materialize=False "
-                     "(the 'streaming' strategy) never holds at once: use "
-                     f"Strategy(passes={passes.value!r}, materialize=True) or one of the "
-                     "names 'unroll', 'vmap', 'chunked', 'sequential'.")
-  return Strategy(passes, materialize,
-                  strategy.chunk_size if chunk_size is None else chunk_size)
+    raise ValueError(
+      f"{name} needs the task gradients themselves, which materialize=False "
+      "(the 'streaming' strategy) never holds at once: use "
+      f"Strategy(passes={passes.value!r}, materialize=True) or one of the "
+      "names 'unroll', 'vmap', 'chunked', 'sequential'."
+    )
+  return Strategy(passes, materialize, strategy.chunk_size if chunk_size is None else chunk_size)
 
 
 # ------------------------------------------------------------------------------ passes
@@ -219,8 +241,7 @@ def _unrolled(per_task: Callable, num: int, chunk_size: int) -> Any:
 
 
 def _chunked(per_task: Callable, num: int, chunk_size: int) -> Any:
-  return jax.lax.map(lambda i: per_task(i, _same), jnp.arange(num),
-                     batch_size=min(chunk_size, num))
+  return jax.lax.map(lambda i: per_task(i, _same), jnp.arange(num), batch_size=min(chunk_size, num))
 
 
 def _sequential(per_task: Callable, num: int, chunk_size: int) -> Any:
@@ -229,10 +250,10 @@ def _sequential(per_task: Callable, num: int, chunk_size: int) -> Any:
 
 # The function that runs the passes of each `Passes` (the implementation table).
 RUNNERS: dict[Passes, Callable] = {
-    Passes.VMAP: _vmapped,
-    Passes.UNROLL: _unrolled,
-    Passes.CHUNKED: _chunked,
-    Passes.SEQUENTIAL: _sequential,
+  Passes.VMAP: _vmapped,
+  Passes.UNROLL: _unrolled,
+  Passes.CHUNKED: _chunked,
+  Passes.SEQUENTIAL: _sequential,
 }
 
 

@@ -36,8 +36,9 @@ def env_steps_per_second(num_steps: int, seed: int = 0) -> tuple[float, float]:
   return rate, build
 
 
-def updates_per_second(method: str, num_updates: int, batch_per_task: int,
-                       config_name: str = "default") -> tuple[float, float]:
+def updates_per_second(
+  method: str, num_updates: int, batch_per_task: int, config_name: str = "default"
+) -> tuple[float, float]:
   """(updates/s after compilation, compile + first update seconds) on random transitions."""
   config = get_config(config_name).replace(method=method, batch_size_per_task=batch_per_task)
   n, obs_dim, action_dim = environments.NUM_TASKS, 49, 4
@@ -60,8 +61,11 @@ def updates_per_second(method: str, num_updates: int, batch_per_task: int,
 
 
 def main(argv=None) -> list[dict]:
-  p = argparse.ArgumentParser(prog="python perf/mt10_throughput.py", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    prog="python perf/mt10_throughput.py",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument("--methods", default="ls,ntkmtl,nash_mtl")
   p.add_argument("--updates", type=int, default=10)
   p.add_argument("--batch-per-task", type=int, default=128)
@@ -73,19 +77,33 @@ def main(argv=None) -> list[dict]:
     rate, compile_s = updates_per_second(method, args.updates, args.batch_per_task)
     # A training step = one vector env step + one update (+ acting, negligible here).
     step_rate = 1.0 / (1.0 / env_rate + 1.0 / rate)
-    rows.append(dict(method=method, updates_per_s=rate, compile_s=compile_s,
-                     train_steps_per_s=step_rate,
-                     hours_for_2m_steps=2_000_000 / step_rate / 3600))
-  print(f"\n{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, "
-        f"batch {10 * args.batch_per_task} ({args.batch_per_task} per task), 3x400 networks")
-  print(f"MT10 env: {env_rate:.0f} vector steps/s ({10 * env_rate:.0f} transitions/s); "
-        f"building the ten environments took {build_s:.1f} s\n")
-  print("| method | updates/s | compile + first update (s) | train steps/s (env + update) "
-        "| hours for 2M steps |")
+    rows.append(
+      dict(
+        method=method,
+        updates_per_s=rate,
+        compile_s=compile_s,
+        train_steps_per_s=step_rate,
+        hours_for_2m_steps=2_000_000 / step_rate / 3600,
+      )
+    )
+  print(
+    f"\n{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, "
+    f"batch {10 * args.batch_per_task} ({args.batch_per_task} per task), 3x400 networks"
+  )
+  print(
+    f"MT10 env: {env_rate:.0f} vector steps/s ({10 * env_rate:.0f} transitions/s); "
+    f"building the ten environments took {build_s:.1f} s\n"
+  )
+  print(
+    "| method | updates/s | compile + first update (s) | train steps/s (env + update) "
+    "| hours for 2M steps |"
+  )
   print("| --- | --- | --- | --- | --- |")
   for r in rows:
-    print(f"| {r['method']} | {r['updates_per_s']:.2f} | {r['compile_s']:.1f} | "
-          f"{r['train_steps_per_s']:.2f} | {r['hours_for_2m_steps']:.0f} |")
+    print(
+      f"| {r['method']} | {r['updates_per_s']:.2f} | {r['compile_s']:.1f} | "
+      f"{r['train_steps_per_s']:.2f} | {r['hours_for_2m_steps']:.0f} |"
+    )
   return rows
 
 

@@ -29,10 +29,20 @@ from torch import nn
 
 def celeba_network(num_tasks: int = 40):
   layers, in_channels = [], 3
-  for out_channels, pool in ((64, True), (128, False), (128, True), (256, False), (256, True),
-                             (512, False), (512, False)):
-    layers += [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-               nn.BatchNorm2d(out_channels), nn.ReLU()]
+  for out_channels, pool in (
+    (64, True),
+    (128, False),
+    (128, True),
+    (256, False),
+    (256, True),
+    (512, False),
+    (512, False),
+  ):
+    layers += [
+      nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+      nn.BatchNorm2d(out_channels),
+      nn.ReLU(),
+    ]
     if pool:
       layers.append(nn.MaxPool2d(2))
     in_channels = out_channels
@@ -46,8 +56,12 @@ def celeba_network(num_tasks: int = 40):
 
 def task_losses(encoder, heads, x, y):
   z = encoder(x)
-  return torch.stack([nn.functional.binary_cross_entropy_with_logits(h(z)[:, 0], y[:, i])
-                      for i, h in enumerate(heads)])
+  return torch.stack(
+    [
+      nn.functional.binary_cross_entropy_with_logits(h(z)[:, 0], y[:, i])
+      for i, h in enumerate(heads)
+    ]
+  )
 
 
 def ls_step(encoder, heads, optimizer, x, y):
@@ -72,7 +86,7 @@ def ntkmtl_step(encoder, heads, optimizer, x, y, exponent=0.5, max_norm=1.0):
   combined = (grads @ weights) * k
   offset = 0
   for p in shared:
-    p.grad = combined[offset:offset + p.numel()].view_as(p).clone()
+    p.grad = combined[offset : offset + p.numel()].view_as(p).clone()
     offset += p.numel()
   torch.nn.utils.clip_grad_norm_(shared, max_norm)
   optimizer.step()
@@ -97,8 +111,12 @@ def main(argv=None):
   optimizer = torch.optim.Adam(list(encoder.parameters()) + list(heads.parameters()), lr=3e-4)
   x = torch.randn(args.batch, 3, 64, 64, device=device)
   y = torch.randint(0, 2, (args.batch, 40), device=device).float()
-  result = {"torch": torch.__version__, "batch": args.batch, "device": args.device,
-            "threads": torch.get_num_threads()}
+  result = {
+    "torch": torch.__version__,
+    "batch": args.batch,
+    "device": args.device,
+    "threads": torch.get_num_threads(),
+  }
   if args.device == "cuda":
     result["device_name"] = torch.cuda.get_device_name()
   for name, step in (("ls", ls_step), ("ntkmtl", ntkmtl_step)):

@@ -35,22 +35,29 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ntkmtl_jax import methods  # noqa: E402
+from ntkmtl_jax.method import TaskStats  # noqa: E402
 from ntkmtl_jax.testing import cases as hard  # noqa: E402
 from ntkmtl_jax.testing import references  # noqa: E402
-from ntkmtl_jax.method import TaskStats  # noqa: E402
 
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   # One line and exit status 2 for a bad argument, as the `ntkmtl` command.
   parser.error = lambda message: parser.exit(
-      2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
+    2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n"
+  )
   parser.add_argument("--quick", action="store_true", help="k = 2, 3, 5 and seed 0 only")
-  parser.add_argument("--dtype", choices=("float64", "float32"), default="float64",
-                      help="dtype of the Gram matrix the methods see (the reference is "
-                           "always float64)")
-  parser.add_argument("--methods", default="all",
-                      help="comma-separated rows of REFERENCES (e.g. mgda,mgda/frank_wolfe)")
+  parser.add_argument(
+    "--dtype",
+    choices=("float64", "float32"),
+    default="float64",
+    help="dtype of the Gram matrix the methods see (the reference is always float64)",
+  )
+  parser.add_argument(
+    "--methods",
+    default="all",
+    help="comma-separated rows of REFERENCES (e.g. mgda,mgda/frank_wolfe)",
+  )
   parser.add_argument("--ks", default=None, help="comma-separated numbers of tasks")
   parser.add_argument("--seeds", default=None, help="comma-separated seeds")
   parser.add_argument("--repeats", type=int, default=20, help="timed calls per method and k")
@@ -85,8 +92,12 @@ def time_call(fn, *args, repeats: int) -> float:
 
 
 def stats_of(case: hard.HardCase, dtype) -> TaskStats:
-  return TaskStats(losses=jnp.asarray(case.losses, dtype), gram=jnp.asarray(case.gram, dtype),
-                   sq_norms=jnp.asarray(np.diag(case.gram), dtype), key=jax.random.key(0))
+  return TaskStats(
+    losses=jnp.asarray(case.losses, dtype),
+    gram=jnp.asarray(case.gram, dtype),
+    sq_norms=jnp.asarray(np.diag(case.gram), dtype),
+    key=jax.random.key(0),
+  )
 
 
 def table(header, body, markdown):
@@ -114,8 +125,7 @@ def main(argv=None) -> int:
     at_k = [c for c in cases if c.num_tasks == k]
     ls = methods.get("ls", k)
     ls_weights = jax.jit(ls.weights)
-    ls_time = time_call(ls_weights, stats_of(at_k[0], dtype), ls.init(None),
-                        repeats=args.repeats)
+    ls_time = time_call(ls_weights, stats_of(at_k[0], dtype), ls.init(None), repeats=args.repeats)
     for row in rows:
       name, hparams = references.method_of(row)
       method = methods.get(name, k, **hparams)
@@ -132,12 +142,16 @@ def main(argv=None) -> int:
         got = np.asarray(weights, np.float64) @ case.jacobian
         error = hard.relative_error(got, expected, case.jacobian)
         errors[key] = max(errors.get(key) or 0.0, error)
-      ratios[(row, k)] = time_call(weights_fn, stats_of(at_k[0], dtype), method.init(None),
-                                   repeats=args.repeats) / ls_time
+      ratios[(row, k)] = (
+        time_call(weights_fn, stats_of(at_k[0], dtype), method.init(None), repeats=args.repeats)
+        / ls_time
+      )
   families = [f for f in hard.FAMILIES if any(c.family == f for c in cases)]
-  print(f"solver accuracy: {args.dtype} Gram, {len(cases)} hard cases (k = "
-        f"{', '.join(map(str, ks))}; seeds {', '.join(map(str, seeds))}), jax "
-        f"{jax.__version__} on {jax.default_backend()}, {time.perf_counter() - start:.0f} s")
+  print(
+    f"solver accuracy: {args.dtype} Gram, {len(cases)} hard cases (k = "
+    f"{', '.join(map(str, ks))}; seeds {', '.join(map(str, seeds))}), jax "
+    f"{jax.__version__} on {jax.default_backend()}, {time.perf_counter() - start:.0f} s"
+  )
   print("\nworst relative error of the direction against the float64 reference, per family:")
   body = []
   for row in rows:
@@ -147,12 +161,14 @@ def main(argv=None) -> int:
       cells.append("-" if value is None else f"{value:.0e}")
     body.append([row] + cells)
   print(table(["method"] + families, body, args.markdown))
-  print(f"\nsolver failures (of {len(cases)} solves), most iterations, and time per jitted call "
-        "as a ratio to LS's weighting:")
-  body = [[row, failures[row], iterations[row]] + [f"{ratios[(row, k)]:.1f}x" for k in ks]
-          for row in rows]
-  print(table(["method", "failures", "max iters"] + [f"k={k}" for k in ks], body,
-              args.markdown))
+  print(
+    f"\nsolver failures (of {len(cases)} solves), most iterations, and time per jitted call "
+    "as a ratio to LS's weighting:"
+  )
+  body = [
+    [row, failures[row], iterations[row]] + [f"{ratios[(row, k)]:.1f}x" for k in ks] for row in rows
+  ]
+  print(table(["method", "failures", "max iters"] + [f"k={k}" for k in ks], body, args.markdown))
   return 0
 
 

@@ -30,8 +30,9 @@ import time
 # side by side, which defeats the streaming strategy's memory bound; the memory-minimising
 # scheduler keeps it (and costs no time here). Must be set before jax starts.
 if "--concurrency-scheduler" not in sys.argv:
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+  ).strip()
 
 import jax
 import jax.numpy as jnp
@@ -53,8 +54,9 @@ def mlp_functions(num_tasks: int):
         x = nn.relu(nn.Dense(width)(x))
       return x
 
-  return task_functions(Encoder(), LinearHeads(num_tasks),
-                        lambda out, b: jnp.mean((out - b["y"]) ** 2, axis=0))
+  return task_functions(
+    Encoder(), LinearHeads(num_tasks), lambda out, b: jnp.mean((out - b["y"]) ** 2, axis=0)
+  )
 
 
 def make_case(name: str, batch_size: int, seed: int = 0, num_tasks: int | None = None):
@@ -62,13 +64,17 @@ def make_case(name: str, batch_size: int, seed: int = 0, num_tasks: int | None =
   if name == "celeba":
     k = 40 if num_tasks is None else num_tasks
     fns = celeba_functions(k)
-    batch = {"x": jnp.asarray(rng.normal(size=(batch_size, 64, 64, 3)), jnp.float32),
-             "y": jnp.asarray(rng.integers(0, 2, size=(batch_size, k)), jnp.float32)}
+    batch = {
+      "x": jnp.asarray(rng.normal(size=(batch_size, 64, 64, 3)), jnp.float32),
+      "y": jnp.asarray(rng.integers(0, 2, size=(batch_size, k)), jnp.float32),
+    }
   else:
     k = 10
     fns = mlp_functions(k)
-    batch = {"x": jnp.asarray(rng.normal(size=(batch_size, 64)), jnp.float32),
-             "y": jnp.asarray(rng.normal(size=(batch_size, k)), jnp.float32)}
+    batch = {
+      "x": jnp.asarray(rng.normal(size=(batch_size, 64)), jnp.float32),
+      "y": jnp.asarray(rng.normal(size=(batch_size, k)), jnp.float32),
+    }
   params, model_state = fns.init(jax.random.key(seed), batch)
   return k, fns, params, model_state, batch
 
@@ -78,8 +84,9 @@ def configurations(k, shared, methods):
   for strategy in ("unroll", "vmap", "chunked", "streaming", "sequential"):
     rows.append((f"NTKMTL n=1 {strategy}", lambda: nm.official_ntkmtl(k, shared)[0], strategy))
   for strategy in ("unroll", "streaming", "sequential"):
-    rows.append((f"NTKMTL n=4 {strategy}", lambda: nm.ntkmtl(k, num_chunks=4, shared=shared),
-                 strategy))
+    rows.append(
+      (f"NTKMTL n=4 {strategy}", lambda: nm.ntkmtl(k, num_chunks=4, shared=shared), strategy)
+    )
   for strategy in ("unroll", "streaming", "sequential"):  # a Gram method
     rows.append((f"MGDA {strategy}", lambda: nm.methods.get("mgda", k, shared=shared), strategy))
   rows.append(("NTKMTL-SR n=4", lambda: nm.ntkmtl_sr(k, num_chunks=4, shared=shared), "auto"))
@@ -91,9 +98,15 @@ def configurations(k, shared, methods):
 
 
 def measure(fns, agg, strategy, params, model_state, batch, repeats, max_bytes):
-  step = nm.make_train_step(fns.loss_fn, agg, optax.chain(
-      nm.clip_shared_by_global_norm(1.0, fns.shared), optax.adam(3e-4)), strategy=strategy,
-                            has_state=True, encode=fns.encode, decode=fns.decode)
+  step = nm.make_train_step(
+    fns.loss_fn,
+    agg,
+    optax.chain(nm.clip_shared_by_global_norm(1.0, fns.shared), optax.adam(3e-4)),
+    strategy=strategy,
+    has_state=True,
+    encode=fns.encode,
+    decode=fns.decode,
+  )
   state = step.init(params, model_state)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
@@ -101,8 +114,12 @@ def measure(fns, agg, strategy, params, model_state, batch, repeats, max_bytes):
   mem = compiled.memory_analysis()
   total = None
   if mem is not None:
-    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-             - mem.alias_size_in_bytes)
+    total = (
+      mem.argument_size_in_bytes
+      + mem.output_size_in_bytes
+      + mem.temp_size_in_bytes
+      - mem.alias_size_in_bytes
+    )
   if total is not None and total > max_bytes:
     return dict(compile_s=compile_s, bytes=total, times=None)
   state, metrics = compiled(state, batch)  # warm-up
@@ -121,9 +138,13 @@ def torch_reference(python: str, batch_size: int, repeats: int, device: str = "c
   """Median step times of the PyTorch reference (LS, official NTKMTL) at `batch_size`."""
   import json
   import subprocess
+
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pytorch_reference.py")
-  out = subprocess.run([python, script, "--batch", str(batch_size), "--repeats", str(repeats),
-                        "--device", device], capture_output=True, text=True)
+  out = subprocess.run(
+    [python, script, "--batch", str(batch_size), "--repeats", str(repeats), "--device", device],
+    capture_output=True,
+    text=True,
+  )
   if out.returncode:
     print(f"PyTorch reference failed: {out.stderr.strip().splitlines()[-1:]}")
     return {}
@@ -132,17 +153,23 @@ def torch_reference(python: str, batch_size: int, repeats: int, device: str = "c
 
 def k_sweep(ks, batch_size, repeats, max_bytes):
   """The CelebA network with k tasks: LS, NTKMTL n=1 and NTKMTL-SR, and their growth in k."""
-  rows = (("LS", lambda k, shared: nm.methods.get("ls", k, shared=shared)),
-          ("NTKMTL n=1", lambda k, shared: nm.official_ntkmtl(k, shared)[0]),
-          ("NTKMTL-SR n=4", lambda k, shared: nm.ntkmtl_sr(k, num_chunks=4, shared=shared)))
+  rows = (
+    ("LS", lambda k, shared: nm.methods.get("ls", k, shared=shared)),
+    ("NTKMTL n=1", lambda k, shared: nm.official_ntkmtl(k, shared)[0]),
+    ("NTKMTL-SR n=4", lambda k, shared: nm.ntkmtl_sr(k, num_chunks=4, shared=shared)),
+  )
   # On a CPU shared with other work the wall time of a step varies with the load; the CPU
   # time the process spends (all XLA threads) measures the step's work and does not.
   on_cpu = jax.default_backend() == "cpu"
   basis = "CPU s" if on_cpu else "step s"
-  print(f"k sweep: CelebA network, batch {batch_size}; '/ LS', 'x k0' (over the smallest k) "
-        f"compare {basis}; 'k / k0' is what linear growth would give")
-  header = (f"{'tasks':>6}  {'method':<16}{'step s':>9}{'CPU s':>9}{'/ LS':>8}{'x k0':>8}"
-            f"{'k / k0':>8}{'compile s':>11}{'memory MiB':>12}")
+  print(
+    f"k sweep: CelebA network, batch {batch_size}; '/ LS', 'x k0' (over the smallest k) "
+    f"compare {basis}; 'k / k0' is what linear growth would give"
+  )
+  header = (
+    f"{'tasks':>6}  {'method':<16}{'step s':>9}{'CPU s':>9}{'/ LS':>8}{'x k0':>8}"
+    f"{'k / k0':>8}{'compile s':>11}{'memory MiB':>12}"
+  )
   print(header)
   print("-" * len(header))
   first = {}
@@ -151,8 +178,9 @@ def k_sweep(ks, batch_size, repeats, max_bytes):
     ls = None
     for label, make in rows:
       try:
-        r = measure(fns, make(k, fns.shared), "auto", params, model_state, batch, repeats,
-                    max_bytes)
+        r = measure(
+          fns, make(k, fns.shared), "auto", params, model_state, batch, repeats, max_bytes
+        )
       except Exception as e:  # report and go on: one failing row must not lose the table
         print(f"{k:>6}  {label:<16}failed: {type(e).__name__}: {str(e)[:60]}", flush=True)
         continue
@@ -164,37 +192,64 @@ def k_sweep(ks, batch_size, repeats, max_bytes):
       value = cpu if on_cpu else med
       ls = value if ls is None else ls
       k0, v0 = first.setdefault(label, (k, value))
-      print(f"{k:>6}  {label:<16}{med:>9.3f}{cpu:>9.3f}{value / ls:>8.2f}{value / v0:>8.2f}"
-            f"{k / k0:>8.1f}{r['compile_s']:>11.1f}{mib:>12.0f}", flush=True)
+      print(
+        f"{k:>6}  {label:<16}{med:>9.3f}{cpu:>9.3f}{value / ls:>8.2f}{value / v0:>8.2f}"
+        f"{k / k0:>8.1f}{r['compile_s']:>11.1f}{mib:>12.0f}",
+        flush=True,
+      )
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="small MLP only")
-  parser.add_argument("--concurrency-scheduler", action="store_true",
-                      help="keep XLA:CPU's default (concurrency-optimised) scheduler")
+  parser.add_argument(
+    "--concurrency-scheduler",
+    action="store_true",
+    help="keep XLA:CPU's default (concurrency-optimised) scheduler",
+  )
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--max-gib", type=float, default=12.0,
-                      help="do not run a configuration whose compiled step needs more")
-  parser.add_argument("--methods", default="",
-                      help="'all' or a comma-separated list of registry names to add as rows")
-  parser.add_argument("--cases", default="",
-                      help="comma-separated, e.g. celeba:8,celeba:32,mlp:256")
-  parser.add_argument("--torch-python", default="",
-                      help="a Python with torch: adds the PyTorch reference step's rows "
-                           "(perf/pytorch_reference.py) for the CelebA cases")
-  parser.add_argument("--torch-device", choices=("auto", "cpu", "cuda"), default="auto",
-                      help="where the PyTorch reference runs; auto: cuda when jax runs on a "
-                           "GPU, else cpu")
-  parser.add_argument("--k-sweep", nargs="?", const="5,10,20,40", default="",
-                      help="instead of the cases: the CelebA network with these numbers of "
-                           "tasks (default 5,10,20,40)")
+  parser.add_argument(
+    "--max-gib",
+    type=float,
+    default=12.0,
+    help="do not run a configuration whose compiled step needs more",
+  )
+  parser.add_argument(
+    "--methods", default="", help="'all' or a comma-separated list of registry names to add as rows"
+  )
+  parser.add_argument(
+    "--cases", default="", help="comma-separated, e.g. celeba:8,celeba:32,mlp:256"
+  )
+  parser.add_argument(
+    "--torch-python",
+    default="",
+    help="a Python with torch: adds the PyTorch reference step's rows "
+    "(perf/pytorch_reference.py) for the CelebA cases",
+  )
+  parser.add_argument(
+    "--torch-device",
+    choices=("auto", "cpu", "cuda"),
+    default="auto",
+    help="where the PyTorch reference runs; auto: cuda when jax runs on a GPU, else cpu",
+  )
+  parser.add_argument(
+    "--k-sweep",
+    nargs="?",
+    const="5,10,20,40",
+    default="",
+    help="instead of the cases: the CelebA network with these numbers of "
+    "tasks (default 5,10,20,40)",
+  )
   parser.add_argument("--k-sweep-batch", type=int, default=8)
-  parser.add_argument("--skip", default="chunked@celeba:8,chunked@celeba:32",
-                      help="comma-separated 'label-substring@case' to report but not run")
+  parser.add_argument(
+    "--skip",
+    default="chunked@celeba:8,chunked@celeba:32",
+    help="comma-separated 'label-substring@case' to report but not run",
+  )
   args = parser.parse_args(argv)
-  methods = nm.methods.names() if args.methods == "all" else [
-      m for m in args.methods.split(",") if m]
+  methods = (
+    nm.methods.names() if args.methods == "all" else [m for m in args.methods.split(",") if m]
+  )
   if args.cases:
     cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",")]
   elif args.quick:
@@ -203,16 +258,24 @@ def main(argv=None):
     cases = [("celeba", 8), ("celeba", 32), ("mlp", 256)]
   skips = [s.split("@") for s in args.skip.split(",") if s]
 
-  print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
-        f"default strategy: {nm.default_strategy()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-  header = (f"{'model':<10}{'batch':>6}  {'method':<24}{'step s':>9}{'/ LS':>8}"
-            f"{'compile s':>11}{'memory MiB':>12}{'/ LS':>7}")
+  print(
+    f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+    f"default strategy: {nm.default_strategy()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+  )
+  header = (
+    f"{'model':<10}{'batch':>6}  {'method':<24}{'step s':>9}{'/ LS':>8}"
+    f"{'compile s':>11}{'memory MiB':>12}{'/ LS':>7}"
+  )
   torch_device = args.torch_device
   if torch_device == "auto":
     torch_device = "cuda" if jax.default_backend() == "gpu" else "cpu"
   if args.k_sweep:
-    k_sweep([int(k) for k in args.k_sweep.split(",")], args.k_sweep_batch, args.repeats,
-            args.max_gib * 2**30)
+    k_sweep(
+      [int(k) for k in args.k_sweep.split(",")],
+      args.k_sweep_batch,
+      args.repeats,
+      args.max_gib * 2**30,
+    )
     return 0
   print(header)
   print("-" * len(header))
@@ -225,28 +288,38 @@ def main(argv=None):
         print(f"{model:<10}{bs:>6}  {label:<24}{'not run (--skip)':>37}", flush=True)
         continue
       try:
-        r = measure(fns, make(), strategy, params, model_state, batch, args.repeats,
-                    args.max_gib * 2**30)
+        r = measure(
+          fns, make(), strategy, params, model_state, batch, args.repeats, args.max_gib * 2**30
+        )
       except Exception as e:  # report and go on: one failing row must not lose the table
-        print(f"{model:<10}{bs:>6}  {label:<24}failed: {type(e).__name__}: {str(e)[:60]}",
-              flush=True)
+        print(
+          f"{model:<10}{bs:>6}  {label:<24}failed: {type(e).__name__}: {str(e)[:60]}", flush=True
+        )
         continue
       mib = r["bytes"] / 2**20 if r["bytes"] is not None else float("nan")
       if r["times"] is None:
-        print(f"{model:<10}{bs:>6}  {label:<24}{'not run: needs':>17} {mib:>8.0f} MiB"
-              f"{r['compile_s']:>11.1f}", flush=True)
+        print(
+          f"{model:<10}{bs:>6}  {label:<24}{'not run: needs':>17} {mib:>8.0f} MiB"
+          f"{r['compile_s']:>11.1f}",
+          flush=True,
+        )
         continue
       med = statistics.median(r["times"])
       if ls is None:
         ls = (med, mib)
-      print(f"{model:<10}{bs:>6}  {label:<24}{med:>9.3f}{med / ls[0]:>8.2f}"
-            f"{r['compile_s']:>11.1f}{mib:>12.0f}{mib / ls[1]:>7.2f}", flush=True)
+      print(
+        f"{model:<10}{bs:>6}  {label:<24}{med:>9.3f}{med / ls[0]:>8.2f}"
+        f"{r['compile_s']:>11.1f}{mib:>12.0f}{mib / ls[1]:>7.2f}",
+        flush=True,
+      )
     if args.torch_python and model == "celeba" and ls is not None:
       reference = torch_reference(args.torch_python, bs, args.repeats, torch_device)
       for key, label in (("ls", "PyTorch LS"), ("ntkmtl", "PyTorch NTKMTL n=1")):
         if key in reference:
-          print(f"{model:<10}{bs:>6}  {label:<24}{reference[key]:>9.3f}"
-                f"{reference[key] / ls[0]:>8.2f}", flush=True)
+          print(
+            f"{model:<10}{bs:>6}  {label:<24}{reference[key]:>9.3f}{reference[key] / ls[0]:>8.2f}",
+            flush=True,
+          )
   return 0
 
 

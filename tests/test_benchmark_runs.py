@@ -3,13 +3,12 @@ library's loop: tfds' mock data for the tfds benchmarks, generated files for the
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from ntkmtl_jax import benchmarks, loop
+
 from conftest import write_mtan_files
 
 MOCK_EXAMPLES = {"qm9": 20, "celeba": 16, "multimnist": 24}  # enough for the tiny splits

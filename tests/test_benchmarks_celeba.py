@@ -24,8 +24,9 @@ def test_pipeline_on_mock_celeba_shapes_ranges_labels_and_splits():
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
     splits = celeba.load_splits(config.data_dir, **config.data)
     source = tfds.data_source("celeb_a", split="validation")
-    want = np.asarray([[bool(source[i]["attributes"][a]) for a in celeba.ATTRIBUTES]
-                       for i in range(3)], np.int32)
+    want = np.asarray(
+      [[bool(source[i]["attributes"][a]) for a in celeba.ATTRIBUTES] for i in range(3)], np.int32
+    )
   assert [len(s) for s in splits] == [NUM_MOCK] * 3
   batch = splits[1].take(np.arange(3))
   assert batch["x"].shape == (3, 64, 64, 3) and batch["x"].dtype == np.float32
@@ -39,8 +40,9 @@ def test_resize_keeps_a_constant_image_constant(seed):
   image = np.broadcast_to(colour, (218, 178, 3)).astype(np.uint8)
   out = celeba.resize(image, 64)
   assert out.shape == (64, 64, 3)
-  np.testing.assert_allclose(out, np.broadcast_to(colour / 255.0, out.shape), atol=1e-6,
-                             err_msg=f"seed={seed}")
+  np.testing.assert_allclose(
+    out, np.broadcast_to(colour / 255.0, out.shape), atol=1e-6, err_msg=f"seed={seed}"
+  )
 
 
 def test_network_shapes_and_parameter_count():
@@ -49,9 +51,11 @@ def test_network_shapes_and_parameter_count():
   params, model_state = jax.eval_shape(functions.init, jax.random.key(0), batch)
   count = sum(x.size for x in jax.tree.leaves(params))
   convs = [(3, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 512), (512, 512)]
-  expected = (sum(9 * i * o + 2 * o for i, o in convs)  # bias-free 3x3 convs + BatchNorm
-              + 2 * (512 * 512 + 2 * 512)  # two bias-free dense layers + BatchNorm
-              + 40 * (512 + 1))  # 40 linear heads
+  expected = (
+    sum(9 * i * o + 2 * o for i, o in convs)  # bias-free 3x3 convs + BatchNorm
+    + 2 * (512 * 512 + 2 * 512)  # two bias-free dense layers + BatchNorm
+    + 40 * (512 + 1)
+  )  # 40 linear heads
   print(f"CelebA network parameters: {count:,} (the paper's network: {expected:,})")
   assert count == expected
   assert jax.eval_shape(functions.predict, params, model_state, batch).shape == (2, 40)
@@ -78,8 +82,23 @@ def test_model_selection_is_the_mean_validation_f1(seed):
 
 
 def test_missing_dataset_gives_one_clear_message(tmp_path, capsys):
-  assert cli.main(["train", "--benchmark", "celeba", "--preset", "tiny", "--data-dir",
-                   str(tmp_path), "--workdir", str(tmp_path / "out"), "--quiet"]) == 2
+  assert (
+    cli.main(
+      [
+        "train",
+        "--benchmark",
+        "celeba",
+        "--preset",
+        "tiny",
+        "--data-dir",
+        str(tmp_path),
+        "--workdir",
+        str(tmp_path / "out"),
+        "--quiet",
+      ]
+    )
+    == 2
+  )
   message = capsys.readouterr().err
   assert "celeb_a" in message and "tfds build celeb_a" in message
   assert "--data-dir DIR" in message and str(tmp_path) in message

@@ -13,6 +13,7 @@ from ntkmtl_jax import metrics
 from ntkmtl_jax.benchmarks import cityscapes
 from ntkmtl_jax.benchmarks.mtan import DenseMetrics
 from ntkmtl_jax.models import mtan
+
 from conftest import check_published_delta_m, tiny_mtan_splits, write_mtan_files
 
 H, W = 32, 64
@@ -40,17 +41,27 @@ def test_pipeline_reads_the_mtan_layout(data_dir, seed):
 
 def test_segnet_mtan_two_tasks_size_and_outputs():
   functions = mtan.mtan_functions(7, ("segmentation", "depth"))
-  batch = {"image": jnp.zeros((2, 128, 256, 3)), "label": jnp.zeros((2, 128, 256), jnp.int32),
-           "depth": jnp.ones((2, 128, 256, 1))}
+  batch = {
+    "image": jnp.zeros((2, 128, 256, 3)),
+    "label": jnp.zeros((2, 128, 256), jnp.int32),
+    "depth": jnp.ones((2, 128, 256, 1)),
+  }
   params, state = jax.eval_shape(functions.init, jax.random.key(0), batch)
   count = sum(x.size for x in jax.tree.leaves(params))
   # One attention branch fewer than NYUv2's three-task network, and two heads.
   print(f"SegNet-MTAN (Cityscapes) parameters: {count:,}")
-  three = jax.eval_shape(mtan.mtan_functions(7, ("segmentation", "depth", "depth")).init,
-                         jax.random.key(0), batch)[0]
+  three = jax.eval_shape(
+    mtan.mtan_functions(7, ("segmentation", "depth", "depth")).init, jax.random.key(0), batch
+  )[0]
   branch = sum(x.size for x in jax.tree.leaves(three)) - count
-  assert branch == sum(x.size for k, v in three["encoder"].items() if "_t2_" in k
-                       for x in jax.tree.leaves(v)) + 64 * 64 * 9 + 64 + 64 + 1
+  assert (
+    branch
+    == sum(x.size for k, v in three["encoder"].items() if "_t2_" in k for x in jax.tree.leaves(v))
+    + 64 * 64 * 9
+    + 64
+    + 64
+    + 1
+  )
   seg, depth = jax.eval_shape(functions.predict, params, state, batch)
   assert (seg.shape, depth.shape) == ((2, 128, 256, 7), (2, 128, 256, 1))
 
@@ -58,8 +69,10 @@ def test_segnet_mtan_two_tasks_size_and_outputs():
 def test_metrics_for_segmentation_and_depth_by_hand():
   acc = DenseMetrics(("segmentation", "depth"), num_classes=2)
   logits = np.asarray([[[[1.0, 0.0], [0.0, 1.0]]]])  # predictions 0, 1
-  acc.update((logits, np.asarray([[[[0.5], [0.1]]]])),
-             {"label": np.asarray([[[0, 0]]]), "depth": np.asarray([[[[1.0], [0.2]]]])})
+  acc.update(
+    (logits, np.asarray([[[[0.5], [0.1]]]])),
+    {"label": np.asarray([[[0, 0]]]), "depth": np.asarray([[[[1.0], [0.2]]]])},
+  )
   r = acc.result()
   assert r["pix acc"] == pytest.approx(50.0)
   assert r["mIoU"] == pytest.approx(100 * (1 / 2 + 0 / 1) / 2)
@@ -69,8 +82,9 @@ def test_metrics_for_segmentation_and_depth_by_hand():
 
 def test_delta_m_of_the_paper_rows():
   scoring = cityscapes.SCORING
-  assert metrics.delta_m(cityscapes.PAPER_ROWS["ntkmtl"], cityscapes.STL,
-                         scoring.higher_is_better) == pytest.approx(1.92, abs=0.005)
+  assert metrics.delta_m(
+    cityscapes.PAPER_ROWS["ntkmtl"], cityscapes.STL, scoring.higher_is_better
+  ) == pytest.approx(1.92, abs=0.005)
   # Published values are means over seeds of Delta m, so they differ from Delta m of the
   # mean row by up to ~0.1.
   check_published_delta_m(scoring, cityscapes.PAPER_ROWS, cityscapes.PAPER_DELTA_M, 0.11)

@@ -37,9 +37,9 @@ def np_policy(actor_params, obs, noise, bounds=(-20.0, 2.0)):
   mu, log_std = out[:, :ACTION_DIM], out[:, ACTION_DIM:]
   log_std = bounds[0] + 0.5 * (bounds[1] - bounds[0]) * (np.tanh(log_std) + 1)
   pre = mu + noise * np.exp(log_std)
-  log_prob = (-0.5 * noise ** 2 - log_std).sum(-1) - 0.5 * np.log(2 * np.pi) * ACTION_DIM
+  log_prob = (-0.5 * noise**2 - log_std).sum(-1) - 0.5 * np.log(2 * np.pi) * ACTION_DIM
   action = np.tanh(pre)
-  log_prob -= np.log(np.maximum(1 - action ** 2, 0) + 1e-6).sum(-1)
+  log_prob -= np.log(np.maximum(1 - action**2, 0) + 1e-6).sum(-1)
   return action, log_prob
 
 
@@ -54,7 +54,10 @@ def test_presets_and_their_names():
   assert mt10.get_config() == mt10.get_config("default") == mt10.MT10Config()
   default, short, tiny = (mt10.get_config(name) for name in ("default", "short", "tiny"))
   assert (default.num_train_steps, default.batch_size_per_task, default.hidden_dim) == (
-      2_000_000, 128, 400)
+    2_000_000,
+    128,
+    400,
+  )
   assert (short.num_train_steps, short.batch_size_per_task, short.hidden_dim) == (2000, 32, 400)
   assert (tiny.num_train_steps, tiny.eval_freq, tiny.hidden_dim, tiny.num_layers) == (20, 20, 32, 2)
   assert mt10.PAPER_SUCCESS["ntkmtl"] == (0.96, 0.03)
@@ -81,8 +84,9 @@ except MissingExtraError as error:
   print(error.extra, error)
 """
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), JAX_PLATFORMS="cpu")
-  done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                        timeout=300)
+  done = subprocess.run(
+    [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+  )
   assert done.returncode == 0, done.stderr
   assert done.stdout.startswith("rl ") and "pip install 'ntkmtl-jax[rl]'" in done.stdout
 
@@ -97,12 +101,14 @@ def small():
   target_params = networks.critic.init(k[2], jnp.zeros((1, OBS_DIM)), jnp.zeros((1, ACTION_DIM)))
   rng = np.random.default_rng(1)
   b = NUM_TASKS * PER_TASK
-  batch = dict(obs=rng.normal(size=(b, OBS_DIM)).astype(np.float32),
-               action=rng.uniform(-1, 1, (b, ACTION_DIM)).astype(np.float32),
-               reward=rng.normal(size=b).astype(np.float32),
-               next_obs=rng.normal(size=(b, OBS_DIM)).astype(np.float32),
-               not_done=(rng.random(b) > 0.3).astype(np.float32),
-               task=np.repeat(np.arange(NUM_TASKS, dtype=np.int32), PER_TASK))
+  batch = dict(
+    obs=rng.normal(size=(b, OBS_DIM)).astype(np.float32),
+    action=rng.uniform(-1, 1, (b, ACTION_DIM)).astype(np.float32),
+    reward=rng.normal(size=b).astype(np.float32),
+    next_obs=rng.normal(size=(b, OBS_DIM)).astype(np.float32),
+    not_done=(rng.random(b) > 0.3).astype(np.float32),
+    task=np.repeat(np.arange(NUM_TASKS, dtype=np.int32), PER_TASK),
+  )
   noise = rng.normal(size=(b, ACTION_DIM)).astype(np.float32)
   log_alpha = np.log(np.array([0.5, 1.0, 2.0], np.float32))
   return config, networks, actor_params, critic_params, target_params, batch, noise, log_alpha
@@ -111,7 +117,9 @@ def small():
 @pytest.mark.parametrize("per_task_alpha", [False, True])
 def test_sac_losses_match_numpy(small, per_task_alpha):
   config, networks, actor_params, critic_params, target_params, batch, noise, log_alpha = small
-  alpha_np = np.exp(log_alpha)[batch["task"]] if per_task_alpha else np.full(len(batch["task"]), 0.5)
+  alpha_np = (
+    np.exp(log_alpha)[batch["task"]] if per_task_alpha else np.full(len(batch["task"]), 0.5)
+  )
   alpha = sac.alpha_per_sample(jnp.asarray(log_alpha), batch["task"], per_task_alpha)
   np.testing.assert_allclose(alpha, alpha_np, rtol=1e-6)
 
@@ -125,22 +133,28 @@ def test_sac_losses_match_numpy(small, per_task_alpha):
   q1, q2 = np_critic(critic_params, batch["obs"], batch["action"])
   critic_np = ((q1 - y) ** 2 + (q2 - y) ** 2).reshape(NUM_TASKS, PER_TASK).mean(1)
   critic = sac.critic_task_losses(networks, NUM_TASKS)(
-      critic_params, dict(obs=batch["obs"], action=batch["action"], target_q=target))
+    critic_params, dict(obs=batch["obs"], action=batch["action"], target_q=target)
+  )
   np.testing.assert_allclose(critic, critic_np, rtol=1e-4, atol=1e-4)
 
   action, log_prob = np_policy(actor_params, batch["obs"], noise)
   aq1, aq2 = np_critic(critic_params, batch["obs"], action)
   actor_np = (alpha_np * log_prob - np.minimum(aq1, aq2)).reshape(NUM_TASKS, PER_TASK).mean(1)
   actor = sac.actor_task_losses(networks, NUM_TASKS)(
-      actor_params, dict(obs=batch["obs"], noise=noise, alpha=alpha, critic_params=critic_params))
+    actor_params, dict(obs=batch["obs"], noise=noise, alpha=alpha, critic_params=critic_params)
+  )
   np.testing.assert_allclose(actor, actor_np, rtol=1e-4, atol=1e-4)
 
   # Temperature: mean of alpha * (-log pi - target entropy); d/d log alpha = alpha * (...).
   target_entropy = -float(ACTION_DIM)
   bracket = -log_prob - target_entropy
   loss, grad = jax.value_and_grad(sac.temperature_loss)(
-      jnp.asarray(log_alpha), jnp.asarray(log_prob, jnp.float32), batch["task"], target_entropy,
-      per_task_alpha)
+    jnp.asarray(log_alpha),
+    jnp.asarray(log_prob, jnp.float32),
+    batch["task"],
+    target_entropy,
+    per_task_alpha,
+  )
   np.testing.assert_allclose(loss, np.mean(alpha_np * bracket), rtol=1e-4)
   grad_np = np.zeros(NUM_TASKS)
   rows = batch["task"] if per_task_alpha else np.zeros_like(batch["task"])
@@ -149,8 +163,9 @@ def test_sac_losses_match_numpy(small, per_task_alpha):
 
 
 def test_replay_sampler_draws_exactly_per_task_from_that_task():
-  buffer = environments.MultiTaskReplayBuffer(NUM_TASKS, capacity_per_task=7, obs_dim=2,
-                                                action_dim=1, seed=0)
+  buffer = environments.MultiTaskReplayBuffer(
+    NUM_TASKS, capacity_per_task=7, obs_dim=2, action_dim=1, seed=0
+  )
   for t in range(11):  # wraps the ring: 7 kept per task, the latest overwriting the oldest
     obs = np.stack([np.arange(NUM_TASKS), np.full(NUM_TASKS, t)], 1).astype(np.float32)
     buffer.add(obs, np.zeros((NUM_TASKS, 1)), np.arange(NUM_TASKS), obs, np.ones(NUM_TASKS))
@@ -170,8 +185,9 @@ def test_replay_sampler_draws_exactly_per_task_from_that_task():
 
 def _one_update_with_sgd(method, small_config, batch, num_tasks, obs_dim, action_dim):
   config = small_config.replace(method=method)
-  agent = sac.make_agent(config, obs_dim, action_dim, num_tasks,
-                         optimizer=lambda lr: optax.sgd(1.0))
+  agent = sac.make_agent(
+    config, obs_dim, action_dim, num_tasks, optimizer=lambda lr: optax.sgd(1.0)
+  )
   state = agent.init(jax.random.key(3))
   new_state, _ = jax.jit(agent.update_unjitted)(state, batch)
   return agent, state, new_state
@@ -182,7 +198,7 @@ def _expected_direction(method, task_grads):
   if method == "ls":
     weights = np.ones(len(flat))
   else:  # NTKMTL, n = 1: w_i = (sum_j |g_j|^2 / |g_i|^2) ** 0.5 (times k if it scales by k)
-    sq = np.array([float(jnp.sum(f ** 2)) for f in flat])
+    sq = np.array([float(jnp.sum(f**2)) for f in flat])
     weights = np.sqrt(sq.sum() / sq)
     if ntkmtl_jax.methods.defaults("ntkmtl").get("scale_by_num_tasks"):
       weights = weights * len(flat)
@@ -192,38 +208,56 @@ def _expected_direction(method, task_grads):
 @pytest.mark.parametrize("method", ["ls", "ntkmtl"])
 def test_aggregated_update_equals_method_on_per_task_gradients(small, method):
   config, *_, batch, _, _ = small
-  agent, state, new_state = _one_update_with_sgd(method, config, batch, NUM_TASKS, OBS_DIM,
-                                                 ACTION_DIM)
+  agent, state, new_state = _one_update_with_sgd(
+    method, config, batch, NUM_TASKS, OBS_DIM, ACTION_DIM
+  )
   critic_loss = sac.critic_task_losses(agent.networks, NUM_TASKS)
   actor_loss = sac.actor_task_losses(agent.networks, NUM_TASKS)
 
   @jax.jit
   def per_task_gradients(state, new_critic_params):
     """Each task's gradient on its own, one jax.grad per task."""
-    next_noise, actor_noise = sac.update_noise(state.key, state.step, len(batch["task"]),
-                                               ACTION_DIM)
+    next_noise, actor_noise = sac.update_noise(
+      state.key, state.step, len(batch["task"]), ACTION_DIM
+    )
     alpha = sac.alpha_per_sample(state.log_alpha, batch["task"], config.per_task_alpha)
-    target_q = sac.critic_target(agent.networks, state.actor.params,
-                                 state.target_critic_params, batch, alpha, next_noise,
-                                 config.discount)
+    target_q = sac.critic_target(
+      agent.networks,
+      state.actor.params,
+      state.target_critic_params,
+      batch,
+      alpha,
+      next_noise,
+      config.discount,
+    )
     critic_batch = dict(obs=batch["obs"], action=batch["action"], target_q=target_q)
-    actor_batch = dict(obs=batch["obs"], noise=actor_noise, alpha=alpha,
-                       critic_params=new_critic_params)  # the actor sees the updated critic
-    critic = [jax.grad(lambda p, i=i: critic_loss(p, critic_batch)[i])(state.critic.params)
-              for i in range(NUM_TASKS)]
-    actor = [jax.grad(lambda p, i=i: actor_loss(p, actor_batch)[i])(state.actor.params)
-             for i in range(NUM_TASKS)]
+    actor_batch = dict(
+      obs=batch["obs"], noise=actor_noise, alpha=alpha, critic_params=new_critic_params
+    )  # the actor sees the updated critic
+    critic = [
+      jax.grad(lambda p, i=i: critic_loss(p, critic_batch)[i])(state.critic.params)
+      for i in range(NUM_TASKS)
+    ]
+    actor = [
+      jax.grad(lambda p, i=i: actor_loss(p, actor_batch)[i])(state.actor.params)
+      for i in range(NUM_TASKS)
+    ]
     return critic, actor
 
   critic_grads, actor_grads = per_task_gradients(state, new_state.critic.params)
-  for old, new, grads in ((state.critic.params, new_state.critic.params, critic_grads),
-                          (state.actor.params, new_state.actor.params, actor_grads)):
+  for old, new, grads in (
+    (state.critic.params, new_state.critic.params, critic_grads),
+    (state.actor.params, new_state.actor.params, actor_grads),
+  ):
     chex_close(new, jax.tree.map(lambda p, d: p - d, old, _expected_direction(method, grads)))
   # Target critics move by tau toward the updated critics.
   tau = config.critic_tau
-  chex_close(new_state.target_critic_params,
-             jax.tree.map(lambda t, p: (1 - tau) * t + tau * p, state.target_critic_params,
-                          new_state.critic.params))
+  chex_close(
+    new_state.target_critic_params,
+    jax.tree.map(
+      lambda t, p: (1 - tau) * t + tau * p, state.target_critic_params, new_state.critic.params
+    ),
+  )
 
 
 def chex_close(actual, expected):
@@ -250,8 +284,7 @@ def test_real_mt10_steps_and_updates(mt10_env):
     action = rng.uniform(-1, 1, (10, 4)).astype(np.float32)
     next_obs, reward, terminated, truncated, info = env.step(action)
     assert environments.step_success(info).shape == (10,)
-    buffer.add(obs, action, reward, environments.next_observation(next_obs, info),
-               1.0 - terminated)
+    buffer.add(obs, action, reward, environments.next_observation(next_obs, info), 1.0 - terminated)
     obs = next_obs
   config = mt10.get_config("tiny")
   for method in ("ls", "ntkmtl", "nash_mtl"):
@@ -263,8 +296,10 @@ def test_real_mt10_steps_and_updates(mt10_env):
       state, metrics = agent.update(state, buffer.sample(config.batch_size_per_task))
     assert metrics["critic_losses"].shape == (10,) and metrics["actor_weights"].shape == (10,)
     assert np.all(np.isfinite(metrics["critic_losses"])) and int(metrics["skipped"]) == 0, method
-    moved = [np.abs(np.asarray(a) - b).max() for a, b in
-             zip(jax.tree.leaves(state.critic.params), jax.tree.leaves(before))]
+    moved = [
+      np.abs(np.asarray(a) - b).max()
+      for a, b in zip(jax.tree.leaves(state.critic.params), jax.tree.leaves(before))
+    ]
     assert max(moved) > 0, method
     action = np.asarray(agent.act(state.actor.params, obs, jax.random.key(1)))
     assert action.shape == (10, 4) and np.abs(action).max() <= 1.0
@@ -286,15 +321,14 @@ def test_ntkmtl_sr_is_refused_with_the_reason():
     sac.make_agent(mt10.get_config("tiny").replace(method="ntkmtl_sr"), 49, 4, 10)
 
 
-def test_checkpoint_restores_agent_and_replay_and_resumes(mt10_env, tmp_path, monkeypatch,
-                                                          capsys):
+def test_checkpoint_restores_agent_and_replay_and_resumes(mt10_env, tmp_path, monkeypatch, capsys):
   pytest.importorskip("orbax.checkpoint")
   # One env for training and evaluation keeps the test fast (evaluation resets it).
-  config = mt10.get_config("tiny").replace(num_train_steps=12, init_steps=4, eval_freq=6,
-                                           max_episode_steps=6)
+  config = mt10.get_config("tiny").replace(
+    num_train_steps=12, init_steps=4, eval_freq=6, max_episode_steps=6
+  )
   workdir = tmp_path / "ls" / "seed_0"  # where `run` puts method ls, seed 0
-  first = mt10.train_and_evaluate(config, str(workdir), envs=(mt10_env, mt10_env),
-                                  progress=False)
+  first = mt10.train_and_evaluate(config, str(workdir), envs=(mt10_env, mt10_env), progress=False)
   assert os.listdir(workdir / "checkpoints") == ["12"]  # the newest only
   template = sac.make_agent(config, 49, 4, 10).init(jax.random.key(5))
   buffer = environments.MultiTaskReplayBuffer(10, config.replay_capacity_per_task, 49, 4)
@@ -309,8 +343,9 @@ def test_checkpoint_restores_agent_and_replay_and_resumes(mt10_env, tmp_path, mo
   manager.close()
   # Resumed through `run` (what the command line calls), on the fixture's environments.
   monkeypatch.setattr(environments, "make_mt10_env", lambda *args, **kwargs: mt10_env)
-  (second,) = mt10.run(config.replace(num_train_steps=18), ["ls"], [0], str(tmp_path),
-                       progress=False)
+  (second,) = mt10.run(
+    config.replace(num_train_steps=18), ["ls"], [0], str(tmp_path), progress=False
+  )
   assert [row["step"] for row in second["history"]] == [0, 6, 12, 18]
   assert int(second["state"].step) == int(first["state"].step) + 6
   for name in ("results.json", "history.csv", "per_task.csv", "report.md", "success_curve.png"):

@@ -13,6 +13,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 from ntkmtl_jax import benchmarks, metrics
 from ntkmtl_jax.benchmarks import qm9
 from ntkmtl_jax.models.qm9 import qm9_functions
+
 from conftest import check_published_delta_m
 
 NUM_MOCK = 20
@@ -53,11 +54,11 @@ def test_split_is_a_partition_with_the_paper_sizes(seed):
 def test_pipeline_on_mock_qm9_units_standardisation_and_shapes():
   config = benchmarks.get_config("qm9", "tiny")
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
-    train_split, val_split, test_split, standardize = qm9.load_splits(config.data_dir,
-                                                                     **config.data)
+    train_split, val_split, test_split, standardize = qm9.load_splits(
+      config.data_dir, **config.data
+    )
     source = tfds.data_source("qm9", split="train")
-    raw = {t: np.asarray([source[i][t] for i in range(NUM_MOCK)], np.float64)
-           for t in qm9.TARGETS}
+    raw = {t: np.asarray([source[i][t] for i in range(NUM_MOCK)], np.float64) for t in qm9.TARGETS}
   sizes = (len(train_split), len(val_split), len(test_split))
   assert sizes == (NUM_MOCK - 8, 4, 4)
   # Paper units: energies from Hartree to meV, the rest unchanged.
@@ -88,8 +89,7 @@ def test_mpnn_size_padding_and_permutation_invariance(seed):
   rng = np.random.default_rng(seed)
   functions = qm9_functions()
   charges, positions = _random_graphs(rng, 3, [5, 9, 17])
-  batch = {"graph": qm9.graph_features(charges, positions),
-           "y": np.zeros((3, 11), np.float32)}
+  batch = {"graph": qm9.graph_features(charges, positions), "y": np.zeros((3, 11), np.float32)}
   params, state = jax.jit(functions.init)(jax.random.key(seed), batch)
   predict = jax.jit(functions.predict)
   count = sum(x.size for x in jax.tree.leaves(params))
@@ -105,13 +105,19 @@ def test_mpnn_size_padding_and_permutation_invariance(seed):
   junk = dict(batch["graph"])
   junk["nodes"] = np.where(junk["node_mask"][..., None], junk["nodes"], 5.0).astype(np.float32)
   junk["edges"] = np.where(junk["edge_mask"][..., None], junk["edges"], 3.0).astype(np.float32)
-  np.testing.assert_allclose(predict(params, state, {"graph": junk}), out, rtol=1e-5,
-                             atol=1e-6, err_msg=f"seed={seed}")
+  np.testing.assert_allclose(
+    predict(params, state, {"graph": junk}), out, rtol=1e-5, atol=1e-6, err_msg=f"seed={seed}"
+  )
   # Relabelling the atoms of a molecule leaves its prediction unchanged.
   order = np.concatenate([rng.permutation(17), np.arange(17, 29)])
   permuted = qm9.graph_features(charges[:, order], positions[:, order])
-  np.testing.assert_allclose(predict(params, state, {"graph": permuted})[2], out[2],
-                             rtol=1e-4, atol=1e-5, err_msg=f"seed={seed}")
+  np.testing.assert_allclose(
+    predict(params, state, {"graph": permuted})[2],
+    out[2],
+    rtol=1e-4,
+    atol=1e-5,
+    err_msg=f"seed={seed}",
+  )
 
 
 def test_mae_accumulator_by_hand():

@@ -16,7 +16,8 @@ def test_default_directory_order(monkeypatch, tmp_path):
   monkeypatch.delenv("NTKMTL_CACHE_DIR", raising=False)
   monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
   assert compilation_cache.default_directory() == str(
-      tmp_path / "home" / ".cache" / "ntkmtl-jax" / "xla")
+    tmp_path / "home" / ".cache" / "ntkmtl-jax" / "xla"
+  )
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
   assert compilation_cache.default_directory() == str(tmp_path / "xdg" / "ntkmtl-jax" / "xla")
   monkeypatch.setenv("NTKMTL_CACHE_DIR", str(tmp_path / "mine"))
@@ -56,12 +57,17 @@ CHILD = textwrap.dedent("""
 
 def test_second_process_reads_the_first_ones_entries(tmp_path):
   folder = tmp_path / "cache"
-  env = dict(os.environ, NTKMTL_CACHE_DIR=str(folder), JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+  env = dict(
+    os.environ,
+    NTKMTL_CACHE_DIR=str(folder),
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+  )
   runs = []
   for _ in range(2):
-    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True,
-                         text=True, timeout=300, cwd=ROOT)
+    out = subprocess.run(
+      [sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     if len(runs) == 1:

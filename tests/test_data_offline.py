@@ -27,22 +27,26 @@ def test_multidigits_shapes_ranges_and_labels(digits_lookup, seed):
       labels = split.targets[name]
       assert labels.dtype == np.int32 and labels.min() >= 0 and labels.max() <= 9
       # Each half is a scikit-learn digit, and the label is that digit's own label.
-      recovered = [digits_lookup[np.ascontiguousarray(img[:, side]).astype(np.float32)
-                                 .tobytes()] for img in images]
+      recovered = [
+        digits_lookup[np.ascontiguousarray(img[:, side]).astype(np.float32).tobytes()]
+        for img in images
+      ]
       np.testing.assert_array_equal(recovered, labels, err_msg=f"seed {seed}")
-    np.testing.assert_array_equal(split.targets["number"],
-                                  10 * split.targets["left"] + split.targets["right"])
+    np.testing.assert_array_equal(
+      split.targets["number"], 10 * split.targets["left"] + split.targets["right"]
+    )
   ink = offline.multidigits(50, 20, data_seed=seed, regression="ink")
   assert ink.task_names[2] == "ink"
-  np.testing.assert_allclose(ink.train.targets["ink"], 100.0 * ink.train.x.mean(axis=1),
-                             rtol=1e-5)
+  np.testing.assert_allclose(ink.train.targets["ink"], 100.0 * ink.train.x.mean(axis=1), rtol=1e-5)
 
 
 def test_multidigits_test_images_are_disjoint_from_train(seed):
   data = offline.multidigits(2000, 500, data_seed=seed)
-  halves = lambda x: {h.tobytes() for img in x.reshape(-1, 8, 16)
-                      for h in (np.ascontiguousarray(img[:, :8]),
-                                np.ascontiguousarray(img[:, 8:]))}
+  halves = lambda x: {
+    h.tobytes()
+    for img in x.reshape(-1, 8, 16)
+    for h in (np.ascontiguousarray(img[:, :8]), np.ascontiguousarray(img[:, 8:]))
+  }
   train, test = halves(data.train.x), halves(data.test.x)
   # sklearn's digits contain a few byte-identical images; allow those, nothing more.
   assert len(train & test) <= 3, f"seed {seed}"
@@ -56,8 +60,9 @@ def test_multidigits_deterministic_and_scaled(seed):
   np.testing.assert_array_equal(a.test.targets["left"], b.test.targets["left"])
   assert not np.array_equal(a.train.x, c.train.x)
   half = offline.multidigits(64, 32, data_seed=seed, regression_scale=0.5)
-  np.testing.assert_allclose(half.train.targets["number"], 0.5 * a.train.targets["number"],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    half.train.targets["number"], 0.5 * a.train.targets["number"], rtol=1e-6
+  )
 
 
 def test_sines_amplitudes_frequencies_and_determinism(seed):
@@ -106,15 +111,17 @@ def _eigenvalues(bench, seed):
   fns = bench.functions
   params, state = fns.init(jax.random.key(seed), batch)
   losses = lambda p, b: fns.loss_fn(p, state, b)[0]
-  eigenvalues = jax.jit(lambda p, b: kernel.ntk_weights(losses, p, b, shared=fns.shared)
-                        .eigenvalues)
+  eigenvalues = jax.jit(
+    lambda p, b: kernel.ntk_weights(losses, p, b, shared=fns.shared).eigenvalues
+  )
   return np.asarray(eigenvalues(params, batch))
 
 
 @pytest.mark.one_seed
 def test_multidigits_regression_task_dominates_the_kernel(seed):
-  lam = _eigenvalues(benchmarks.get_benchmark("multidigits", num_train=256, num_test=64,
-                                              data_seed=seed), seed)
+  lam = _eigenvalues(
+    benchmarks.get_benchmark("multidigits", num_train=256, num_test=64, data_seed=seed), seed
+  )
   # The imbalance the demo is about: the number task's lambda dwarfs the digit tasks'.
   assert lam[2] > 1e3 * max(lam[0], lam[1]), f"seed {seed}: {lam}"
 
@@ -122,8 +129,9 @@ def test_multidigits_regression_task_dominates_the_kernel(seed):
 def test_sines_imbalance_knob_sets_the_eigenvalue_ratio(seed):
   ratio = {}
   for imbalance in (1.0, 30.0):
-    bench = benchmarks.get_benchmark("sines", imbalance=imbalance, min_frequency=1.0,
-                                     max_frequency=1.0, data_seed=seed)
+    bench = benchmarks.get_benchmark(
+      "sines", imbalance=imbalance, min_frequency=1.0, max_frequency=1.0, data_seed=seed
+    )
     lam = _eigenvalues(bench, seed)
     ratio[imbalance] = lam[-1] / lam[0]
   # Squared-error gradients scale like the amplitude: the ratio grows by about 30^2.

@@ -8,8 +8,7 @@ import re
 
 import pytest
 
-DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
-                   "nnx.md")
+DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "nnx.md")
 
 
 def _python_blocks(path: str) -> list[str]:

@@ -1,13 +1,14 @@
 """ntk_weights and the extended-NTK pieces against a float64 NumPy reference."""
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 import ntkmtl_jax as nm
 from ntkmtl_jax import kernel
-from conftest import TanhMLP, assert_close, flat_shared
+
+from conftest import TanhMLP, flat_shared
 
 
 def numpy_weights(eigs, exponent, normalization):
@@ -27,14 +28,23 @@ def test_ntk_weights_match_numpy(seed, num_chunks, normalization, exponent):
   eigs = np.array([np.linalg.eigvalsh(blocks[i, i])[-1] for i in range(k)])
   expected = numpy_weights(eigs, exponent, normalization)
 
-  out = nm.ntk_weights(model.loss_fn, model.params, model.batch, num_chunks=num_chunks,
-                       exponent=exponent, normalization=normalization, shared=model.shared,
-                       return_blocks=True, return_jacobian=True)
+  out = nm.ntk_weights(
+    model.loss_fn,
+    model.params,
+    model.batch,
+    num_chunks=num_chunks,
+    exponent=exponent,
+    normalization=normalization,
+    shared=model.shared,
+    return_blocks=True,
+    return_jacobian=True,
+  )
   np.testing.assert_allclose(out.eigenvalues, eigs, rtol=2e-4, err_msg=f"seed={seed}")
   np.testing.assert_allclose(out.weights, expected, rtol=2e-4, err_msg=f"seed={seed}")
   np.testing.assert_allclose(out.blocks, blocks, rtol=2e-4, atol=1e-5 * np.abs(blocks).max())
-  np.testing.assert_allclose(flat_shared(out.jacobian), jac, rtol=2e-4,
-                             atol=1e-5 * np.abs(jac).max())
+  np.testing.assert_allclose(
+    flat_shared(out.jacobian), jac, rtol=2e-4, atol=1e-5 * np.abs(jac).max()
+  )
   assert out.jacobian["heads"]["w"] is None  # only the shared parameters are differentiated
   # Shared parameters make the tasks interact: the off-diagonal blocks are not zero.
   off = blocks[~np.eye(k, dtype=bool)]
@@ -46,15 +56,16 @@ def test_paper_and_code_normalisations_differ_by_k_to_the_exponent(seed):
   common = dict(shared=model.shared, exponent=0.75)
   code = nm.ntk_weights(model.loss_fn, model.params, model.batch, normalization="sum", **common)
   paper = nm.ntk_weights(model.loss_fn, model.params, model.batch, normalization="mean", **common)
-  np.testing.assert_allclose(code.weights, paper.weights * 4 ** 0.75, rtol=1e-5)
+  np.testing.assert_allclose(code.weights, paper.weights * 4**0.75, rtol=1e-5)
 
 
 def test_power_iteration_on_stacked_blocks(seed):
   rng = np.random.default_rng(seed)
   a = rng.normal(size=(5, 7, 7))
   blocks = np.einsum("kab,kcb->kac", a, a)
-  got = kernel.largest_eigenvalue(jnp.asarray(blocks, jnp.float32), method="power",
-                                  power_iterations=500)
+  got = kernel.largest_eigenvalue(
+    jnp.asarray(blocks, jnp.float32), method="power", power_iterations=500
+  )
   np.testing.assert_allclose(got, np.linalg.eigvalsh(blocks)[:, -1], rtol=1e-3)
 
 
@@ -74,7 +85,7 @@ def test_zero_gradient_task_gets_finite_weight(seed):
   np.testing.assert_allclose(w[0], (1.0 / kernel.EIGENVALUE_FLOOR) ** 0.5, rtol=1e-3)
   # Every task dead: equal weights, no NaN.
   w0 = kernel.weights_from_eigenvalues(jnp.zeros(4))
-  np.testing.assert_allclose(w0, np.full(4, 4 ** 0.5), rtol=1e-6)
+  np.testing.assert_allclose(w0, np.full(4, 4**0.5), rtol=1e-6)
   # `floored_weight` replaces only the floored task's weight.
   wf = kernel.weights_from_eigenvalues(eigs, floored_weight=1.0)
   np.testing.assert_allclose(wf, np.concatenate([[1.0], np.asarray(w[1:])]), rtol=1e-6)
@@ -117,13 +128,14 @@ def test_representation_eigenvalues_are_chunk_gradient_norms(seed):
   w = rng.normal(size=(5, 3))
   y = rng.normal(size=(8, 3))
   decode = lambda p, zz, b: jnp.mean((zz @ p - b["y"]) ** 2, axis=0)
-  eig, losses = kernel.representation_eigenvalues(decode, jnp.asarray(w), jnp.asarray(z),
-                                                  {"y": jnp.asarray(y)}, num_chunks=4)
+  eig, losses = kernel.representation_eigenvalues(
+    decode, jnp.asarray(w), jnp.asarray(z), {"y": jnp.asarray(y)}, num_chunks=4
+  )
   expected = np.zeros(3)
   for zc, yc in zip(np.split(z, 4), np.split(y, 4)):
     err = zc @ w - yc
     for i in range(3):
-      g = (2.0 / len(zc)) * err[:, i:i + 1] * w[:, i][None]  # d l_i / d z_c
-      expected[i] = max(expected[i], np.sum(g ** 2))
+      g = (2.0 / len(zc)) * err[:, i : i + 1] * w[:, i][None]  # d l_i / d z_c
+      expected[i] = max(expected[i], np.sum(g**2))
   np.testing.assert_allclose(eig, expected, rtol=1e-4)
   assert losses.shape == (3, 4)

@@ -18,6 +18,7 @@ import ntkmtl_jax as nm  # noqa: E402
 from ntkmtl_jax import benchmarks, loop  # noqa: E402
 from ntkmtl_jax.data import Split  # noqa: E402
 from ntkmtl_jax.optimizer import build_optimizer  # noqa: E402
+
 from conftest import TanhMLP, assert_close  # noqa: E402
 
 
@@ -33,8 +34,7 @@ def test_fit_stops_cleanly_on_keyboard_interrupt():
     return bench.train.take(indices, rng)
 
   interrupted = dataclasses.replace(bench, train=Split(len(bench.train), take))
-  result = loop.fit(interrupted, bench.config.replace(batch_size=16, max_steps=50),
-                    progress=False)
+  result = loop.fit(interrupted, bench.config.replace(batch_size=16, max_steps=50), progress=False)
   # Five batches, five steps; the sixth batch was interrupted while being read.
   assert result.interrupted and result.steps == 5
   assert result.history.losses.shape == (5, 3) and set(result.metrics) == set(bench.metric_names)
@@ -47,32 +47,50 @@ def test_fit_calls_the_callback_after_every_step():
   def callback(t, state, metrics):
     seen.append((t, int(state.step), np.asarray(metrics["losses"])))
 
-  result = loop.fit(bench, bench.config.replace(method="ntkmtl", batch_size=16, max_steps=4),
-                    progress=False, callback=callback)
+  result = loop.fit(
+    bench,
+    bench.config.replace(method="ntkmtl", batch_size=16, max_steps=4),
+    progress=False,
+    callback=callback,
+  )
   assert [t for t, _, _ in seen] == [1, 2, 3, 4]
   assert [s for _, s, _ in seen] == [1, 2, 3, 4]  # called after the step, with its state
-  np.testing.assert_allclose(np.stack([l for _, _, l in seen]), result.history.losses,
-                             rtol=1e-6)
+  np.testing.assert_allclose(np.stack([l for _, _, l in seen]), result.history.losses, rtol=1e-6)
 
 
 def test_run_state_survives_its_json_round_trip():
   """What a checkpoint stores of the run's position reads back as the same `RunState`
   (infinite scores, None, nested evaluations), and keys of another version are ignored."""
-  run = loop.RunState(epoch=3, batch=7, best_score=0.25, best_epoch=2,
-                      val_metrics={"a": 1.0}, metrics={"a": 0.5}, plateau_best=-math.inf,
-                      plateau_wait=4, evaluations=[dict(epoch=2, step=9, val={"a": 1.0})],
-                      step_times=[0.1, 0.2], fingerprint=dict(method="ls", seed=1))
+  run = loop.RunState(
+    epoch=3,
+    batch=7,
+    best_score=0.25,
+    best_epoch=2,
+    val_metrics={"a": 1.0},
+    metrics={"a": 0.5},
+    plateau_best=-math.inf,
+    plateau_wait=4,
+    evaluations=[dict(epoch=2, step=9, val={"a": 1.0})],
+    step_times=[0.1, 0.2],
+    fingerprint=dict(method="ls", seed=1),
+  )
   text = json.dumps(run.to_dict(), allow_nan=True)
   assert loop.RunState.from_dict(json.loads(text)) == run
   assert loop.RunState.from_dict(dict(json.loads(text), retired_key=1)) == run
   assert loop.RunState().best_score == -math.inf and loop.RunState().evaluations == []
 
 
-@pytest.mark.parametrize("name, hparams, expected", [
-    ("ntkmtl", {}, True), ("ntkmtl", {"num_chunks": 2}, True),
+@pytest.mark.parametrize(
+  "name, hparams, expected",
+  [
+    ("ntkmtl", {}, True),
+    ("ntkmtl", {"num_chunks": 2}, True),
     ("ntkmtl_sr", {}, False),  # its eigenvalues are the representation's
-    ("gradnorm", {}, False),   # squared norms, but no eigenvalues in its state
-    ("mgda", {}, False), ("ls", {}, False)])
+    ("gradnorm", {}, False),  # squared norms, but no eigenvalues in its state
+    ("mgda", {}, False),
+    ("ls", {}, False),
+  ],
+)
 def test_which_steps_carry_the_shared_eigenvalues(name, hparams, expected):
   bench = benchmarks.get_benchmark("sines", num_train=64)
   config = bench.config.replace(method=name, hparams=hparams, batch_size=16)
@@ -99,5 +117,5 @@ def test_the_configs_ntkmtl_is_the_official_step_with_any_hyper_parameters(seed)
   chunked, _ = build_optimizer(config.replace(hparams={"num_chunks": 2}), 3, model.shared)
   assert chunked.hparams["scale_by_num_tasks"] and chunked.needs.num_chunks == 2
   g, _ = model.numpy_task_gradients()
-  lam = np.sum(g ** 2, axis=1)
+  lam = np.sum(g**2, axis=1)
   assert_close(mine_metrics["weights"], 3 * np.sqrt(lam.sum() / lam), rtol=1e-4)

@@ -6,11 +6,12 @@ import pytest
 
 from ntkmtl_jax import methods
 from ntkmtl_jax.methods import alignment
+
 from conftest import assert_close, gram32, random_jacobian, random_wide_jacobian
 from conftest import run_gram_weighting as run_weighting
 
-
 # ------------------------------------------------------------------------------- IMTL-G
+
 
 def test_imtl_g_projections_on_unit_gradients_are_equal(seed):
   rng = np.random.default_rng(seed)
@@ -20,21 +21,27 @@ def test_imtl_g_projections_on_unit_gradients_are_equal(seed):
   np.testing.assert_allclose(weights.sum(), 1.0, rtol=1e-5)
   d = weights @ jac
   projections = (jac / np.linalg.norm(jac, axis=1, keepdims=True)) @ d
-  np.testing.assert_allclose(projections, projections.mean(), rtol=1e-3,
-                             atol=1e-4 * np.abs(projections).max(), err_msg=f"seed={seed}")
+  np.testing.assert_allclose(
+    projections,
+    projections.mean(),
+    rtol=1e-3,
+    atol=1e-4 * np.abs(projections).max(),
+    err_msg=f"seed={seed}",
+  )
   assert int(state.solver_failures) == 0
 
 
-
 # ---------------------------------------------------------------------------- Aligned-MTL
+
 
 def numpy_aligned_balance(gram, scale_mode):
   lam, vec = np.linalg.eigh(gram)
   keep = lam > lam.max() * len(gram) * np.finfo(np.float32).eps
   lam, vec = lam[keep], vec[:, keep]
-  scale = {"min": lam.min(), "median": np.sort(lam)[(len(lam) - 1) // 2],
-           "rmse": lam.mean()}[scale_mode]
-  return np.sqrt(scale) * vec @ np.diag(lam ** -0.5) @ vec.T, scale
+  scale = {"min": lam.min(), "median": np.sort(lam)[(len(lam) - 1) // 2], "rmse": lam.mean()}[
+    scale_mode
+  ]
+  return np.sqrt(scale) * vec @ np.diag(lam**-0.5) @ vec.T, scale
 
 
 @pytest.mark.parametrize("scale_mode", ("min", "median", "rmse"))
@@ -49,12 +56,14 @@ def test_aligned_mtl_aligns_to_equal_singular_values(seed, scale_mode):
   # The aligned gradients (columns of J^T B) have k equal singular values sqrt(scale).
   aligned_balance, _, rank = alignment.aligned_mtl_transform(gram32(jac), scale_mode)
   singular = np.linalg.svd(jac.T @ np.asarray(aligned_balance, np.float64), compute_uv=False)
-  np.testing.assert_allclose(singular / singular.max(), np.ones(k), rtol=1e-3,
-                             err_msg=f"seed={seed}")
+  np.testing.assert_allclose(
+    singular / singular.max(), np.ones(k), rtol=1e-3, err_msg=f"seed={seed}"
+  )
   assert int(rank) == k
   lam = np.linalg.eigvalsh(jac @ jac.T)
-  np.testing.assert_allclose(float(state.condition_number), np.sqrt(lam.max() / lam.min()),
-                             rtol=1e-2, err_msg=f"seed={seed}")
+  np.testing.assert_allclose(
+    float(state.condition_number), np.sqrt(lam.max() / lam.min()), rtol=1e-2, err_msg=f"seed={seed}"
+  )
 
 
 def test_aligned_mtl_rank_deficient_keeps_the_range(seed):
@@ -66,8 +75,8 @@ def test_aligned_mtl_rank_deficient_keeps_the_range(seed):
   assert_close(weights @ jac, balance.sum(axis=1) @ jac, rtol=1e-2, err_msg=f"seed={seed}")
 
 
-
 # --------------------------------------------------------------------------------- ConFIG
+
 
 def test_config_has_equal_cosines_and_the_projection_length(seed):
   rng = np.random.default_rng(seed)
@@ -76,8 +85,7 @@ def test_config_has_equal_cosines_and_the_projection_length(seed):
   weights, state = run_weighting(methods.get("config", k), gram32(jac))
   update = weights @ jac
   cosines = jac @ update / (np.linalg.norm(jac, axis=1) * np.linalg.norm(update))
-  np.testing.assert_allclose(cosines, np.full(k, cosines.mean()), rtol=1e-3,
-                             err_msg=f"seed={seed}")
+  np.testing.assert_allclose(cosines, np.full(k, cosines.mean()), rtol=1e-3, err_msg=f"seed={seed}")
   assert cosines.min() > 0, f"seed={seed}"
   np.testing.assert_allclose(float(state.cosine), cosines.mean(), rtol=1e-3)
   # The paper's direction: the least-squares solution of U^T d = 1 (U the unit gradients),
@@ -86,4 +94,3 @@ def test_config_has_equal_cosines_and_the_projection_length(seed):
   direction = np.linalg.lstsq(unit_grads, np.ones(k), rcond=None)[0]
   direction /= np.linalg.norm(direction)
   assert_close(update, np.sum(jac @ direction) * direction, rtol=1e-3, err_msg=f"seed={seed}")
-

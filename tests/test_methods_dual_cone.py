@@ -2,30 +2,36 @@
 solver: each method's defining property on fresh random Jacobians, float32 against float64
 NumPy/SciPy references."""
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import pytest
 from scipy.optimize import minimize
 
 from ntkmtl_jax import methods
 from ntkmtl_jax.methods import solvers
 from ntkmtl_jax.step import make_train_step
+
 from conftest import TanhMLP, assert_close, gram32, random_wide_jacobian
 from conftest import run_gram_weighting as run_weighting
 
 
 def dual_cone_projection(jac, target):
   """argmin ||v - target||^2 subject to jac v >= 0, by SLSQP in float64 (the primal)."""
-  res = minimize(lambda v: np.sum((v - target) ** 2), target, jac=lambda v: 2 * (v - target),
-                 constraints={"type": "ineq", "fun": lambda v: jac @ v, "jac": lambda v: jac},
-                 method="SLSQP", options=dict(ftol=1e-15, maxiter=2000))
+  res = minimize(
+    lambda v: np.sum((v - target) ** 2),
+    target,
+    jac=lambda v: 2 * (v - target),
+    constraints={"type": "ineq", "fun": lambda v: jac @ v, "jac": lambda v: jac},
+    method="SLSQP",
+    options=dict(ftol=1e-15, maxiter=2000),
+  )
   return res.x
 
 
-
 # ------------------------------------------------------------------------ UPGrad, DualProj
+
 
 def test_nonnegative_qp_matches_scipy(seed):
   rng = np.random.default_rng(seed)
@@ -34,11 +40,17 @@ def test_nonnegative_qp_matches_scipy(seed):
     a = rng.normal(size=(k, k + 2))
     gram = a @ a.T + 0.05 * np.eye(k)
     linear = rng.normal(size=k) * 2.0
-    res = jax.jit(solvers.nonnegative_qp)(jnp.asarray(gram, jnp.float32),
-                                     jnp.asarray(linear, jnp.float32))
-    ref = minimize(lambda z: 0.5 * z @ gram @ z + linear @ z, np.zeros(k),
-                   jac=lambda z: gram @ z + linear, bounds=[(0, None)] * k,
-                   method="L-BFGS-B", options=dict(ftol=1e-16, gtol=1e-12, maxiter=5000)).x
+    res = jax.jit(solvers.nonnegative_qp)(
+      jnp.asarray(gram, jnp.float32), jnp.asarray(linear, jnp.float32)
+    )
+    ref = minimize(
+      lambda z: 0.5 * z @ gram @ z + linear @ z,
+      np.zeros(k),
+      jac=lambda z: gram @ z + linear,
+      bounds=[(0, None)] * k,
+      method="L-BFGS-B",
+      options=dict(ftol=1e-16, gtol=1e-12, maxiter=5000),
+    ).x
     assert bool(res.converged), f"seed={seed}"
     assert_close(res.x, ref, rtol=2e-4, err_msg=f"seed={seed}")
 
@@ -78,11 +90,11 @@ def test_dual_cone_methods_conflict_with_no_task_even_rank_deficient(seed, name)
     # the KKT conditions of min_{w >= u} w^T (G / tr G + eps k diag(G) / tr G) w give
     # <g_j, d> = (G w)_j >= -eps k G_jj w_j (large w_j where G is singular); and rounding.
     norms = np.linalg.norm(jac, axis=1)
-    slack = (1e-4 * k * norms ** 2 * np.maximum(weights, 0.0) * 1.01
-             + 1e-4 * norms * (np.abs(weights) @ norms))
+    slack = 1e-4 * k * norms**2 * np.maximum(weights, 0.0) * 1.01 + 1e-4 * norms * (
+      np.abs(weights) @ norms
+    )
     assert np.all(jac @ update >= -slack), f"seed={seed}, p={p}: {jac @ update}"
     assert int(state.solver_failures) == 0, f"seed={seed}"
-
 
 
 def test_non_finite_gradients_skip_the_step_and_the_solver_stops(seed):
@@ -95,6 +107,4 @@ def test_non_finite_gradients_skip_the_step_and_the_solver_stops(seed):
   batch["y"] = batch["y"].at[0, 1].set(jnp.nan)
   new_state, metrics = step(state, batch)  # the active-set loop ends at its bound on NaN
   assert not bool(metrics["finite"]) and int(new_state.skipped) == 1
-  jax.tree.map(np.testing.assert_array_equal, new_state.method_state,
-               state.method_state)
-
+  jax.tree.map(np.testing.assert_array_equal, new_state.method_state, state.method_state)

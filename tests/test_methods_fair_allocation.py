@@ -2,19 +2,20 @@
 weights solve their systems on fresh random Jacobians, float32 against float64, and a
 system without a solution keeps the previous weights without skipping the step."""
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import pytest
 
 from ntkmtl_jax import methods
 from ntkmtl_jax.step import make_train_step
+
 from conftest import TanhMLP, gram32, random_jacobian
 from conftest import run_gram_weighting as run_weighting
 
-
 # ----------------------------------------------------------------------- Nash-MTL, FairGrad
+
 
 def test_nash_mtl_weights_solve_the_bargaining_system(seed):
   rng = np.random.default_rng(seed)
@@ -22,13 +23,15 @@ def test_nash_mtl_weights_solve_the_bargaining_system(seed):
   k = jac.shape[0]
   weights, state = run_weighting(methods.get("nash_mtl", k), gram32(jac))
   assert int(state.solver_failures) == 0 and np.all(weights > 0), f"seed={seed}"
-  np.testing.assert_allclose((jac @ jac.T) @ weights, 1.0 / weights, rtol=1e-3,
-                             err_msg=f"seed={seed}")
+  np.testing.assert_allclose(
+    (jac @ jac.T) @ weights, 1.0 / weights, rtol=1e-3, err_msg=f"seed={seed}"
+  )
   # Warm-started from those weights, the next step on new gradients solves its system too.
   jac2 = jac + 0.1 * random_jacobian(rng, k=k, p=jac.shape[1])
   weights2, state2 = run_weighting(methods.get("nash_mtl", k), gram32(jac2), state=state)
-  np.testing.assert_allclose((jac2 @ jac2.T) @ weights2, 1.0 / weights2, rtol=1e-3,
-                             err_msg=f"seed={seed}")
+  np.testing.assert_allclose(
+    (jac2 @ jac2.T) @ weights2, 1.0 / weights2, rtol=1e-3, err_msg=f"seed={seed}"
+  )
   assert int(state2.count) == 2
 
 
@@ -37,8 +40,9 @@ def test_nash_mtl_keeps_previous_weights_and_counts_failure_without_solution(see
   g = rng.normal(size=(1, 7))
   jac = np.concatenate([g, -2.0 * g, rng.normal(size=(1, 7))])  # 0 is in the hull
   agg = methods.get("nash_mtl", 3)
-  previous = agg.init(None)._replace(weights=jnp.asarray([0.5, 1.5, 2.0], jnp.float32),
-                                     count=jnp.asarray(4, jnp.int32))
+  previous = agg.init(None)._replace(
+    weights=jnp.asarray([0.5, 1.5, 2.0], jnp.float32), count=jnp.asarray(4, jnp.int32)
+  )
   weights, state = run_weighting(agg, gram32(jac), state=previous)
   np.testing.assert_allclose(weights, [0.5, 1.5, 2.0])
   assert int(state.solver_failures) == 1
@@ -64,12 +68,13 @@ def test_fairgrad_weights_solve_their_system(seed, alpha):
   weights, state = run_weighting(methods.get("fairgrad", k, alpha=alpha), gram32(jac))
   w = weights / k  # the reference code's x k
   assert int(state.solver_failures) == 0 and np.all(w > 0), f"seed={seed}"
-  np.testing.assert_allclose((jac @ jac.T) @ w, w ** (-1.0 / alpha), rtol=1e-3,
-                             err_msg=f"seed={seed}")
-
+  np.testing.assert_allclose(
+    (jac @ jac.T) @ w, w ** (-1.0 / alpha), rtol=1e-3, err_msg=f"seed={seed}"
+  )
 
 
 # ------------------------------------------------------------------------ the train step
+
 
 def test_non_finite_gradients_skip_the_step(seed):
   rng = np.random.default_rng(seed)
@@ -81,9 +86,7 @@ def test_non_finite_gradients_skip_the_step(seed):
   batch["y"] = batch["y"].at[0, 1].set(jnp.nan)
   new_state, metrics = step(state, batch)
   assert not bool(metrics["finite"]) and int(new_state.skipped) == 1
-  jax.tree.map(np.testing.assert_array_equal, new_state.method_state,
-               state.method_state)
-
+  jax.tree.map(np.testing.assert_array_equal, new_state.method_state, state.method_state)
 
 
 @pytest.mark.parametrize("name", ["nash_mtl", "fairgrad"])
@@ -93,8 +96,10 @@ def test_exactly_opposite_tasks_train_instead_of_skipping_every_step(seed, name)
   # kept and the failure counted; the step itself is applied (its residual, kept in the
   # state, is finite), so the heads still train.
   rng = np.random.default_rng(seed)
-  params = {"shared": jnp.asarray(rng.normal(size=4), jnp.float32),
-            "heads": jnp.asarray(rng.normal(size=2), jnp.float32)}
+  params = {
+    "shared": jnp.asarray(rng.normal(size=4), jnp.float32),
+    "heads": jnp.asarray(rng.normal(size=2), jnp.float32),
+  }
   x = jnp.asarray(rng.normal(size=4), jnp.float32)
 
   def loss_fn(p, batch):
@@ -109,4 +114,3 @@ def test_exactly_opposite_tasks_train_instead_of_skipping_every_step(seed, name)
     assert bool(metrics["finite"]), f"seed={seed}"
   assert int(state.skipped) == 0 and int(state.method_state.solver_failures) == 3
   assert not np.allclose(state.params["heads"], params["heads"])
-

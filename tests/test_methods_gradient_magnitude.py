@@ -2,18 +2,19 @@
 against NumPy references of their papers' update rules, on fresh random losses and task
 gradients (the properties every method shares are in test_testing_properties.py)."""
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ntkmtl_jax import methods
 from ntkmtl_jax.step import make_train_step
+
 from conftest import NumpyAdam, TanhMLP, assert_close, flat_shared, random_losses
 from conftest import run_loss_weighting as run_weighting
 
-
 # ---------------------------------------------------------------------------- GradNorm
+
 
 def gradnorm_objective(w, norms, target):
   return np.sum(np.abs(np.abs(w) * norms - target))
@@ -25,8 +26,9 @@ def test_gradnorm_weight_step_is_gradient_of_l_grad(seed):
   alpha, lr = 1.5, float(rng.uniform(0.01, 0.1))
   losses = random_losses(rng, 2, k)
   norms = rng.uniform(0.1, 3.0, size=(2, k))
-  w, state = run_weighting(methods.get("gradnorm", k, alpha=alpha, optimizer=optax.sgd(lr)),
-                           losses, sq_norms=norms ** 2)
+  w, state = run_weighting(
+    methods.get("gradnorm", k, alpha=alpha, optimizer=optax.sgd(lr)), losses, sq_norms=norms**2
+  )
   # Step 0: w = 1, r = 1; step 1 starts from the renormalised weights of step 0.
   weights = np.ones(k)
   for t in range(2):
@@ -34,9 +36,16 @@ def test_gradnorm_weight_step_is_gradient_of_l_grad(seed):
     rates = losses[t] / losses[0]
     target = np.mean(np.abs(weights) * norms[t]) * (rates / rates.mean()) ** alpha
     h = 1e-6
-    grad = np.array([(gradnorm_objective(weights + h * e, norms[t], target)
-                      - gradnorm_objective(weights - h * e, norms[t], target)) / (2 * h)
-                     for e in np.eye(k)])
+    grad = np.array(
+      [
+        (
+          gradnorm_objective(weights + h * e, norms[t], target)
+          - gradnorm_objective(weights - h * e, norms[t], target)
+        )
+        / (2 * h)
+        for e in np.eye(k)
+      ]
+    )
     weights = weights - lr * grad
     weights = k * weights / weights.sum()
   np.testing.assert_allclose(state.loss_weights, weights, rtol=1e-4, err_msg=f"seed={seed}")
@@ -63,20 +72,23 @@ def test_gradnorm_default_adam_and_norms_from_shared_gradients(seed):
     assert_close(update["heads"]["w"], np.tensordot(weights, heads, 1), err_msg=f"seed={seed}")
     grad_norms = np.abs(weights) * norms
     rates = (losses / initial) / np.mean(losses / initial)
-    target = grad_norms.mean() * rates ** 1.5
+    target = grad_norms.mean() * rates**1.5
     weights = adam.step(weights, np.sign(grad_norms - target) * np.sign(weights) * norms)
     weights = k * weights / weights.sum()
-    np.testing.assert_allclose(state.loss_weights, weights, rtol=1e-4,
-                               err_msg=f"seed={seed} step={step}")
+    np.testing.assert_allclose(
+      state.loss_weights, weights, rtol=1e-4, err_msg=f"seed={seed} step={step}"
+    )
     np.testing.assert_allclose(np.sum(state.loss_weights), k, rtol=1e-5)
-
 
 
 # ------------------------------------------------------------------------------ DB-MTL
 
+
 def db_mtl_params(rng, k):
-  params = {"body": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
-            "head": jnp.asarray(rng.normal(size=(3, k)), jnp.float32)}
+  params = {
+    "body": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
+    "head": jnp.asarray(rng.normal(size=(3, k)), jnp.float32),
+  }
   return params, {"body": True, "head": False}
 
 
@@ -97,18 +109,18 @@ def test_db_mtl_matches_numpy_reference(seed):
     grads = {"body": jnp.asarray(body, jnp.float32), "head": jnp.asarray(head, jnp.float32)}
     update, state = agg.update(grads, state, params, losses=jnp.asarray(losses, jnp.float32))
     log_grads = body.reshape(k, -1) / (losses + 1e-8)[:, None]
-    buffer = log_grads + beta / t ** beta_sigma * (buffer - log_grads)
+    buffer = log_grads + beta / t**beta_sigma * (buffer - log_grads)
     norms = np.linalg.norm(buffer, axis=1)
     scales = norms.max() / (norms + 1e-8)
-    assert_close(np.asarray(update["body"]).ravel(), scales @ buffer,
-                 err_msg=f"seed={seed} t={t}")
-    assert_close(update["head"], np.tensordot(1 / (losses + 1e-8), head, 1),
-                 err_msg=f"seed={seed} t={t}")
+    assert_close(np.asarray(update["body"]).ravel(), scales @ buffer, err_msg=f"seed={seed} t={t}")
+    assert_close(
+      update["head"], np.tensordot(1 / (losses + 1e-8), head, 1), err_msg=f"seed={seed} t={t}"
+    )
     np.testing.assert_allclose(state.weights, scales, rtol=1e-4)
     # Every rescaled buffer has the largest norm.
-    np.testing.assert_allclose(np.linalg.norm(scales[:, None] * buffer, axis=1), norms.max(),
-                               rtol=1e-4)
-
+    np.testing.assert_allclose(
+      np.linalg.norm(scales[:, None] * buffer, axis=1), norms.max(), rtol=1e-4
+    )
 
 
 def test_gradnorm_streaming_matches_unrolled_step(seed):
@@ -122,7 +134,8 @@ def test_gradnorm_streaming_matches_unrolled_step(seed):
     for _ in range(3):
       state, metrics = step(state, model.batch)
     results.append((state.method_state.loss_weights, state.params))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6,
-                                                       err_msg=f"seed={seed}"),
-               results[0], results[1])
-
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=f"seed={seed}"),
+    results[0],
+    results[1],
+  )

@@ -2,14 +2,15 @@
 against NumPy references of their papers' update rules, on fresh random losses (the
 properties every method shares are in test_testing_properties.py)."""
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import pytest
 
 from ntkmtl_jax import methods
 from ntkmtl_jax.method import TaskStats
+
 from conftest import NumpyAdam, TanhMLP, assert_close, random_losses
 from conftest import run_loss_weighting as run_weighting
 
@@ -19,8 +20,8 @@ def softmax(x):
   return e / e.sum()
 
 
-
 # ---------------------------------------------------------------------------------- SI
+
 
 def test_si_weights_are_inverse_losses_and_update_is_grad_of_log_sum(seed):
   rng = np.random.default_rng(seed)
@@ -30,15 +31,15 @@ def test_si_weights_are_inverse_losses_and_update_is_grad_of_log_sum(seed):
   losses = model.loss_fn(model.params, model.batch)
   grads = jax.jacrev(model.loss_fn)(model.params, model.batch)
   update, state = agg.update(grads, agg.init(model.params), model.params, losses=losses)
-  np.testing.assert_allclose(state.weights, 1.0 / np.asarray(losses), rtol=1e-6,
-                             err_msg=f"seed={seed}")
+  np.testing.assert_allclose(
+    state.weights, 1.0 / np.asarray(losses), rtol=1e-6, err_msg=f"seed={seed}"
+  )
   expected = jax.grad(lambda p: jnp.sum(jnp.log(model.loss_fn(p, model.batch))))(model.params)
-  jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-4, err_msg=f"seed={seed}"),
-               update, expected)
-
+  jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-4, err_msg=f"seed={seed}"), update, expected)
 
 
 # --------------------------------------------------------------------------------- RLW
+
 
 def test_rlw_weights_on_simplex_random_per_key_mean_one_over_k(seed):
   rng = np.random.default_rng(seed)
@@ -61,8 +62,8 @@ def test_rlw_weights_on_simplex_random_per_key_mean_one_over_k(seed):
   assert int(s2.count) == 2
 
 
-
 # --------------------------------------------------------------------------------- DWA
+
 
 def dwa_reference(losses, temperature, steps_per_epoch):
   k = losses.shape[1]
@@ -90,15 +91,15 @@ def test_dwa_matches_numpy_reference(seed, steps_per_epoch):
   w, _ = run_weighting(agg, losses)
   expected = dwa_reference(losses, temperature, steps_per_epoch)
   np.testing.assert_allclose(w, expected, rtol=1e-5, err_msg=f"seed={seed}")
-  np.testing.assert_allclose(w[:2 * steps_per_epoch], 1.0)
+  np.testing.assert_allclose(w[: 2 * steps_per_epoch], 1.0)
 
 
 def test_dwa_default_temperature_is_two():
   assert methods.defaults("dwa")["temperature"] == 2.0
 
 
-
 # ---------------------------------------------------------------------------------- UW
+
 
 def test_uw_log_variances_follow_gradient_of_objective(seed):
   rng = np.random.default_rng(seed)
@@ -111,20 +112,18 @@ def test_uw_log_variances_follow_gradient_of_objective(seed):
   for t, l in enumerate(losses):
     np.testing.assert_allclose(w[t], 0.5 * np.exp(-s), rtol=1e-5, err_msg=f"seed={seed}")
     s = s - lr * 0.5 * (1.0 - np.exp(-s) * l)
-  np.testing.assert_allclose(state.log_variances, s, rtol=1e-5, atol=1e-6,
-                             err_msg=f"seed={seed}")
+  np.testing.assert_allclose(state.log_variances, s, rtol=1e-5, atol=1e-6, err_msg=f"seed={seed}")
   # The default: Adam at the published rate 0.025.
   w, state = run_weighting(methods.get("uw", k), losses)
   adam, s = NumpyAdam(0.025), np.zeros(k)
   for t, l in enumerate(losses):
     np.testing.assert_allclose(w[t], 0.5 * np.exp(-s), rtol=1e-5, err_msg=f"seed={seed}")
     s = adam.step(s, 0.5 * (1.0 - np.exp(-s) * l))
-  np.testing.assert_allclose(state.log_variances, s, rtol=1e-4, atol=1e-6,
-                             err_msg=f"seed={seed}")
-
+  np.testing.assert_allclose(state.log_variances, s, rtol=1e-4, atol=1e-6, err_msg=f"seed={seed}")
 
 
 # -------------------------------------------------------------------------------- FAMO
+
 
 def famo_reference(losses, step_fn, eps=1e-8):
   """FAMO's rule with the logit update applied at the next step (see the docstring)."""
@@ -151,8 +150,9 @@ def test_famo_logits_follow_the_authors_update(seed):
   w, state = run_weighting(methods.get("famo", k), losses)
   adam = NumpyAdam(0.025, weight_decay=0.01)  # the published defaults
   expected_w, expected_xi = famo_reference(losses, adam.step)
-  np.testing.assert_allclose(state.logits, expected_xi[-1], rtol=1e-4, atol=1e-7,
-                             err_msg=f"seed={seed}")
+  np.testing.assert_allclose(
+    state.logits, expected_xi[-1], rtol=1e-4, atol=1e-7, err_msg=f"seed={seed}"
+  )
   np.testing.assert_allclose(w, expected_w, rtol=1e-4, err_msg=f"seed={seed}")
   np.testing.assert_allclose(w.sum(1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(w[0], (1 / losses[0]) / np.sum(1 / losses[0]), rtol=1e-5)
@@ -167,13 +167,14 @@ def test_famo_paper_rule_with_plain_gradient_step(seed):
   _, state = run_weighting(methods.get("famo", k, optimizer=tx), losses)
   # The paper: xi <- xi - beta (delta + gamma xi), delta = J_softmax^T (log-loss decrease).
   _, expected_xi = famo_reference(losses, lambda xi, g: xi - beta * (g + gamma * xi))
-  np.testing.assert_allclose(state.logits, expected_xi[-1], rtol=1e-4, atol=1e-6,
-                             err_msg=f"seed={seed}")
+  np.testing.assert_allclose(
+    state.logits, expected_xi[-1], rtol=1e-4, atol=1e-6, err_msg=f"seed={seed}"
+  )
   assert np.max(np.abs(expected_xi[-1])) > 1e-4  # the check is not vacuous
 
 
-
 # -------------------------------------------------------------------------------- STCH
+
 
 def stch_reference(losses, mu, warmup_epochs, steps_per_epoch, h=1e-7):
   """Weights = d/dl of the scalarised loss, by central differences in float64."""
@@ -189,11 +190,14 @@ def stch_reference(losses, mu, warmup_epochs, steps_per_epoch, h=1e-7):
       if t == record_until - 1:
         nadir = acc / steps_per_epoch
     else:
+
       def scalarised(x, n=nadir):
         u = np.log(x / n) / mu
         return k * mu * (np.max(u) + np.log(np.sum(np.exp(u - np.max(u)))))
-    out.append(np.array([(scalarised(l + h * e) - scalarised(l - h * e)) / (2 * h)
-                         for e in np.eye(k)]))
+
+    out.append(
+      np.array([(scalarised(l + h * e) - scalarised(l - h * e)) / (2 * h) for e in np.eye(k)])
+    )
   return np.stack(out), nadir
 
 
@@ -204,10 +208,8 @@ def test_stch_matches_numpy_reference(seed):
   warmup_epochs, steps_per_epoch = int(rng.integers(0, 3)), int(rng.integers(1, 3))
   steps = (warmup_epochs + 1) * steps_per_epoch + 3
   losses = random_losses(rng, steps, k)
-  agg = methods.get("stch", k, mu=mu, warmup_epochs=warmup_epochs,
-                    steps_per_epoch=steps_per_epoch)
+  agg = methods.get("stch", k, mu=mu, warmup_epochs=warmup_epochs, steps_per_epoch=steps_per_epoch)
   w, state = run_weighting(agg, losses)
   expected, nadir = stch_reference(losses, mu, warmup_epochs, steps_per_epoch)
   np.testing.assert_allclose(w, expected, rtol=1e-4, err_msg=f"seed={seed}")
   np.testing.assert_allclose(state.nadir, nadir, rtol=1e-5, err_msg=f"seed={seed}")
-

@@ -5,14 +5,15 @@ references. The hard cases (task scales 1 to 1e4, ...) in float64 are in
 test_methods_solvers.py; the properties every method shares (permutations, scaling, jit,
 degenerate inputs) in test_testing_properties.py."""
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from scipy.optimize import minimize
 
 from ntkmtl_jax import methods
 from ntkmtl_jax.methods import solvers
+
 from conftest import assert_close, enable_x64, gram32, random_jacobian, random_wide_jacobian
 from conftest import run_gram_weighting as run_weighting
 
@@ -21,28 +22,33 @@ def simplex_argmin(fun, k, rng, starts=3):
   """Best SLSQP solution over a few starts (float64)."""
   best = None
   for x0 in [np.full(k, 1.0 / k)] + [rng.dirichlet(np.ones(k)) for _ in range(starts)]:
-    res = minimize(fun, x0, method="SLSQP", bounds=[(0.0, 1.0)] * k,
-                   constraints={"type": "eq", "fun": lambda w: np.sum(w) - 1.0},
-                   options=dict(ftol=1e-15, maxiter=2000))
+    res = minimize(
+      fun,
+      x0,
+      method="SLSQP",
+      bounds=[(0.0, 1.0)] * k,
+      constraints={"type": "eq", "fun": lambda w: np.sum(w) - 1.0},
+      options=dict(ftol=1e-15, maxiter=2000),
+    )
     if best is None or res.fun < best.fun:
       best = res
   return best.x
-
 
 
 def scipy_min_norm(gram, rng):
   return simplex_argmin(lambda w: w @ gram @ w, gram.shape[0], rng)
 
 
-
 # ------------------------------------------------------------------------------ solvers
+
 
 def test_project_to_simplex_matches_bisection_reference(seed):
   rng = np.random.default_rng(seed)
   k = int(rng.integers(1, 12))
   vs = rng.normal(size=(5, k)) * rng.uniform(0.1, 10.0, size=(5, 1))
-  got = np.asarray(jax.jit(jax.vmap(solvers.project_to_simplex))(jnp.asarray(vs, jnp.float32)),
-                   np.float64)
+  got = np.asarray(
+    jax.jit(jax.vmap(solvers.project_to_simplex))(jnp.asarray(vs, jnp.float32)), np.float64
+  )
   for v, g in zip(vs, got):
     # Reference: theta solves sum(max(v - theta, 0)) = 1, found by bisection in float64.
     lo, hi = v.min() - 1.0, v.max()
@@ -50,8 +56,9 @@ def test_project_to_simplex_matches_bisection_reference(seed):
       mid = 0.5 * (lo + hi)
       lo, hi = (mid, hi) if np.maximum(v - mid, 0).sum() > 1.0 else (lo, mid)
     expected = np.maximum(v - 0.5 * (lo + hi), 0.0)
-    np.testing.assert_allclose(g, expected, atol=2e-6 * max(1.0, np.abs(v).max()),
-                               err_msg=f"seed={seed}")
+    np.testing.assert_allclose(
+      g, expected, atol=2e-6 * max(1.0, np.abs(v).max()), err_msg=f"seed={seed}"
+    )
 
 
 @pytest.mark.parametrize("method", ["active_set", "frank_wolfe"])
@@ -65,7 +72,7 @@ def test_min_norm_point_matches_scipy_including_rank_deficient(seed, method):
     assert abs(w.sum() - 1) < 1e-5 and w.min() >= 0, f"seed={seed}"
     exact = scipy_min_norm(jac @ jac.T, rng) @ jac
     error = np.linalg.norm(w @ jac - exact)
-    max_norm = np.sqrt(np.max(np.sum(jac ** 2, axis=1)))
+    max_norm = np.sqrt(np.max(np.sum(jac**2, axis=1)))
     # The certificate bounds the distance to the minimum-norm point relative to ||d||
     # (float32 rounding on top) ...
     norm = max(np.linalg.norm(w @ jac), np.sqrt(np.finfo(np.float32).eps) * max_norm)
@@ -75,8 +82,8 @@ def test_min_norm_point_matches_scipy_including_rank_deficient(seed, method):
       assert bool(result.converged) and error <= 1e-4 * max_norm, f"seed={seed}: {error}"
 
 
-
 # --------------------------------------------------------------------------------- MGDA
+
 
 def test_mgda_direction_is_min_norm_point_of_hull(seed):
   rng = np.random.default_rng(seed)
@@ -96,8 +103,9 @@ def test_mgda_l2_normalization_chooses_weights_for_unit_gradients(seed):
   rng = np.random.default_rng(seed)
   jac = random_jacobian(rng)
   k = jac.shape[0]
-  weights, _ = run_weighting(methods.get("mgda", k, normalization="l2", scale_by_num_tasks=False),
-                             gram32(jac))
+  weights, _ = run_weighting(
+    methods.get("mgda", k, normalization="l2", scale_by_num_tasks=False), gram32(jac)
+  )
   unit = jac / np.linalg.norm(jac, axis=1, keepdims=True)
   expected = scipy_min_norm(unit @ unit.T, rng) @ unit
   np.testing.assert_allclose(weights @ unit, expected, atol=2e-3, err_msg=f"seed={seed}")
@@ -119,8 +127,8 @@ def test_mgda_ub_takes_representation_gram(seed):
   assert_close(update["w"], expected_w @ jac, rtol=1e-4, err_msg=f"seed={seed}")
 
 
-
 # ------------------------------------------------------------------------------- CAGrad
+
 
 def test_cagrad_solves_its_subproblem_and_meets_its_constraint(seed):
   rng = np.random.default_rng(seed)
@@ -144,14 +152,15 @@ def test_cagrad_solves_its_subproblem_and_meets_its_constraint(seed):
   worst, worst_ref = np.min(jac @ d), np.min(jac @ d_ref)
   scale = np.linalg.norm(jac, axis=1).max() * np.linalg.norm(g0)
   assert worst >= worst_ref - 1e-4 * scale, f"seed={seed}: {worst} < {worst_ref}"
-  np.testing.assert_allclose(d, d_ref, atol=2e-3 * np.linalg.norm(g0) * (1 + c),
-                             err_msg=f"seed={seed}")
-
+  np.testing.assert_allclose(
+    d, d_ref, atol=2e-3 * np.linalg.norm(g0) * (1 + c), err_msg=f"seed={seed}"
+  )
 
 
 # ------------------------------------------------------------------------------- IMGrad
 # (Both variants' sub-problems against their references: tests/test_methods_solvers.py in float64,
 # tests/test_default_precision.py in float32.)
+
 
 def test_imgrad_cosine_is_between_the_mean_and_the_min_norm_direction(seed):
   rng = np.random.default_rng(seed)
@@ -164,8 +173,8 @@ def test_imgrad_cosine_is_between_the_mean_and_the_min_norm_direction(seed):
   assert int(state.solver_failures) == 0
 
 
-
 # -------------------------------------------------------------------------------- SDMGrad
+
 
 def numpy_project_simplex(v):
   u = np.sort(v)[::-1]
@@ -199,8 +208,7 @@ def test_sdmgrad_matches_the_authors_iteration(seed):
       assert_close(weights @ jac, expected, rtol=1e-6, err_msg=f"seed={seed}, step={step}")
     permuted, _ = run_weighting(agg, jnp.asarray(jac[perm] @ jac[perm].T))
     first, _ = run_weighting(agg, jnp.asarray(jac @ jac.T))
-    np.testing.assert_allclose(permuted, first[perm], rtol=1e-6, atol=1e-9,
-                               err_msg=f"seed={seed}")
+    np.testing.assert_allclose(permuted, first[perm], rtol=1e-6, atol=1e-9, err_msg=f"seed={seed}")
 
 
 def test_sdmgrad_with_small_steps_solves_its_subproblem(seed):
@@ -211,23 +219,30 @@ def test_sdmgrad_with_small_steps_solves_its_subproblem(seed):
   gram = jac @ jac.T
   scale = np.mean(np.sqrt(np.diag(gram) + 1e-4)) ** 2
   step = 0.25 * scale / np.linalg.eigvalsh(gram).max()  # 1 / (2 L): a convergent iteration
-  agg = methods.get("sdmgrad", k, lamda=lamda, num_iters=3000, learning_rate=step,
-                    momentum=0.0)
+  agg = methods.get("sdmgrad", k, lamda=lamda, num_iters=3000, learning_rate=step, momentum=0.0)
   weights, _ = run_weighting(agg, gram32(jac))
   # min over the simplex of ||g_w + lamda g0||^2, by SLSQP in float64.
   g0 = jac.mean(0)
-  best = min((minimize(lambda w: np.sum((w @ jac + lamda * g0) ** 2), x0, method="SLSQP",
-                       bounds=[(0, 1)] * k,
-                       constraints={"type": "eq", "fun": lambda w: np.sum(w) - 1},
-                       options=dict(ftol=1e-15, maxiter=2000))
-              for x0 in [np.full(k, 1.0 / k), rng.dirichlet(np.ones(k))]),
-             key=lambda r: r.fun)
+  best = min(
+    (
+      minimize(
+        lambda w: np.sum((w @ jac + lamda * g0) ** 2),
+        x0,
+        method="SLSQP",
+        bounds=[(0, 1)] * k,
+        constraints={"type": "eq", "fun": lambda w: np.sum(w) - 1},
+        options=dict(ftol=1e-15, maxiter=2000),
+      )
+      for x0 in [np.full(k, 1.0 / k), rng.dirichlet(np.ones(k))]
+    ),
+    key=lambda r: r.fun,
+  )
   expected = (best.x @ jac + lamda * g0) / (1 + lamda)
   assert_close(weights @ jac, expected, rtol=5e-3, err_msg=f"seed={seed}")
 
 
-
 # ----------------------------------------------------------------------------------- MoCo
+
 
 @pytest.mark.parametrize("simplex_map", ("softmax", "projection"))
 def test_moco_tracking_matches_numpy_over_steps(seed, simplex_map):
@@ -241,18 +256,27 @@ def test_moco_tracking_matches_numpy_over_steps(seed, simplex_map):
   for t in range(1, 4):
     jac = random_wide_jacobian(rng, k=k, p=p)
     losses = rng.uniform(0.1, 3.0, size=k)
-    update, state = update_fn({"w": jnp.asarray(jac.reshape(k, 3, 4), jnp.float32)}, state,
-                              params, losses=jnp.asarray(losses, jnp.float32))
+    update, state = update_fn(
+      {"w": jnp.asarray(jac.reshape(k, 3, 4), jnp.float32)},
+      state,
+      params,
+      losses=jnp.asarray(losses, jnp.float32),
+    )
     h = jac / (np.linalg.norm(jac, axis=1, keepdims=True) + 1e-8) * losses[:, None]
-    y = y - 0.5 / t ** 0.5 * (y - h)
-    moved = lam - 0.1 / t ** 0.5 * (y @ y.T) @ lam
-    lam = (np.exp(moved) / np.exp(moved).sum() if simplex_map == "softmax"
-           else numpy_project_simplex(moved))
+    y = y - 0.5 / t**0.5 * (y - h)
+    moved = lam - 0.1 / t**0.5 * (y @ y.T) @ lam
+    lam = (
+      np.exp(moved) / np.exp(moved).sum()
+      if simplex_map == "softmax"
+      else numpy_project_simplex(moved)
+    )
     assert_close(state.tracking, y, rtol=1e-4, err_msg=f"seed={seed}, t={t}")
-    np.testing.assert_allclose(np.asarray(state.weights), lam, rtol=1e-4, atol=1e-6,
-                               err_msg=f"seed={seed}, t={t}")
-    assert_close(np.asarray(update["w"]).ravel(), y.T @ lam, rtol=1e-4,
-                 err_msg=f"seed={seed}, t={t}")
+    np.testing.assert_allclose(
+      np.asarray(state.weights), lam, rtol=1e-4, atol=1e-6, err_msg=f"seed={seed}, t={t}"
+    )
+    assert_close(
+      np.asarray(update["w"]).ravel(), y.T @ lam, rtol=1e-4, err_msg=f"seed={seed}, t={t}"
+    )
 
 
 def test_moco_needs_params_and_losses():
@@ -262,4 +286,3 @@ def test_moco_needs_params_and_losses():
   params = {"w": jnp.zeros(3)}
   with pytest.raises(ValueError, match="losses"):
     agg.update({"w": jnp.ones((2, 3))}, agg.init(params), params)
-

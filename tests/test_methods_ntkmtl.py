@@ -2,13 +2,14 @@
 
 import dataclasses
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import pytest
 
 import ntkmtl_jax as nm
+
 from conftest import TanhMLP, assert_close, flat_shared
 
 
@@ -26,14 +27,14 @@ def test_official_preset_shared_update_closed_form(seed):
   update, state = agg.update(stacked_task_grads(model), agg.init(model.params), model.params)
   # With exponent 0.5, w_i = sqrt(sum_j ||g_j||^2) / ||g_i||: the official shared update is
   # k * sqrt(sum_j ||g_j||^2) * sum_i g_i / ||g_i||, i.e. along k * sum_i g_i / ||g_i||.
-  expected = k * np.sqrt(np.sum(norms ** 2)) * np.sum(g / norms[:, None], axis=0)
+  expected = k * np.sqrt(np.sum(norms**2)) * np.sum(g / norms[:, None], axis=0)
   assert_close(flat_shared(update), expected, err_msg=f"seed={seed}")
   direction = k * np.sum(g / norms[:, None], axis=0)
   cos = expected @ direction / np.linalg.norm(expected) / np.linalg.norm(direction)
   np.testing.assert_allclose(cos, 1.0, rtol=1e-9)
   # Heads get their plain, unweighted gradients.
   assert_close(update["heads"]["w"], heads.sum(0))
-  np.testing.assert_allclose(state.eigenvalues, norms ** 2, rtol=2e-4)
+  np.testing.assert_allclose(state.eigenvalues, norms**2, rtol=2e-4)
   # The clip acts on the shared update only.
   clipped, _ = clip.update(update, clip.init(model.params))
   np.testing.assert_allclose(np.linalg.norm(flat_shared(clipped)), 1.0, rtol=1e-5)
@@ -53,20 +54,27 @@ def test_composes_in_optax_chain(seed):
   clipped, _ = clip.update(agg_update, clip.init(model.params))
   adam = optax.adam(1e-2)
   expected, _ = adam.update(clipped, adam.init(model.params))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8),
-               updates, expected)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), updates, expected
+  )
 
 
 def test_kernel_form_takes_eigenvalues_as_extra_argument(seed):
   rng = np.random.default_rng(seed)
   model = TanhMLP(rng, num_tasks=3, batch=8)
-  ntk = nm.ntk_weights(model.loss_fn, model.params, model.batch, num_chunks=4,
-                       shared=model.shared)
-  agg = nm.ntkmtl(3, num_chunks=4, shared=model.shared, normalization="mean", exponent=0.75,
-                  scale_by_num_tasks=False)  # the paper's formula
+  ntk = nm.ntk_weights(model.loss_fn, model.params, model.batch, num_chunks=4, shared=model.shared)
+  agg = nm.ntkmtl(
+    3,
+    num_chunks=4,
+    shared=model.shared,
+    normalization="mean",
+    exponent=0.75,
+    scale_by_num_tasks=False,
+  )  # the paper's formula
   grads = stacked_task_grads(model)
-  update, state = agg.update(grads, agg.init(model.params), model.params,
-                             eigenvalues=ntk.eigenvalues)
+  update, state = agg.update(
+    grads, agg.init(model.params), model.params, eigenvalues=ntk.eigenvalues
+  )
   eigs = np.asarray(ntk.eigenvalues, np.float64)
   w = (eigs.mean() / eigs) ** 0.75
   g, _ = model.numpy_task_gradients()
@@ -94,22 +102,26 @@ def test_sr_equals_full_kernel_when_encoder_is_identity(seed):
   parameters, so NTKMTL-SR and NTKMTL (n chunks) give the same eigenvalues and weights."""
   rng = np.random.default_rng(seed)
   k, batch, dim, n = 3, 8, 5, 4
-  params = {"z": jnp.asarray(rng.normal(size=(batch, dim)), jnp.float32),
-            "heads": jnp.asarray(rng.normal(size=(dim, k)), jnp.float32)}
-  data = {"y": jnp.asarray(rng.normal(size=(batch, k)) * rng.uniform(0.3, 3, k), jnp.float32),
-          "row": jnp.arange(batch)}
+  params = {
+    "z": jnp.asarray(rng.normal(size=(batch, dim)), jnp.float32),
+    "heads": jnp.asarray(rng.normal(size=(dim, k)), jnp.float32),
+  }
+  data = {
+    "y": jnp.asarray(rng.normal(size=(batch, k)) * rng.uniform(0.3, 3, k), jnp.float32),
+    "row": jnp.arange(batch),
+  }
   shared = {"z": True, "heads": False}
   decode = lambda p, z, b: jnp.mean((jnp.tanh(z @ p["heads"]) - b["y"]) ** 2, axis=0)
   encode = lambda p, b: p["z"][b["row"]]
   loss_fn = lambda p, b: decode(p, encode(p, b), b)
 
   full = nm.ntk_weights(loss_fn, params, data, num_chunks=n, shared=shared)
-  eig, _ = nm.representation_eigenvalues(decode, params, encode(params, data), data,
-                                         num_chunks=n)
+  eig, _ = nm.representation_eigenvalues(decode, params, encode(params, data), data, num_chunks=n)
   np.testing.assert_allclose(eig, full.eigenvalues, rtol=1e-4)
 
-  sr = nm.make_train_step(None, nm.ntkmtl_sr(k, num_chunks=n, shared=shared), optax.sgd(0.1),
-                          encode=encode, decode=decode)
+  sr = nm.make_train_step(
+    None, nm.ntkmtl_sr(k, num_chunks=n, shared=shared), optax.sgd(0.1), encode=encode, decode=decode
+  )
   _, metrics = sr(sr.init(params), data)
   np.testing.assert_allclose(metrics["weights"], full.weights, rtol=1e-4)
 
@@ -127,11 +139,15 @@ def test_sr_task_without_shared_gradient_keeps_a_plain_head_update(seed):
   other tasks keep their NTKMTL-SR weights."""
   rng = np.random.default_rng(seed)
   batch, dim = 8, 4
-  params = {"enc": jnp.asarray(rng.normal(size=(3, dim)), jnp.float32),
-            "heads": jnp.asarray(rng.normal(size=(dim, 2)), jnp.float32),
-            "bias": jnp.asarray(rng.normal(size=()), jnp.float32)}
-  data = {"x": jnp.asarray(rng.normal(size=(batch, 3)), jnp.float32),
-          "y": jnp.asarray(rng.normal(size=(batch, 3)) * [1.0, 30.0, 5.0], jnp.float32)}
+  params = {
+    "enc": jnp.asarray(rng.normal(size=(3, dim)), jnp.float32),
+    "heads": jnp.asarray(rng.normal(size=(dim, 2)), jnp.float32),
+    "bias": jnp.asarray(rng.normal(size=()), jnp.float32),
+  }
+  data = {
+    "x": jnp.asarray(rng.normal(size=(batch, 3)), jnp.float32),
+    "y": jnp.asarray(rng.normal(size=(batch, 3)) * [1.0, 30.0, 5.0], jnp.float32),
+  }
   shared = {"enc": True, "heads": False, "bias": False}
   encode = lambda p, b: jnp.tanh(b["x"] @ p["enc"])
 
@@ -141,8 +157,9 @@ def test_sr_task_without_shared_gradient_keeps_a_plain_head_update(seed):
     return jnp.concatenate([fit, constant[None]])
 
   lr = 0.05
-  step = nm.make_train_step(None, nm.ntkmtl_sr(3, num_chunks=2, shared=shared),
-                            optax.sgd(lr), encode=encode, decode=decode)
+  step = nm.make_train_step(
+    None, nm.ntkmtl_sr(3, num_chunks=2, shared=shared), optax.sgd(lr), encode=encode, decode=decode
+  )
   state = step.init(params)
   for _ in range(30):
     before = float(state.params["bias"])
@@ -151,8 +168,9 @@ def test_sr_task_without_shared_gradient_keeps_a_plain_head_update(seed):
     w = np.asarray(metrics["weights"])
     assert w[2] == 1.0 and np.all(w[:2] > 1.0), w
     plain = 2.0 * np.mean(before - np.asarray(data["y"][:, 2]))
-    np.testing.assert_allclose(float(state.params["bias"]), before - lr * plain, rtol=1e-4,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+      float(state.params["bias"]), before - lr * plain, rtol=1e-4, atol=1e-5
+    )
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
 
 

@@ -3,21 +3,22 @@ defaults, the names and hyper-parameters it refuses, and what holds for every re
 Gram-based method and its solver (products at full precision). Every claim of every
 registered method is checked in test_testing_properties.py."""
 
-import pytest
 import jax
 import jax.numpy as jnp
+import pytest
 
 import ntkmtl_jax as nm
 from ntkmtl_jax import methods
 from ntkmtl_jax.method import TaskStats
 from ntkmtl_jax.methods import solvers
 
-
 # ------------------------------------------------------------------------ registration
 
+
 def test_registered_with_published_defaults():
-  assert {"upgrad", "dualproj", "aligned_mtl", "config", "gradvac", "sdmgrad",
-          "moco"} <= set(methods.names())
+  assert {"upgrad", "dualproj", "aligned_mtl", "config", "gradvac", "sdmgrad", "moco"} <= set(
+    methods.names()
+  )
   assert methods.defaults("gradvac")["beta"] == 0.01
   assert methods.defaults("aligned_mtl")["scale_mode"] == "min"
   assert methods.defaults("upgrad")["reg_eps"] == 1e-4
@@ -25,7 +26,6 @@ def test_registered_with_published_defaults():
   assert methods.defaults("sdmgrad")["lamda"] == 0.3
   assert methods.defaults("sdmgrad")["solver"] == "authors"
   assert methods.get("moco", 2).needs.kind == "gradients"
-
 
 
 def test_published_defaults():
@@ -36,14 +36,16 @@ def test_published_defaults():
   assert methods.defaults("db_mtl")["beta"] == 0.9
 
 
-
 def test_registry_refuses_unknown_names_and_non_finite_hyperparameters():
   with pytest.raises(ValueError, match="Unknown method 'nope'"):
     nm.methods.get("nope", 3)
   with pytest.raises(ValueError, match="has no hyper-parameter"):
     nm.methods.get("ntkmtl", 3, exponnent=0.5)
-  for name, hp in (("cagrad", dict(c=float("nan"))), ("ntkmtl", dict(exponent=float("inf"))),
-                   ("graddrop", dict(leak=[0.0, float("nan"), 0.0]))):
+  for name, hp in (
+    ("cagrad", dict(c=float("nan"))),
+    ("ntkmtl", dict(exponent=float("inf"))),
+    ("graddrop", dict(leak=[0.0, float("nan"), 0.0])),
+  ):
     with pytest.raises(ValueError, match="must be finite"):
       nm.methods.get(name, 3, **hp)
   with pytest.raises(ValueError, match="task must be in"):
@@ -51,18 +53,21 @@ def test_registry_refuses_unknown_names_and_non_finite_hyperparameters():
   assert nm.methods.get("cagrad", 3, c=0.0).hparams["c"] == 0.0
 
 
-
 def assert_products_at_full_precision(lowered):
   dots = [line for line in lowered.as_text().splitlines() if "dot_general" in line]
-  assert dots and all("HIGHEST" in line for line in dots), [d for d in dots
-                                                            if "HIGHEST" not in d][:2]
-
+  assert dots and all("HIGHEST" in line for line in dots), [d for d in dots if "HIGHEST" not in d][
+    :2
+  ]
 
 
 # Every registered weighting of the Gram matrix but IMTL-G (a linear solve) and PCGrad
 # (elementwise sums), which form no matrix product.
-GRAM_PRODUCTS = tuple(n for n in methods.names() if n not in ("imtl_g", "pcgrad") and
-                      methods.get(n, 3).needs.kind in ("gram", "representation_gram"))
+GRAM_PRODUCTS = tuple(
+  n
+  for n in methods.names()
+  if n not in ("imtl_g", "pcgrad")
+  and methods.get(n, 3).needs.kind in ("gram", "representation_gram")
+)
 
 
 @pytest.mark.parametrize("name", GRAM_PRODUCTS)
@@ -74,13 +79,14 @@ def test_solver_products_run_at_full_precision(name):
   assert_products_at_full_precision(jax.jit(agg.weights).lower(stats, agg.init(None)))
 
 
-
-@pytest.mark.parametrize("solve", [
+@pytest.mark.parametrize(
+  "solve",
+  [
     solvers.min_norm_point,
     lambda g: solvers.simplex_minimize(lambda w: w @ (g @ w), jnp.full(3, 1.0 / 3)),
     solvers.power_balance,
     lambda g: solvers.nonnegative_qp(g, jnp.ones(3)),
-])
+  ],
+)
 def test_solvers_run_at_full_precision_wherever_called(solve):
   assert_products_at_full_precision(jax.jit(solve).lower(jnp.eye(3)))
-

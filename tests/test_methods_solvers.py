@@ -9,15 +9,16 @@ written from the papers). Everything here runs in float64 at full matmul precisi
 float32 gets is in tests/test_default_precision.py.
 """
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from ntkmtl_jax import methods
+from ntkmtl_jax.method import TaskStats
 from ntkmtl_jax.methods import solvers
 from ntkmtl_jax.testing import cases, references
-from ntkmtl_jax.method import TaskStats
+
 from conftest import SEEDS, enable_x64
 
 # The solvers certify a relative error of 1e-6; the references agree to about 1e-9.
@@ -26,8 +27,9 @@ TOLERANCE = 1e-6
 # when they cannot certify, test_unconverged_solvers_say_so; SDMGrad's published iteration,
 # compared step by step with a NumPy replica in test_methods_min_norm.py.) MGDA-UB runs MGDA's
 # weighting on another Gram matrix: test_methods_min_norm.py checks that the two agree.
-EXACT_ROWS = [row for row in references.REFERENCES
-              if row not in references.NOT_EXACT + ("mgda_ub",)]
+EXACT_ROWS = [
+  row for row in references.REFERENCES if row not in references.NOT_EXACT + ("mgda_ub",)
+]
 
 
 @pytest.fixture(autouse=True)
@@ -37,8 +39,9 @@ def float64():
 
 
 def stats_of(case):
-  return TaskStats(losses=jnp.asarray(case.losses), gram=jnp.asarray(case.gram),
-                   key=jax.random.key(0))
+  return TaskStats(
+    losses=jnp.asarray(case.losses), gram=jnp.asarray(case.gram), key=jax.random.key(0)
+  )
 
 
 def weighting(row, k):
@@ -73,8 +76,7 @@ def test_min_norm_point_agrees_with_face_enumeration(seed, family):
     case = cases.make_case(family, k, seed)
     result = solve(jnp.asarray(case.gram))
     by_faces = references.min_norm_weights_by_faces(case.gram) @ case.jacobian
-    error = cases.relative_error(np.asarray(result.x) @ case.jacobian, by_faces,
-                                 case.jacobian)
+    error = cases.relative_error(np.asarray(result.x) @ case.jacobian, by_faces, case.jacobian)
     assert error <= TOLERANCE and bool(result.converged), (case.name, error)
     # The two references agree with each other too.
     nnls = references.min_norm_weights(case.jacobian) @ case.jacobian
@@ -104,11 +106,15 @@ def test_the_certificate_never_lies(seed, method):
     result = solve(jnp.asarray(case.gram))
     direction = np.asarray(result.x) @ case.jacobian
     exact = references.min_norm_weights(case.jacobian) @ case.jacobian
-    norm = max(np.linalg.norm(direction), np.sqrt(np.finfo(float).eps) *
-               np.max(np.linalg.norm(case.jacobian, axis=1)))
+    norm = max(
+      np.linalg.norm(direction),
+      np.sqrt(np.finfo(float).eps) * np.max(np.linalg.norm(case.jacobian, axis=1)),
+    )
     rounding = 1e-7 * np.max(np.linalg.norm(case.jacobian, axis=1))
     assert np.linalg.norm(direction - exact) <= float(result.residual) * norm + rounding, (
-        case.name, float(result.residual))
+      case.name,
+      float(result.residual),
+    )
     if bool(result.converged) and method != "active_set":
       assert cases.relative_error(direction, exact, case.jacobian) <= 1e-5, case.name
 
@@ -119,7 +125,8 @@ def test_unconverged_solvers_say_so():
   # converged (the MGDA weighting counts it in `solver_failures`).
   case = cases.make_case("imbalanced", 10, 0)
   result = jax.jit(lambda g: solvers.min_norm_point(g, method="frank_wolfe"))(
-      jnp.asarray(case.gram))
+    jnp.asarray(case.gram)
+  )
   assert not bool(result.converged) and int(result.iterations) == 500
   mgda = methods.get("mgda", 10, solver="frank_wolfe")
   _, state = jax.jit(mgda.weights)(stats_of(case), mgda.init(None))
@@ -146,8 +153,10 @@ def test_cagrad_problem_has_zero_duality_gap_on_hard_cases(seed):
 
 
 def test_nash_mtl_system_without_solution_fails_fast_and_finite():
-  for gram in ([[1.0, -1.0], [-1.0, 1.0]],   # two opposite gradients
-               [[0.0, 0.0], [0.0, 1.0]]):    # a zero gradient
+  for gram in (
+    [[1.0, -1.0], [-1.0, 1.0]],  # two opposite gradients
+    [[0.0, 0.0], [0.0, 1.0]],
+  ):  # a zero gradient
     result = jax.jit(solvers.power_balance)(jnp.asarray(gram))
     assert not bool(result.converged)
     assert int(result.iterations) < 50 and np.isfinite(float(result.residual))

@@ -10,9 +10,9 @@ from ntkmtl_jax import metrics
 NYU_HIGHER = [True, True, False, False, False, False, True, True, True]
 NYU_STL = [38.30, 63.76, 0.6754, 0.2780, 25.01, 19.21, 30.14, 57.20, 69.15]
 NYU_ROWS = {
-    "NTKMTL": ([39.68, 65.43, 0.5296, 0.2168, 24.24, 18.63, 30.74, 58.72, 70.78], -6.99),
-    "LS": ([39.29, 65.33, 0.5493, 0.2263, 28.15, 23.96, 22.09, 47.50, 61.08], 5.59),
-    "FAMO": ([38.88, 64.90, 0.5474, 0.2194, 25.06, 19.57, 29.21, 56.61, 68.98], -4.10),
+  "NTKMTL": ([39.68, 65.43, 0.5296, 0.2168, 24.24, 18.63, 30.74, 58.72, 70.78], -6.99),
+  "LS": ([39.29, 65.33, 0.5493, 0.2263, 28.15, 23.96, 22.09, 47.50, 61.08], 5.59),
+  "FAMO": ([38.88, 64.90, 0.5474, 0.2194, 25.06, 19.57, 29.21, 56.61, 68.98], -4.10),
 }
 # Table 3 (QM9): 11 MAEs, all lower is better.
 QM9_STL = [0.060, 0.156, 60.54, 51.22, 0.419, 3.08, 39.3, 42.9, 41.7, 43.1, 0.061]
@@ -53,8 +53,9 @@ def test_delta_m_matches_definition_on_random_values(seed):
   # The definition divides by |M_b| so a negative baseline keeps the sign convention.
   got = metrics.delta_m(values, baseline, higher)
   sign = np.where(higher, -1.0, 1.0)
-  assert got == pytest.approx(100 * np.mean(sign * (values - baseline) / np.abs(baseline)),
-                              rel=1e-12), f"seed {seed}"
+  assert got == pytest.approx(
+    100 * np.mean(sign * (values - baseline) / np.abs(baseline)), rel=1e-12
+  ), f"seed {seed}"
   if np.all(baseline > 0):
     assert got == pytest.approx(expected, rel=1e-12), f"seed {seed}"
 
@@ -81,8 +82,9 @@ def test_mean_rank_matches_scipy_rankdata(seed):
   oriented = np.where(higher, -values, values)
   expected = np.mean([stats.rankdata(oriented[:, s]) for s in range(num_metrics)], axis=0)
   got = metrics.mean_rank(table, higher)
-  np.testing.assert_allclose([got[f"m{i}"] for i in range(methods)], expected, rtol=1e-12,
-                             err_msg=f"seed {seed}")
+  np.testing.assert_allclose(
+    [got[f"m{i}"] for i in range(methods)], expected, rtol=1e-12, err_msg=f"seed {seed}"
+  )
 
 
 def test_per_task_metrics_match_sklearn(seed):
@@ -92,15 +94,19 @@ def test_per_task_metrics_match_sklearn(seed):
   logits = rng.normal(size=(n, 7))
   labels = rng.integers(0, 7, n)
   assert metrics.accuracy(logits, labels) == pytest.approx(
-      skm.accuracy_score(labels, logits.argmax(1)), abs=1e-12), f"seed {seed}"
+    skm.accuracy_score(labels, logits.argmax(1)), abs=1e-12
+  ), f"seed {seed}"
   pred, target = rng.normal(size=n), rng.normal(size=n) * 3
   assert metrics.mean_absolute_error(pred, target) == pytest.approx(
-      skm.mean_absolute_error(target, pred), rel=1e-12), f"seed {seed}"
+    skm.mean_absolute_error(target, pred), rel=1e-12
+  ), f"seed {seed}"
   assert metrics.mean_squared_error(pred, target) == pytest.approx(
-      skm.mean_squared_error(target, pred), rel=1e-12), f"seed {seed}"
+    skm.mean_squared_error(target, pred), rel=1e-12
+  ), f"seed {seed}"
   yp, yt = rng.random(n) < 0.3, rng.random(n) < 0.4
   assert metrics.f1_score(yp, yt) == pytest.approx(
-      skm.f1_score(yt, yp, zero_division=0), abs=1e-12), f"seed {seed}"
+    skm.f1_score(yt, yp, zero_division=0), abs=1e-12
+  ), f"seed {seed}"
   assert metrics.f1_score(np.zeros(4, bool), np.zeros(4, bool)) == 0.0
 
 

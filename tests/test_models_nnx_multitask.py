@@ -61,15 +61,19 @@ class _MultiTask(nnx.Module):
 
 def _batch(seed):
   rng = np.random.default_rng(seed)
-  return {"x": jnp.asarray(rng.normal(size=(BATCH, D_IN)) + 2.0, jnp.float32),
-          "y": jnp.asarray(rng.normal(size=(BATCH, K)), jnp.float32)}
+  return {
+    "x": jnp.asarray(rng.normal(size=(BATCH, D_IN)) + 2.0, jnp.float32),
+    "y": jnp.asarray(rng.normal(size=(BATCH, K)), jnp.float32),
+  }
 
 
 def _linen_to_nnx(params, model_state, nnx_state):
   """The linen model's values in the NNX model's pure-dict layout."""
   enc = params["encoder"]
-  nnx_params = {"encoder": {"linear": dict(enc["Dense_0"]), "bn": dict(enc["BatchNorm_0"])},
-                "heads": dict(params["heads"])}
+  nnx_params = {
+    "encoder": {"linear": dict(enc["Dense_0"]), "bn": dict(enc["BatchNorm_0"])},
+    "heads": dict(params["heads"]),
+  }
   state = jax.tree.map(lambda x: x, nnx_state)
   state["encoder"]["bn"] = dict(model_state["batch_stats"]["BatchNorm_0"])
   return nnx_params, state
@@ -88,41 +92,54 @@ def _pair(seed):
 
 
 METHODS = {
-    "ls": lambda s: nm.methods.get("ls", K, shared=s),
-    "mgda": lambda s: nm.methods.get("mgda", K, shared=s),
-    "ntkmtl_n2": lambda s: nm.ntkmtl(K, num_chunks=2, shared=s),
-    "ntkmtl_sr": lambda s: nm.ntkmtl_sr(K, num_chunks=2, shared=s),
+  "ls": lambda s: nm.methods.get("ls", K, shared=s),
+  "mgda": lambda s: nm.methods.get("mgda", K, shared=s),
+  "ntkmtl_n2": lambda s: nm.ntkmtl(K, num_chunks=2, shared=s),
+  "ntkmtl_sr": lambda s: nm.ntkmtl_sr(K, num_chunks=2, shared=s),
 }
 
 
 def _one_step(fns, method, params, model_state, batch):
-  step = nm.make_train_step(fns.loss_fn, METHODS[method](fns.shared), optax.sgd(0.1),
-                            has_state=True, encode=fns.encode, decode=fns.decode)
+  step = nm.make_train_step(
+    fns.loss_fn,
+    METHODS[method](fns.shared),
+    optax.sgd(0.1),
+    has_state=True,
+    encode=fns.encode,
+    decode=fns.decode,
+  )
   return step(step.init(params, model_state), batch)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_nnx_step_matches_linen(seed, method):
   batch, (lin, lp, ls), (fns, npar, nst) = _pair(seed)
-  np.testing.assert_allclose(fns.loss_fn(npar, nst, batch)[0], lin.loss_fn(lp, ls, batch)[0],
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    fns.loss_fn(npar, nst, batch)[0], lin.loss_fn(lp, ls, batch)[0], rtol=1e-6, atol=1e-6
+  )
   lin_state, lin_metrics = _one_step(lin, method, lp, ls, batch)
   nnx_state, nnx_metrics = _one_step(fns, method, npar, nst, batch)
   assert bool(nnx_metrics["finite"])
   for name in ("losses", "weights"):
     np.testing.assert_allclose(nnx_metrics[name], lin_metrics[name], rtol=1e-5, atol=1e-6)
-  want_params, want_state = _linen_to_nnx(lin_state.params, lin_state.model_state,
-                                          nnx_state.model_state)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               nnx_state.params, want_params)
+  want_params, want_state = _linen_to_nnx(
+    lin_state.params, lin_state.model_state, nnx_state.model_state
+  )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+    nnx_state.params,
+    want_params,
+  )
   # BatchNorm statistics after the step (moved from their zero / one init).
   got_bn, want_bn = nnx_state.model_state["encoder"]["bn"], want_state["encoder"]["bn"]
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               got_bn, want_bn)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got_bn, want_bn)
   assert float(jnp.abs(got_bn["mean"]).max()) > 0.0
-  np.testing.assert_allclose(fns.predict(nnx_state.params, nnx_state.model_state, batch),
-                             lin.predict(lin_state.params, lin_state.model_state, batch),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    fns.predict(nnx_state.params, nnx_state.model_state, batch),
+    lin.predict(lin_state.params, lin_state.model_state, batch),
+    rtol=1e-5,
+    atol=1e-5,
+  )
 
 
 def test_ntk_weights_match_linen(seed):
@@ -131,8 +148,7 @@ def test_ntk_weights_match_linen(seed):
   want = nm.ntk_weights(lin.losses_at(ls), lp, batch, num_chunks=2, shared=lin.shared)
   np.testing.assert_allclose(got.eigenvalues, want.eigenvalues, rtol=1e-4)
   np.testing.assert_allclose(got.weights, want.weights, rtol=1e-4)
-  spec = spectra.task_spectra(fns.losses_at(nst), npar, batch, num_chunks=2,
-                                 shared=fns.shared)
+  spec = spectra.task_spectra(fns.losses_at(nst), npar, batch, num_chunks=2, shared=fns.shared)
   np.testing.assert_allclose(spec.eigenvalues, want.eigenvalues, rtol=1e-4)
 
 
@@ -146,8 +162,9 @@ def _dropout_count(dropout_state) -> int:
 def _dropout_losses(seed, steps=3):
   model = _MultiTask(dropout=0.5, seed=seed)
   fns = nnx_task_functions(model, _task_losses)
-  step = nm.make_train_step(fns.loss_fn, nm.methods.get("ls", K, shared=fns.shared),
-                            optax.sgd(0.0), has_state=True)
+  step = nm.make_train_step(
+    fns.loss_fn, nm.methods.get("ls", K, shared=fns.shared), optax.sgd(0.0), has_state=True
+  )
   state = step.init(*fns.init())
   out = []
   for _ in range(steps):
@@ -174,10 +191,14 @@ def test_every_family_trains(method):
   whose counter advances once per step whatever the method computes."""
   model = _MultiTask(dropout=0.1, seed=3)
   fns = nnx_task_functions(model, _task_losses)
-  agg = (nm.ntkmtl(K, num_chunks=2, shared=fns.shared) if method == "ntkmtl_n2"
-         else nm.methods.get(method, K, shared=fns.shared))
-  step = nm.make_train_step(fns.loss_fn, agg, optax.adam(1e-2), has_state=True,
-                            encode=fns.encode, decode=fns.decode)
+  agg = (
+    nm.ntkmtl(K, num_chunks=2, shared=fns.shared)
+    if method == "ntkmtl_n2"
+    else nm.methods.get(method, K, shared=fns.shared)
+  )
+  step = nm.make_train_step(
+    fns.loss_fn, agg, optax.adam(1e-2), has_state=True, encode=fns.encode, decode=fns.decode
+  )
   state = step.init(*fns.init())
   for _ in range(2):
     state, metrics = step(state, _batch(3))
@@ -201,15 +222,17 @@ def test_stateful_heads_refuse_decode():
 
 
 def test_plain_call_and_trunk_errors():
-  seq = nnx.Sequential(nnx.Linear(D_IN, D_HID, rngs=nnx.Rngs(0)), nnx.relu,
-                       nnx.Linear(D_HID, K, rngs=nnx.Rngs(1)))
+  seq = nnx.Sequential(
+    nnx.Linear(D_IN, D_HID, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(D_HID, K, rngs=nnx.Rngs(1))
+  )
   fns = nnx_task_functions(seq, _task_losses, trunk="layers.0")
   params, model_state = fns.init()
   assert fns.encode is None and fns.decode is None and model_state is None
   mask = fns.shared(params)
   assert mask["layers"][0]["kernel"] and not mask["layers"][2]["kernel"]
-  step = nm.make_train_step(fns.loss_fn, nm.ntkmtl(K, shared=fns.shared), optax.sgd(0.1),
-                            has_state=True)
+  step = nm.make_train_step(
+    fns.loss_fn, nm.ntkmtl(K, shared=fns.shared), optax.sgd(0.1), has_state=True
+  )
   state, metrics = step(step.init(params, model_state), _batch(0))
   assert bool(metrics["finite"])
   with pytest.raises(ValueError, match="holds no nnx.Param"):

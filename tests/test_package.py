@@ -16,8 +16,13 @@ import ntkmtl_jax
 PACKAGE = pathlib.Path(ntkmtl_jax.__file__).parent
 ROOT = PACKAGE.parent
 # Distribution name -> the top-level module it installs, where the two differ.
-IMPORT_NAMES = {"scikit-learn": "sklearn", "tensorflow-datasets": "tensorflow_datasets",
-                "orbax-checkpoint": "orbax", "pillow": "PIL", "jaxlib": "jax"}
+IMPORT_NAMES = {
+  "scikit-learn": "sklearn",
+  "tensorflow-datasets": "tensorflow_datasets",
+  "orbax-checkpoint": "orbax",
+  "pillow": "PIL",
+  "jaxlib": "jax",
+}
 
 
 def _declared_modules() -> set[str]:
@@ -48,9 +53,12 @@ def test_the_package_imports_only_itself_the_stdlib_and_declared_dependencies():
   # An import of an uninstalled folder of the repository would work from a checkout and fail
   # from a wheel: experiments/, perf/ and tests/ are never among the allowed names.
   assert not {"experiments", "perf", "tests", "conftest"} & allowed
-  stray = [f"{path.relative_to(ROOT)}:{line} imports {name}"
-           for path in sorted(PACKAGE.rglob("*.py")) for line, name in _imports(path)
-           if name not in allowed]
+  stray = [
+    f"{path.relative_to(ROOT)}:{line} imports {name}"
+    for path in sorted(PACKAGE.rglob("*.py"))
+    for line, name in _imports(path)
+    if name not in allowed
+  ]
   assert not stray, "\n".join(stray)
 
 
@@ -63,8 +71,12 @@ def _module_level_imports(path: pathlib.Path) -> set[str]:
   tree = ast.parse(path.read_text(), str(path))
   found = set()
   for node in tree.body:
-    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \
-        node.module.startswith("ntkmtl_jax"):
+    if (
+      isinstance(node, ast.ImportFrom)
+      and node.level == 0
+      and node.module
+      and node.module.startswith("ntkmtl_jax")
+    ):
       found |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
     elif isinstance(node, ast.Import):
       found |= {a.name for a in node.names if a.name.startswith("ntkmtl_jax")}
@@ -89,7 +101,7 @@ def test_no_import_cycle_between_modules():
     state[node] = "open"
     for target in sorted(graph[node]):
       if state.get(target) == "open":
-        cycles.append(" -> ".join(trail[trail.index(target):] + [target]))
+        cycles.append(" -> ".join(trail[trail.index(target) :] + [target]))
       elif target not in state:
         visit(target, trail + [target])
     state[node] = "done"
@@ -106,6 +118,12 @@ def test_every_module_imports_from_outside_the_repository(tmp_path):
   names = sorted(_module_name(p) for p in PACKAGE.rglob("*.py") if p.name != "__main__.py")
   script = "import importlib, sys\nfor name in sys.argv[1:]:\n  importlib.import_module(name)\n"
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", script, *names], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [sys.executable, "-c", script, *names],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr

@@ -14,20 +14,30 @@ from ntkmtl_jax.results import History, RunResult
 TASKS = ("a", "b", "c")
 METRICS = ("a acc", "b acc", "c MAE")
 HIGHER = (True, True, False)
-BENCH = types.SimpleNamespace(name="toy", description="toy benchmark", task_names=TASKS,
-                              metric_names=METRICS, higher_is_better=HIGHER,
-                              metric_tasks=(0, 1, 2), stl_row=None)
+BENCH = types.SimpleNamespace(
+  name="toy",
+  description="toy benchmark",
+  task_names=TASKS,
+  metric_names=METRICS,
+  higher_is_better=HIGHER,
+  metric_tasks=(0, 1, 2),
+  stl_row=None,
+)
 
 
 def _history(rng, steps, with_eigen):
   k = len(TASKS)
-  return History(steps=np.arange(1, steps + 1, dtype=float),
-                 losses=rng.uniform(0.1, 2.0, (steps, k)),
-                 weights=rng.uniform(0.5, 2.0, (steps, k)), grad_norm=rng.uniform(size=steps),
-                 eigen_steps=np.arange(1, steps + 1, 5, dtype=float) if with_eigen else np.zeros(0),
-                 eigenvalues=(rng.uniform(0.1, 1e3, (len(range(1, steps + 1, 5)), k))
-                              if with_eigen else np.zeros((0, k))),
-                 eigen_source="probe" if with_eigen else "")
+  return History(
+    steps=np.arange(1, steps + 1, dtype=float),
+    losses=rng.uniform(0.1, 2.0, (steps, k)),
+    weights=rng.uniform(0.5, 2.0, (steps, k)),
+    grad_norm=rng.uniform(size=steps),
+    eigen_steps=np.arange(1, steps + 1, 5, dtype=float) if with_eigen else np.zeros(0),
+    eigenvalues=(
+      rng.uniform(0.1, 1e3, (len(range(1, steps + 1, 5)), k)) if with_eigen else np.zeros((0, k))
+    ),
+    eigen_source="probe" if with_eigen else "",
+  )
 
 
 def _runs(rng, seeds=3, methods=("ls", "ntkmtl", "famo"), steps=30):
@@ -35,12 +45,34 @@ def _runs(rng, seeds=3, methods=("ls", "ntkmtl", "famo"), steps=30):
   for seed in range(seeds):
     for task in range(len(TASKS)):
       values = dict(zip(METRICS, rng.uniform(0.5, 1.0, 3)))
-      runs.append(RunResult("stl", seed, {"task": task}, values, float(rng.uniform(1, 2)),
-                            steps, 0, False, _history(rng, steps, True)))
+      runs.append(
+        RunResult(
+          "stl",
+          seed,
+          {"task": task},
+          values,
+          float(rng.uniform(1, 2)),
+          steps,
+          0,
+          False,
+          _history(rng, steps, True),
+        )
+      )
     for m in methods:
       values = dict(zip(METRICS, rng.uniform(0.5, 1.0, 3)))
-      runs.append(RunResult(m, seed, {}, values, float(rng.uniform(1, 2)), steps, 0, False,
-                            _history(rng, steps, m in ("ls", "ntkmtl"))))
+      runs.append(
+        RunResult(
+          m,
+          seed,
+          {},
+          values,
+          float(rng.uniform(1, 2)),
+          steps,
+          0,
+          False,
+          _history(rng, steps, m in ("ls", "ntkmtl")),
+        )
+      )
   return runs
 
 
@@ -50,19 +82,29 @@ def test_summary_matches_independent_computation(seed):
   summary = report.summarize(runs, METRICS, HIGHER, (0, 1, 2))
   assert list(summary) == ["stl", "ls", "ntkmtl", "famo"]
   # STL: metric j of seed s comes from the STL run of seed s trained on task j.
-  stl = np.array([[next(r.metrics[METRICS[j]] for r in runs if r.method == "stl"
-                        and r.seed == s and r.hparams["task"] == j) for j in range(3)]
-                  for s in range(3)])
+  stl = np.array(
+    [
+      [
+        next(
+          r.metrics[METRICS[j]]
+          for r in runs
+          if r.method == "stl" and r.seed == s and r.hparams["task"] == j
+        )
+        for j in range(3)
+      ]
+      for s in range(3)
+    ]
+  )
   baseline = stl.mean(axis=0)
   np.testing.assert_allclose(summary["stl"]["metrics_mean"], baseline, rtol=1e-12)
-  stl_time = [sum(r.wall_time for r in runs if r.method == "stl" and r.seed == s)
-              for s in range(3)]
+  stl_time = [sum(r.wall_time for r in runs if r.method == "stl" and r.seed == s) for s in range(3)]
   assert summary["stl"]["wall_time_mean"] == pytest.approx(np.mean(stl_time)), f"seed {seed}"
   sign = np.array([-1.0, -1.0, 1.0])
   means = {}
   for m in ("ls", "ntkmtl", "famo"):
-    values = np.array([[r.metrics[k] for k in METRICS] for r in runs
-                       if r.method == m])  # seeds in order
+    values = np.array(
+      [[r.metrics[k] for k in METRICS] for r in runs if r.method == m]
+    )  # seeds in order
     deltas = [100 * np.mean(sign * (v - baseline) / baseline) for v in values]
     row = summary[m]
     assert row["delta_m_mean"] == pytest.approx(np.mean(deltas), rel=1e-10), f"seed {seed}"
@@ -98,9 +140,11 @@ def test_a_published_stl_row_is_the_baseline(seed):
   np.testing.assert_allclose(summary["ls"]["delta_m_per_seed"], want, rtol=1e-12)
   # The STL runs are scored against the published row too (no longer 0 by definition).
   stl = report.stl_metrics_by_seed(runs, METRICS, (0, 1, 2))
-  np.testing.assert_allclose(summary["stl"]["delta_m_per_seed"],
-                             [metrics.delta_m(v["metrics"], published, HIGHER)
-                              for v in stl.values()], rtol=1e-12)
+  np.testing.assert_allclose(
+    summary["stl"]["delta_m_per_seed"],
+    [metrics.delta_m(v["metrics"], published, HIGHER) for v in stl.values()],
+    rtol=1e-12,
+  )
   # Without STL runs the table shows the published row, at Delta m 0.
   no_stl = report.summarize(ls, METRICS, HIGHER, (0, 1, 2), stl_row=published)
   np.testing.assert_allclose(no_stl["stl"]["metrics_mean"], published)
@@ -110,8 +154,9 @@ def test_a_published_stl_row_is_the_baseline(seed):
 def test_csv_json_and_table(tmp_path, seed):
   rng = np.random.default_rng(seed)
   runs = _runs(rng)
-  summary, paths = report.write_reports(str(tmp_path), runs=runs, config={"x": 1},
-                                        benchmark=BENCH, plots=False)
+  summary, paths = report.write_reports(
+    str(tmp_path), runs=runs, config={"x": 1}, benchmark=BENCH, plots=False
+  )
   with open(tmp_path / "results.csv") as f:
     rows = list(csv.DictReader(f))
   assert [r["method"] for r in rows] == list(summary)
@@ -139,8 +184,11 @@ def test_plots_are_written_and_readable(tmp_path, seed):
   runs = _runs(rng, seeds=2, steps=25)
   _, paths = report.write_reports(str(tmp_path), runs=runs, config={}, benchmark=BENCH)
   pngs = [p for p in paths if p.endswith(".png")]
-  assert sorted(p.split("/")[-1] for p in pngs) == ["eigenvalues.png", "task_weights.png",
-                                                    "training_curves.png"]
+  assert sorted(p.split("/")[-1] for p in pngs) == [
+    "eigenvalues.png",
+    "task_weights.png",
+    "training_curves.png",
+  ]
   for p in pngs:
     image = image_lib.imread(p)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100

@@ -14,6 +14,7 @@ import optax
 import pytest
 
 import ntkmtl_jax as nm
+
 from conftest import TanhMLP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,8 +50,13 @@ WORKER = textwrap.dedent("""
       assert np.all(np.isfinite(np.asarray(metrics["losses"])))  # replicated, readable
       results.append([np.asarray(x).tolist() for x in jax.tree.leaves(state.params)])
     print("RESULT " + json.dumps(results), flush=True)
-""") % dict(processes=NUM_PROCESSES, devices=NUM_PROCESSES * LOCAL_DEVICES, batch=BATCH,
-            local=LOCAL_DEVICES, steps=STEPS)
+""") % dict(
+  processes=NUM_PROCESSES,
+  devices=NUM_PROCESSES * LOCAL_DEVICES,
+  batch=BATCH,
+  local=LOCAL_DEVICES,
+  steps=STEPS,
+)
 
 
 def _free_port():
@@ -63,8 +69,9 @@ def _single_process_results(seed):
   model = TanhMLP(np.random.default_rng(seed), num_tasks=3, batch=BATCH)
   results = []
   for num_chunks in (1, 2):
-    step = nm.make_train_step(model.loss_fn, nm.ntkmtl(3, num_chunks=num_chunks,
-                                                       shared=model.shared), optax.adam(1e-2))
+    step = nm.make_train_step(
+      model.loss_fn, nm.ntkmtl(3, num_chunks=num_chunks, shared=model.shared), optax.adam(1e-2)
+    )
     state = step.init(model.params, key=jax.random.key(0))
     for _ in range(STEPS):
       state, _ = step(state, model.batch)
@@ -75,17 +82,29 @@ def _single_process_results(seed):
 @pytest.mark.one_seed
 def test_two_processes_match_the_single_process_step(tmp_path, seed):
   if not hasattr(jax.distributed, "initialize") or not hasattr(
-      jax.config, "jax_cpu_collectives_implementation"):
+    jax.config, "jax_cpu_collectives_implementation"
+  ):
     pytest.skip(f"jax {jax.__version__} has no CPU collectives for jax.distributed")
   path = tmp_path / "worker.py"
   path.write_text(WORKER)
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
-             PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
+    PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+  )
   port = _free_port()
-  procs = [subprocess.Popen([sys.executable, str(path), str(i), str(port), str(seed)], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(NUM_PROCESSES)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, str(path), str(i), str(port), str(seed)],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(NUM_PROCESSES)
+  ]
   outputs = []
   try:
     for p in procs:
@@ -97,13 +116,19 @@ def test_two_processes_match_the_single_process_step(tmp_path, seed):
         p.communicate()
   for i, (p, (out, err)) in enumerate(zip(procs, outputs)):
     if p.returncode and "gloo" in err and "not" in err.lower() and "RESULT" not in out:
-      pytest.skip(f"jax {jax.__version__} cannot run CPU collectives here: "
-                  f"{err.strip().splitlines()[-1]}")
+      pytest.skip(
+        f"jax {jax.__version__} cannot run CPU collectives here: {err.strip().splitlines()[-1]}"
+      )
     assert p.returncode == 0, f"process {i}:\n{out[-2000:]}\n{err[-3000:]}"
   expected = _single_process_results(seed)
   for i, (out, _) in enumerate(outputs):
     got = json.loads(out.split("RESULT ", 1)[1])
     for n, (params, want) in enumerate(zip(got, expected)):
       for a, b in zip(params, want):
-        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-5,
-                                   err_msg=f"process {i}, {n + 1} chunk(s), seed={seed}")
+        np.testing.assert_allclose(
+          np.asarray(a),
+          b,
+          rtol=1e-5,
+          atol=1e-5,
+          err_msg=f"process {i}, {n + 1} chunk(s), seed={seed}",
+        )

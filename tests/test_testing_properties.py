@@ -11,6 +11,7 @@ import pytest
 
 from ntkmtl_jax import methods
 from ntkmtl_jax.testing import cases, properties
+
 from conftest import SEEDS, TanhMLP, check_end_to_end
 
 CLAIMS = [(name, claim) for name in methods.names() for claim in methods.claims(name)]
@@ -50,8 +51,9 @@ def test_finite_on_degenerate_inputs(name, num_tasks):
   properties.check_finite_on_degenerate(name, num_tasks)
 
 
-@pytest.mark.parametrize("name", [n for n in methods.names()
-                                  if not methods.get(n, 3).needs.uses_representation])
+@pytest.mark.parametrize(
+  "name", [n for n in methods.names() if not methods.get(n, 3).needs.uses_representation]
+)
 @pytest.mark.one_seed
 def test_trains_in_the_jitted_step_with_every_strategy(seed, name):
   # (MGDA-UB and NTKMTL-SR need a model split into encode and decode: tests/test_train.py.)
@@ -68,14 +70,17 @@ def test_trains_in_the_jitted_step_with_every_strategy(seed, name):
 # ------------------------------------------------------- the checks themselves can fail
 
 
-@pytest.mark.parametrize("name,claim", [
-    ("ls", "non_conflicting"),            # the sum conflicts with a small opposed task
-    ("ls", "scale_invariant"),            # the sum follows every task's scale
-    ("stl", "permutation_equivariant"),   # STL trains task 0, wherever it is
-    ("mgda", "linear_under_scaling"),     # the min-norm point is not linear in the scales
+@pytest.mark.parametrize(
+  "name,claim",
+  [
+    ("ls", "non_conflicting"),  # the sum conflicts with a small opposed task
+    ("ls", "scale_invariant"),  # the sum follows every task's scale
+    ("stl", "permutation_equivariant"),  # STL trains task 0, wherever it is
+    ("mgda", "linear_under_scaling"),  # the min-norm point is not linear in the scales
     ("imtl_g", "direction_scale_invariant"),
     ("pcgrad", "permutation_equivariant"),  # each task's random projection order
-])
+  ],
+)
 def test_a_false_claim_fails(name, claim):
   with pytest.raises(AssertionError):
     properties.check_claim(name, claim, properties.claim_cases(seeds=(0,)))
@@ -84,15 +89,20 @@ def test_a_false_claim_fails(name, claim):
 def test_a_non_finite_update_is_caught():
   # A method whose weights divide by a task's gradient norm gives inf on a zero gradient.
   import jax.numpy as jnp
-  from ntkmtl_jax.methods.loss_weighting import WeightsState
+
   from ntkmtl_jax.method import Needs, Weighting
+  from ntkmtl_jax.methods.loss_weighting import WeightsState
 
   def weights(stats, state):
     w = 1.0 / stats.sq_norms
     return w, WeightsState(state.count + 1, w.astype(jnp.float32))
 
-  broken = Weighting(name="inverse", needs=Needs("sq_norms"), weights=weights,
-                     init=lambda p: WeightsState(jnp.zeros([], jnp.int32), jnp.ones(2)))
+  broken = Weighting(
+    name="inverse",
+    needs=Needs("sq_norms"),
+    weights=weights,
+    init=lambda p: WeightsState(jnp.zeros([], jnp.int32), jnp.ones(2)),
+  )
   methods.register("inverse_norms", lambda num_tasks: broken)
   try:
     with pytest.raises(AssertionError, match="non-finite"):
@@ -103,17 +113,21 @@ def test_a_non_finite_update_is_caught():
 
 
 def test_claim_cases_are_hard():
-  spread = [np.ptp(np.log10(np.linalg.norm(c.jacobian, axis=1)))
-            for c in properties.claim_cases() if c.family == "imbalanced"]
+  spread = [
+    np.ptp(np.log10(np.linalg.norm(c.jacobian, axis=1)))
+    for c in properties.claim_cases()
+    if c.family == "imbalanced"
+  ]
   assert min(spread) > 3.9  # task scales 1 to 1e4
   assert {c.family for c in properties.claim_cases()} == set(properties.CLAIM_FAMILIES)
-  assert set(cases.FAMILIES) - set(properties.CLAIM_FAMILIES) == {"zero_gradient",
-                                                                   "rank_deficient"}
+  assert set(cases.FAMILIES) - set(properties.CLAIM_FAMILIES) == {"zero_gradient", "rank_deficient"}
 
 
 def test_the_docs_table_of_claims_is_the_registry():
   import pathlib
+
   page = pathlib.Path(__file__).parents[1] / "docs" / "methods" / "index.md"
   assert properties.claims_table() in page.read_text(), (
-      "docs/methods/index.md's claims table differs from the registry: paste "
-      "ntkmtl_jax.testing.properties.claims_table() there")
+    "docs/methods/index.md's claims table differs from the registry: paste "
+    "ntkmtl_jax.testing.properties.claims_table() there"
+  )

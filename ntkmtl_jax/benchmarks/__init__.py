@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -202,6 +203,20 @@ def _jitted_predict(functions: TaskFunctions) -> Callable:
 
 
 Preset = Callable[[Config], Config]
+
+
+def smoke_preset(batch_size: int, eval_batch_size: int, *, data: dict | None = None,
+                 model: dict | None = None) -> Preset:
+  """A preset for smoke runs: 3 steps of `batch_size` in one epoch, progress on every step,
+  with the `data` and `model` options (smaller splits, images or widths) on top of the run's."""
+
+  def preset(config: Config) -> Config:
+    return config.replace(batch_size=batch_size, num_epochs=1, max_steps=3, log_every=1,
+                          eval_batch_size=eval_batch_size,
+                          data={**config.data, **(data or {})},
+                          model={**config.model, **(model or {})})
+
+  return preset
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ntkmtl_jax import metrics
-from ntkmtl_jax.benchmarks import Benchmark, Scoring
+from ntkmtl_jax.benchmarks import Benchmark, Scoring, smoke_preset
 from ntkmtl_jax.data.splits import Split, open_tfds
 from ntkmtl_jax.models.celeba import celeba_functions
 from ntkmtl_jax.config import Config
@@ -101,14 +101,8 @@ def default_config(*, image_size: int = 64, num_attributes: int = len(ATTRIBUTES
                 eval_batch_size=512, init_prng="rbg")
 
 
-def tiny(config: Config) -> Config:
-  """A smoke run: 16x16 images, the first 4 attributes, 3 batches of 8."""
-  return config.replace(batch_size=8, num_epochs=1, max_steps=3, log_every=1,
-                        eval_batch_size=16,
-                        data={**config.data, "image_size": 16, "num_attributes": 4})
-
-
-PRESETS = {"tiny": tiny}
+# tiny: 16x16 images, the first 4 attributes, 3 batches of 8.
+PRESETS = {"tiny": smoke_preset(8, 16, data=dict(image_size=16, num_attributes=4))}
 
 
 def benchmark(*, data_dir: str | None = None, **options) -> Benchmark:

@@ -8,12 +8,12 @@ papers report (and select) results, so `Benchmark.val` is that folder and `test`
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from ntkmtl_jax import metrics
-from ntkmtl_jax.benchmarks import Benchmark, Scoring
+from ntkmtl_jax.benchmarks import Benchmark, Scoring, smoke_preset
 from ntkmtl_jax.data import mtan as layout
 from ntkmtl_jax.data.splits import missing_dataset
 from ntkmtl_jax.models.mtan import FILTERS, mtan_functions
@@ -109,12 +109,8 @@ class MTANDataset:
 
   @property
   def presets(self) -> dict:
-    """`tiny`: a smoke run, a one-stage SegNet-MTAN of width 8, a few batches of 4."""
-    def tiny(config: Config) -> Config:
-      return config.replace(batch_size=4, num_epochs=1, max_steps=3, log_every=1,
-                            eval_batch_size=4, model={**config.model, "filters": (8,)})
-
-    return {"tiny": tiny}
+    """`tiny`: a smoke run, a one-stage SegNet-MTAN of width 8, 3 batches of 4."""
+    return {"tiny": smoke_preset(4, 4, model=dict(filters=(8,)))}
 
   def benchmark(self, *, data_dir: str | None = None, **options) -> Benchmark:
     """The `Benchmark` over the MTAN layout under `data_dir` (the folder holding `train/`

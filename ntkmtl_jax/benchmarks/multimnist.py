@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ntkmtl_jax.benchmarks import Benchmark, Scoring
+from ntkmtl_jax.benchmarks import Benchmark, Scoring, smoke_preset
 from ntkmtl_jax.data.splits import Split, open_tfds, read_examples
 from ntkmtl_jax.models.lenet import lenet_functions
 from ntkmtl_jax.config import Config
@@ -113,13 +113,8 @@ def default_config(*, val_size: int = 10_000, data_seed: int = 0) -> Config:
                 init_prng="rbg")
 
 
-def tiny(config: Config) -> Config:
-  """A smoke run: 8 validation images, 3 batches of 8."""
-  return config.replace(batch_size=8, num_epochs=1, max_steps=3, log_every=1,
-                        eval_batch_size=16, data={**config.data, "val_size": 8})
-
-
-PRESETS = {"tiny": tiny}
+# tiny: 8 validation images, 3 batches of 8.
+PRESETS = {"tiny": smoke_preset(8, 16, data=dict(val_size=8))}
 
 
 def benchmark(*, data_dir: str | None = None, **options) -> Benchmark:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ntkmtl_jax.benchmarks import Benchmark, Scoring
+from ntkmtl_jax.benchmarks import Benchmark, Scoring, smoke_preset
 from ntkmtl_jax.data.splits import Split, open_tfds, read_examples
 from ntkmtl_jax.models.qm9 import qm9_functions
 from ntkmtl_jax.config import Config
@@ -174,14 +174,8 @@ def default_config(*, test_size: int = 10_000, val_size: int = 10_000, split_see
                 eval_batch_size=500, init_prng="rbg")
 
 
-def tiny(config: Config) -> Config:
-  """A smoke run: 4 test and 4 validation molecules, 3 batches of 4."""
-  return config.replace(batch_size=4, num_epochs=1, max_steps=3, log_every=1,
-                        eval_batch_size=8,
-                        data={**config.data, "test_size": 4, "val_size": 4})
-
-
-PRESETS = {"tiny": tiny}
+# tiny: 4 test and 4 validation molecules, 3 batches of 4.
+PRESETS = {"tiny": smoke_preset(4, 8, data=dict(test_size=4, val_size=4))}
 
 
 def benchmark(*, data_dir: str | None = None, **options) -> Benchmark:

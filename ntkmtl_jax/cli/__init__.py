@@ -22,8 +22,15 @@ from ntkmtl_jax.cli.commands import COMMANDS
 from ntkmtl_jax.cli.flags import UsageError
 from ntkmtl_jax.cli.runs import default_methods, plan_runs, run_all, validate_plan
 
-__all__ = ["UsageError", "build_parser", "default_methods", "main", "plan_runs", "run_all",
-           "validate_plan"]
+__all__ = [
+  "UsageError",
+  "build_parser",
+  "default_methods",
+  "main",
+  "plan_runs",
+  "run_all",
+  "validate_plan",
+]
 
 DESCRIPTION = """\
 Multi-task learning with NTKMTL in JAX.
@@ -72,56 +79,73 @@ def _formatter(prog):
 
 def build_parser() -> argparse.ArgumentParser:
   """The `ntkmtl` argument parser."""
-  parser = _Parser(prog="ntkmtl", description=DESCRIPTION, epilog=EPILOG,
-                   formatter_class=_formatter)
+  parser = _Parser(
+    prog="ntkmtl", description=DESCRIPTION, epilog=EPILOG, formatter_class=_formatter
+  )
   sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-  p = sub.add_parser(
-      "compare", formatter_class=_formatter,
-      help="compare several methods over several seeds; print the table, write reports",
-      description=textwrap.dedent("""\
+  def command(name, text, description, *, many=False, default_method="ntkmtl", runs=True):
+    """A subcommand with the shared vocabulary (`cli.flags`)."""
+    p = sub.add_parser(
+      name, formatter_class=_formatter, help=text, description=textwrap.dedent(description)
+    )
+    flags.add_benchmark_flags(p)
+    flags.add_method_flags(p, many=many, default_method=default_method)
+    flags.add_training_flags(p)
+    flags.add_output_flags(p, checkpoints=runs, plots=runs)
+    return p
+
+  command(
+    "compare",
+    "compare several methods over several seeds; print the table, write reports",
+    """\
         Train every method on the benchmark for each seed, then print a table laid out like
         the NTKMTL paper's (per-metric seed means, mean rank MR, Delta m % against STL) and
         write results.json, results.csv and PNG plots (training curves per task, task
         weights, NTK eigenvalues lambda_i for LS vs NTKMTL) to the workdir, with each run's
         checkpoints (run again with --resume to continue). STL runs one model per task.
-        Ctrl-C stops early and keeps the finished runs."""))
-  flags.add_benchmark_flags(p)
-  flags.add_method_flags(p, many=True)
-  flags.add_training_flags(p)
-  flags.add_output_flags(p)
-
-  p = sub.add_parser(
-      "train", formatter_class=_formatter, help="train one method on one benchmark",
-      description=textwrap.dedent("""\
+        Ctrl-C stops early and keeps the finished runs.""",
+    many=True,
+  )
+  command(
+    "train",
+    "train one method on one benchmark",
+    """\
         Train one method for one seed, print its metrics and write results.json, results.csv
         and plots, and the run's checkpoints in WORKDIR/<method>-seed<seed> (run again with
-        --resume to continue). `--method stl` trains one model per task."""))
-  flags.add_benchmark_flags(p)
-  flags.add_method_flags(p, many=False)
-  flags.add_training_flags(p)
-  flags.add_output_flags(p)
-
-  p = sub.add_parser(
-      "spectrum", formatter_class=_formatter,
-      help="NTK eigenvalues lambda_i of each task on one batch (the imbalance)",
-      description=textwrap.dedent("""\
+        --resume to continue). `--method stl` trains one model per task.""",
+  )
+  p = command(
+    "spectrum",
+    "NTK eigenvalues lambda_i of each task on one batch (the imbalance)",
+    """\
         Build the extended NTK of the benchmark's model on one batch split into --chunks
         chunks and print, per task, lambda_i (largest eigenvalue of its kernel block K_ii),
         the NTKMTL weight, and the task affinity (`spectra.task_affinity`). With
-        --train-steps N the model is first trained N steps with --method (default ls)."""))
-  flags.add_benchmark_flags(p)
-  flags.add_method_flags(p, many=False, default_method="ls")
-  flags.add_training_flags(p)
-  flags.add_output_flags(p, checkpoints=False, plots=False)
-  p.add_argument("--chunks", "-n", type=int, default=1,
-                 help="n, chunks of the batch (rows of each task's Jacobian; default 1)")
-  p.add_argument("--train-steps", type=int, default=0,
-                 help="train this many steps before measuring (default: 0, at init)")
+        --train-steps N the model is first trained N steps with --method (default ls).""",
+    default_method="ls",
+    runs=False,
+  )
+  p.add_argument(
+    "--chunks",
+    "-n",
+    type=int,
+    default=1,
+    help="n, chunks of the batch (rows of each task's Jacobian; default 1)",
+  )
+  p.add_argument(
+    "--train-steps",
+    type=int,
+    default=0,
+    help="train this many steps before measuring (default: 0, at init)",
+  )
 
-  sub.add_parser("list", formatter_class=_formatter,
-                 help="list the benchmarks and the methods",
-                 description="List the registered benchmarks, their presets and the methods.")
+  sub.add_parser(
+    "list",
+    formatter_class=_formatter,
+    help="list the benchmarks and the methods",
+    description="List the registered benchmarks, their presets and the methods.",
+  )
   return parser
 
 
@@ -134,9 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   from ntkmtl_jax._optional import MissingExtraError
   from ntkmtl_jax.data.splits import DatasetMissingError
-  if not getattr(args, "no_compilation_cache", True) and \
-      not os.environ.get("NTKMTL_NO_COMPILATION_CACHE"):
+
+  if not getattr(args, "no_compilation_cache", True) and not os.environ.get(
+    "NTKMTL_NO_COMPILATION_CACHE"
+  ):
     from ntkmtl_jax import compilation_cache
+
     compilation_cache.enable()
   try:
     return COMMANDS[args.command](args)

@@ -50,8 +50,9 @@ def seed_list(text: str) -> list[int]:
   try:
     seeds = [int(s) for s in text.split(",") if s.strip()]
   except ValueError:
-    raise UsageError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {text!r}") \
-        from None
+    raise UsageError(
+      f"--seeds must be comma-separated integers, e.g. 0,1,2; got {text!r}"
+    ) from None
   if not seeds or min(seeds) < 0:
     raise UsageError(f"--seeds must list seeds >= 0, e.g. 0,1,2; got {text!r}")
   return list(dict.fromkeys(seeds))
@@ -60,6 +61,7 @@ def seed_list(text: str) -> list[int]:
 def method_list(names: list[str]) -> list[str]:
   """The registry names of `names`, in order, without repeats; refuses unknown ones."""
   from ntkmtl_jax import methods
+
   known = methods.names()
   keys = [canonical(n) for n in names if n.strip()]
   unknown = [n for n in keys if n not in known]
@@ -73,36 +75,69 @@ def method_list(names: list[str]) -> list[str]:
 def add_benchmark_flags(p: argparse.ArgumentParser):
   """Which problem: benchmark, preset, options, data directory."""
   from ntkmtl_jax import benchmarks
-  p.add_argument("--benchmark", "-b", default="multidigits", metavar="NAME",
-                 help="benchmark to run (default: multidigits; choices: "
-                      f"{', '.join(benchmarks.benchmark_names())}, mt10)")
-  p.add_argument("--preset", default="default", metavar="NAME",
-                 help="the benchmark's preset run: default (its published protocol) or tiny "
-                      "(a smoke run of a few steps); mt10 also has short")
-  p.add_argument("--option", "-O", action="append", metavar="NAME=VALUE",
-                 help="benchmark data or model option, repeatable (e.g. regression_scale=0.1 "
-                      "for multidigits, imbalance=100 for sines)")
-  p.add_argument("--data-dir", metavar="DIR",
-                 help="where the benchmark's data lives (tfds data_dir, or the MTAN layout's "
-                      "root)")
+
+  p.add_argument(
+    "--benchmark",
+    "-b",
+    default="multidigits",
+    metavar="NAME",
+    help="benchmark to run (default: multidigits; choices: "
+    f"{', '.join(benchmarks.benchmark_names())}, mt10)",
+  )
+  p.add_argument(
+    "--preset",
+    default="default",
+    metavar="NAME",
+    help="the benchmark's preset run: default (its published protocol) or tiny "
+    "(a smoke run of a few steps); mt10 also has short",
+  )
+  p.add_argument(
+    "--option",
+    "-O",
+    action="append",
+    metavar="NAME=VALUE",
+    help="benchmark data or model option, repeatable (e.g. regression_scale=0.1 "
+    "for multidigits, imbalance=100 for sines)",
+  )
+  p.add_argument(
+    "--data-dir",
+    metavar="DIR",
+    help="where the benchmark's data lives (tfds data_dir, or the MTAN layout's root)",
+  )
 
 
 def add_method_flags(p: argparse.ArgumentParser, *, many: bool, default_method: str = "ntkmtl"):
   """Which methods and seeds: --methods/--seeds (many) or --method/--seed, and --hp."""
   if many:
-    p.add_argument("--methods", "-m", metavar="LIST",
-                   help="comma-separated method names (stl runs one model per task); see "
-                        "`ntkmtl list`")
-    p.add_argument("--seeds", default="0,1,2", metavar="LIST",
-                   help="comma-separated seeds (default: 0,1,2)")
-    p.add_argument("--hp", action="append", metavar="METHOD.NAME=VALUE",
-                   help="method hyper-parameter, repeatable (e.g. ntkmtl.exponent=0.75)")
+    p.add_argument(
+      "--methods",
+      "-m",
+      metavar="LIST",
+      help="comma-separated method names (stl runs one model per task); see `ntkmtl list`",
+    )
+    p.add_argument(
+      "--seeds", default="0,1,2", metavar="LIST", help="comma-separated seeds (default: 0,1,2)"
+    )
+    p.add_argument(
+      "--hp",
+      action="append",
+      metavar="METHOD.NAME=VALUE",
+      help="method hyper-parameter, repeatable (e.g. ntkmtl.exponent=0.75)",
+    )
   else:
-    p.add_argument("--method", "-m", default=default_method,
-                   help=f"method name (default: {default_method}); see `ntkmtl list`")
+    p.add_argument(
+      "--method",
+      "-m",
+      default=default_method,
+      help=f"method name (default: {default_method}); see `ntkmtl list`",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--hp", action="append", metavar="NAME=VALUE",
-                   help="method hyper-parameter, repeatable (e.g. exponent=0.75)")
+    p.add_argument(
+      "--hp",
+      action="append",
+      metavar="NAME=VALUE",
+      help="method hyper-parameter, repeatable (e.g. exponent=0.75)",
+    )
 
 
 def add_training_flags(p: argparse.ArgumentParser):
@@ -111,52 +146,75 @@ def add_training_flags(p: argparse.ArgumentParser):
   p.add_argument("--epochs", type=int, help="epochs per run (default: the preset's)")
   p.add_argument("--batch-size", type=int, help="mini-batch size (default: the preset's)")
   p.add_argument("--lr", type=float, help="learning rate (default: the preset's)")
-  p.add_argument("--optimizer", choices=OPTIMIZERS,
-                 help="optimiser after the task aggregation (default: the preset's, adam)")
-  p.add_argument("--schedule", choices=SCHEDULES,
-                 help="per-epoch learning-rate schedule (default: the preset's)")
-  p.add_argument("--max-grad-norm", type=float, default=None,
-                 help="clip the shared update's global norm to this before the optimiser "
-                      "(default: the preset's; 0 turns clipping off)")
-  p.add_argument("--task-passes", choices=PASSES,
-                 help="how the task backward passes loop (default: auto, the backend's "
-                      "measured choice)")
-  p.add_argument("--materialize", choices=tuple(MATERIALIZE),
-                 help="hold the k task gradients together (yes) or stream their statistics "
-                      "and run one weighted backward (no); default auto")
+  p.add_argument(
+    "--optimizer",
+    choices=OPTIMIZERS,
+    help="optimiser after the task aggregation (default: the preset's, adam)",
+  )
+  p.add_argument(
+    "--schedule", choices=SCHEDULES, help="per-epoch learning-rate schedule (default: the preset's)"
+  )
+  p.add_argument(
+    "--max-grad-norm",
+    type=float,
+    default=None,
+    help="clip the shared update's global norm to this before the optimiser "
+    "(default: the preset's; 0 turns clipping off)",
+  )
+  p.add_argument(
+    "--task-passes",
+    choices=PASSES,
+    help="how the task backward passes loop (default: auto, the backend's measured choice)",
+  )
+  p.add_argument(
+    "--materialize",
+    choices=tuple(MATERIALIZE),
+    help="hold the k task gradients together (yes) or stream their statistics "
+    "and run one weighted backward (no); default auto",
+  )
 
 
-def add_output_flags(p: argparse.ArgumentParser, *, checkpoints: bool = True,
-                     plots: bool = True):
+def add_output_flags(p: argparse.ArgumentParser, *, checkpoints: bool = True, plots: bool = True):
   """Where results go and what is shown."""
-  p.add_argument("--workdir", "-w", metavar="DIR",
-                 help="results, reports and each run's checkpoints (WORKDIR/<method>-seed<s>); "
-                      "default: runs/<benchmark>-<command>-<time>")
+  p.add_argument(
+    "--workdir",
+    "-w",
+    metavar="DIR",
+    help="results, reports and each run's checkpoints (WORKDIR/<method>-seed<s>); "
+    "default: runs/<benchmark>-<command>-<time>",
+  )
   if checkpoints:
-    p.add_argument("--resume", action="store_true",
-                   help="continue the runs that --workdir holds")
-    p.add_argument("--overwrite", action="store_true",
-                   help="discard unfinished runs that --workdir holds (finished ones are kept)")
+    p.add_argument("--resume", action="store_true", help="continue the runs that --workdir holds")
+    p.add_argument(
+      "--overwrite",
+      action="store_true",
+      help="discard unfinished runs that --workdir holds (finished ones are kept)",
+    )
   if plots:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
   p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
-  p.add_argument("--no-compilation-cache", action="store_true",
-                 help="do not keep compiled steps on disk for the next run ($NTKMTL_CACHE_DIR, "
-                      "else ~/.cache/ntkmtl-jax/xla)")
+  p.add_argument(
+    "--no-compilation-cache",
+    action="store_true",
+    help="do not keep compiled steps on disk for the next run ($NTKMTL_CACHE_DIR, "
+    "else ~/.cache/ntkmtl-jax/xla)",
+  )
 
 
 def benchmark_config(args) -> Config:
   """The preset's `Config` with --option and --data-dir (no data read yet)."""
   from ntkmtl_jax import benchmarks
+
   if canonical(args.benchmark) not in benchmarks.benchmark_names():
-    raise UsageError(f"unknown benchmark {args.benchmark!r} (known: "
-                     f"{', '.join(benchmarks.benchmark_names())}, mt10)")
+    raise UsageError(
+      f"unknown benchmark {args.benchmark!r} (known: "
+      f"{', '.join(benchmarks.benchmark_names())}, mt10)"
+    )
   options = key_values(args.option, "--option")
   if "data_dir" in options:
     raise UsageError("give the data directory as --data-dir DIR, not as an --option")
   try:
-    return benchmarks.get_config(args.benchmark, args.preset, data_dir=args.data_dir,
-                                 **options)
+    return benchmarks.get_config(args.benchmark, args.preset, data_dir=args.data_dir, **options)
   except ValueError as e:
     raise UsageError(str(e)) from e
 
@@ -164,6 +222,7 @@ def benchmark_config(args) -> Config:
 def build_benchmark(config: Config):
   """The benchmark `config` names; a bad option is a `UsageError`."""
   from ntkmtl_jax import benchmarks
+
   try:
     return benchmarks.from_config(config)
   except (TypeError, ValueError) as e:
@@ -175,9 +234,14 @@ def build_benchmark(config: Config):
 def training_config(args, config: Config, num_train: int) -> Config:
   """`config` with the training flags applied and checked against the training split."""
   changes = {}
-  for flag, field in (("batch_size", "batch_size"), ("lr", "learning_rate"),
-                      ("optimizer", "optimizer"), ("schedule", "lr_schedule"),
-                      ("task_passes", "task_passes"), ("epochs", "num_epochs")):
+  for flag, field in (
+    ("batch_size", "batch_size"),
+    ("lr", "learning_rate"),
+    ("optimizer", "optimizer"),
+    ("schedule", "lr_schedule"),
+    ("task_passes", "task_passes"),
+    ("epochs", "num_epochs"),
+  ):
     if getattr(args, flag, None) is not None:
       changes[field] = getattr(args, flag)
   if getattr(args, "materialize", None) is not None:
@@ -186,15 +250,19 @@ def training_config(args, config: Config, num_train: int) -> Config:
     changes.update(max_steps=args.steps, num_epochs=args.epochs)
   if args.max_grad_norm is not None:
     if not 0 <= args.max_grad_norm < math.inf:
-      raise UsageError(f"--max-grad-norm must be a finite norm >= 0 (0: no clipping), got "
-                       f"{args.max_grad_norm}")
+      raise UsageError(
+        f"--max-grad-norm must be a finite norm >= 0 (0: no clipping), got {args.max_grad_norm}"
+      )
     changes["max_grad_norm"] = args.max_grad_norm or None
   config = config.replace(**changes)
-  if any(v is not None and v <= 0 for v in (config.max_steps, config.num_epochs)) or \
-      config.batch_size < 1 or not 0 < config.learning_rate < math.inf:
-    raise UsageError("--steps, --epochs, --batch-size and --lr must be positive (and --lr "
-                     "finite)")
+  if (
+    any(v is not None and v <= 0 for v in (config.max_steps, config.num_epochs))
+    or config.batch_size < 1
+    or not 0 < config.learning_rate < math.inf
+  ):
+    raise UsageError("--steps, --epochs, --batch-size and --lr must be positive (and --lr finite)")
   if config.batch_size > num_train:
-    raise UsageError(f"--batch-size {config.batch_size} is larger than the training split "
-                     f"({num_train} examples)")
+    raise UsageError(
+      f"--batch-size {config.batch_size} is larger than the training split ({num_train} examples)"
+    )
   return config

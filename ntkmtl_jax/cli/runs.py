@@ -10,8 +10,20 @@ import time
 from ntkmtl_jax.cli.flags import UsageError
 from ntkmtl_jax.config import Config
 
-PREFERRED_BASELINES = ("famo", "fairgrad", "mgda", "nash_mtl", "pcgrad", "cagrad", "imtl_g",
-                       "imgrad", "dwa", "uw", "rlw", "si")
+PREFERRED_BASELINES = (
+  "famo",
+  "fairgrad",
+  "mgda",
+  "nash_mtl",
+  "pcgrad",
+  "cagrad",
+  "imtl_g",
+  "imgrad",
+  "dwa",
+  "uw",
+  "rlw",
+  "si",
+)
 CORE_METHODS = ("stl", "ls", "ntkmtl", "ntkmtl_sr")
 MAX_DEFAULT_BASELINES = 4  # Keeps the default comparison within minutes on 2 CPU cores.
 
@@ -19,21 +31,26 @@ MAX_DEFAULT_BASELINES = 4  # Keeps the default comparison within minutes on 2 CP
 def default_methods() -> list[str]:
   """The default `compare` list: the core methods and a few registered baselines."""
   from ntkmtl_jax import methods
+
   known = set(methods.names())
   baselines = [m for m in PREFERRED_BASELINES if m in known][:MAX_DEFAULT_BASELINES]
   return [m for m in CORE_METHODS if m in known] + baselines
 
 
-def plan_runs(base: Config, methods: list[str], seeds: list[int],
-              hparams: dict[str, dict], num_tasks: int) -> list[Config]:
+def plan_runs(
+  base: Config, methods: list[str], seeds: list[int], hparams: dict[str, dict], num_tasks: int
+) -> list[Config]:
   """The run configs: each method for each seed, with `hparams[method]` on top of
   `base.hparams`; "stl" without a task is one run per task."""
   plan = []
   for seed in seeds:
     for method in methods:
       hp = {**base.hparams, **hparams.get(method, {})}
-      runs = ([dict(hp, task=i) for i in range(num_tasks)]
-              if method == "stl" and "task" not in hp else [hp])
+      runs = (
+        [dict(hp, task=i) for i in range(num_tasks)]
+        if method == "stl" and "task" not in hp
+        else [hp]
+      )
       plan += [base.replace(method=method, seed=seed, hparams=h) for h in runs]
   return plan
 
@@ -53,6 +70,7 @@ def validate_plan(bench, plan: list[Config]) -> None:
   hyper-parameter, seed or chunking is one `UsageError` and not a traceback after the
   earlier runs trained."""
   from ntkmtl_jax.optimizer import build_optimizer
+
   for config in plan:
     if config.seed < 0:
       raise UsageError(f"seeds must be >= 0, got {config.seed}")
@@ -62,23 +80,35 @@ def validate_plan(bench, plan: list[Config]) -> None:
       raise UsageError(f"{config.method_key} {_format_hparams(config.hparams)}: {e}") from e
     chunks = method.needs.num_chunks
     if config.batch_size % chunks:
-      raise UsageError(f"{config.method_key} splits each batch into num_chunks={chunks}, "
-                       f"which does not divide the batch size {config.batch_size}: choose a "
-                       f"--batch-size that is a multiple of {chunks} or another num_chunks")
+      raise UsageError(
+        f"{config.method_key} splits each batch into num_chunks={chunks}, "
+        f"which does not divide the batch size {config.batch_size}: choose a "
+        f"--batch-size that is a multiple of {chunks} or another num_chunks"
+      )
 
 
 def skip_status(runs) -> int:
   """3, after one line per run that skipped most of its steps; else 0."""
   from ntkmtl_jax.results import skip_report
+
   reports = [r for r in map(skip_report, runs) if r]
   for line in reports:
     sys.stderr.write(f"ntkmtl: error: {line}\n")
   return 3 if reports else 0
 
 
-def run_all(bench, plan: list[Config], *, out: str | None, report_config: dict, title: str,
-            progress: bool = True, plots: bool = True, resume: bool = False,
-            overwrite: bool = False) -> tuple[int, list]:
+def run_all(
+  bench,
+  plan: list[Config],
+  *,
+  out: str | None,
+  report_config: dict,
+  title: str,
+  progress: bool = True,
+  plots: bool = True,
+  resume: bool = False,
+  overwrite: bool = False,
+) -> tuple[int, list]:
   """Runs `plan` on `bench`, then prints and writes the report.
 
   With `out`, each run checkpoints in `out/<run_label>` and results.json is rewritten after
@@ -100,6 +130,7 @@ def run_all(bench, plan: list[Config], *, out: str | None, report_config: dict, 
     `results.skip_report`); the `RunResult`s).
   """
   from ntkmtl_jax import loop, report
+
   runs, interrupted = [], False
   start = time.perf_counter()
   try:
@@ -107,42 +138,65 @@ def run_all(bench, plan: list[Config], *, out: str | None, report_config: dict, 
       label = config.method_key
       if label == "stl":
         label += f"[task {bench.task_names[config.hparams.get('task', 0)]}]"
-      result = loop.fit(bench, config, out and os.path.join(out, run_label(config)),
-                        progress=progress, resume=resume, overwrite=overwrite,
-                        description=f"[{index + 1}/{len(plan)}] {label} seed {config.seed}")
+      result = loop.fit(
+        bench,
+        config,
+        out and os.path.join(out, run_label(config)),
+        progress=progress,
+        resume=resume,
+        overwrite=overwrite,
+        description=f"[{index + 1}/{len(plan)}] {label} seed {config.seed}",
+      )
       runs.append(result)
       if result.interrupted:
         interrupted = True
         break
       if out:
-        report.write_results(os.path.join(out, "results.json"), config=report_config,
-                             benchmark=dict(name=bench.name), runs=runs, summary={},
-                             interrupted=True)
+        report.write_results(
+          os.path.join(out, "results.json"),
+          config=report_config,
+          benchmark=dict(name=bench.name),
+          runs=runs,
+          summary={},
+          interrupted=True,
+        )
   except KeyboardInterrupt:
     interrupted = True
   total = time.perf_counter() - start
   report_config["wall_time_total"] = total
-  summary = report.summarize(runs, bench.metric_names, bench.higher_is_better,
-                             bench.metric_tasks, bench.stl_row)
+  summary = report.summarize(
+    runs, bench.metric_names, bench.higher_is_better, bench.metric_tasks, bench.stl_row
+  )
   paths = []
   if out:
     try:
-      summary, paths = report.write_reports(out, runs=runs, config=report_config,
-                                            benchmark=bench, plots=plots,
-                                            interrupted=interrupted)
+      summary, paths = report.write_reports(
+        out, runs=runs, config=report_config, benchmark=bench, plots=plots, interrupted=interrupted
+      )
     except KeyboardInterrupt:
-      print(f"\nInterrupted while writing the reports; results.json in {out} holds the "
-            f"finished runs.", file=sys.stderr)
+      print(
+        f"\nInterrupted while writing the reports; results.json in {out} holds the finished runs.",
+        file=sys.stderr,
+      )
       return 130, runs
   baseline = "the paper's STL row" if bench.stl_row is not None else "the STL runs"
   print()
-  print(report.format_table(summary, bench.metric_names, bench.higher_is_better,
-                            title=f"{title}; seeds {sorted({r.seed for r in runs})}, Delta m % "
-                                  f"against {baseline}, total {total:.0f} s"))
+  print(
+    report.format_table(
+      summary,
+      bench.metric_names,
+      bench.higher_is_better,
+      title=f"{title}; seeds {sorted({r.seed for r in runs})}, Delta m % "
+      f"against {baseline}, total {total:.0f} s",
+    )
+  )
   if paths:
     print(f"\nWrote {', '.join(os.path.basename(p) for p in paths)} to {out}")
   if interrupted:
-    print(f"Interrupted: kept the {sum(not r.interrupted for r in runs)} finished runs"
-          + (f" in {out}." if out else "."), file=sys.stderr)
+    print(
+      f"Interrupted: kept the {sum(not r.interrupted for r in runs)} finished runs"
+      + (f" in {out}." if out else "."),
+      file=sys.stderr,
+    )
     return 130, runs
   return skip_status(runs), runs

@@ -25,7 +25,7 @@ x component negated).
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -66,10 +66,12 @@ def augment(example: dict, rng: np.random.Generator) -> dict:
   scale = SCALES[rng.integers(len(SCALES))]
   h, w = int(height / scale), int(width / scale)
   i, j = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
-  crop = {k: v[i:i + h, j:j + w] for k, v in example.items()}
-  out = {"image": resize_bilinear(crop["image"], height, width),
-         "label": resize_nearest(crop["label"], height, width),
-         "depth": resize_nearest(crop["depth"], height, width) / scale}
+  crop = {k: v[i : i + h, j : j + w] for k, v in example.items()}
+  out = {
+    "image": resize_bilinear(crop["image"], height, width),
+    "label": resize_nearest(crop["label"], height, width),
+    "depth": resize_nearest(crop["depth"], height, width) / scale,
+  }
   if "normal" in crop:
     out["normal"] = resize_bilinear(crop["normal"], height, width)
   if rng.random() < 0.5:
@@ -83,8 +85,9 @@ def count_files(folder: str) -> int:
   return len([f for f in os.listdir(folder) if f.endswith(".npy")])
 
 
-def make_split(root: str, split: str, label_dir: str, tasks: Sequence[str], augmented: bool,
-               how: str) -> Split:
+def make_split(
+  root: str, split: str, label_dir: str, tasks: Sequence[str], augmented: bool, how: str
+) -> Split:
   """A split of the MTAN layout under `root/split`, read file by file.
 
   Batches hold `image` (B, H, W, 3), `label` (B, H, W) int32 (-1 = ignore), `depth`
@@ -103,8 +106,10 @@ def make_split(root: str, split: str, label_dir: str, tasks: Sequence[str], augm
     raise missing_dataset(f"Images (.npy) in {split}/image", root, how)
 
   def load(index: int) -> dict:
-    example = {k: np.load(os.path.join(folder, sub, f"{index}.npy")).astype(np.float32)
-               for k, sub in subdirs.items()}
+    example = {
+      k: np.load(os.path.join(folder, sub, f"{index}.npy")).astype(np.float32)
+      for k, sub in subdirs.items()
+    }
     if example["depth"].ndim == 2:
       example["depth"] = example["depth"][..., None]
     return example
@@ -120,8 +125,17 @@ def make_split(root: str, split: str, label_dir: str, tasks: Sequence[str], augm
   return Split(size, take)
 
 
-def write_example_files(root: str, split: str, num: int, height: int, width: int,
-                        num_classes: int, label_dir: str, normals: bool, seed: int = 0):
+def write_example_files(
+  root: str,
+  split: str,
+  num: int,
+  height: int,
+  width: int,
+  num_classes: int,
+  label_dir: str,
+  normals: bool,
+  seed: int = 0,
+):
   """Writes `num` random examples in the MTAN layout (for tests and smoke runs)."""
   rng = np.random.default_rng(seed)
   dirs = ["image", label_dir, "depth"] + (["normal"] if normals else [])
@@ -131,8 +145,10 @@ def write_example_files(root: str, split: str, num: int, height: int, width: int
     label = rng.integers(-1, num_classes, (height, width)).astype(np.float32)
     depth = rng.uniform(0.5, 10.0, (height, width, 1)).astype(np.float32)
     depth[rng.random((height, width)) < 0.1] = 0.0
-    np.save(os.path.join(root, split, "image", f"{i}.npy"),
-            rng.random((height, width, 3)).astype(np.float32))
+    np.save(
+      os.path.join(root, split, "image", f"{i}.npy"),
+      rng.random((height, width, 3)).astype(np.float32),
+    )
     np.save(os.path.join(root, split, label_dir, f"{i}.npy"), label)
     np.save(os.path.join(root, split, "depth", f"{i}.npy"), depth)
     if normals:

@@ -48,6 +48,7 @@ class TaskArrays(NamedTuple):
 
   `splits.Split.from_arrays(arrays.as_batch())` is the split the training loop reads.
   """
+
   x: np.ndarray
   targets: dict[str, np.ndarray]
 
@@ -69,6 +70,7 @@ class OfflineDataset(NamedTuple):
     num_classes: classes per task (1 for regression).
     image_shape: (height, width) of the images, or None for non-image data.
   """
+
   train: TaskArrays
   test: TaskArrays
   task_names: tuple[str, ...]
@@ -77,9 +79,15 @@ class OfflineDataset(NamedTuple):
   image_shape: tuple[int, int] | None
 
 
-def multidigits(num_train: int = 10_000, num_test: int = 2_000, *,
-                regression: str = "number", regression_scale: float = 1.0,
-                data_seed: int = 0, test_fraction: float = 0.3) -> OfflineDataset:
+def multidigits(
+  num_train: int = 10_000,
+  num_test: int = 2_000,
+  *,
+  regression: str = "number",
+  regression_scale: float = 1.0,
+  data_seed: int = 0,
+  test_fraction: float = 0.3,
+) -> OfflineDataset:
   """MultiDigits: two scikit-learn digits side by side; left, right and a regression task.
 
   The 1797 source images are split once (by `data_seed`) into disjoint train and test
@@ -125,19 +133,39 @@ def multidigits(num_train: int = 10_000, num_test: int = 2_000, *,
       target = 10.0 * labels[left] + labels[right]
     else:
       target = 100.0 * x.mean(axis=1)
-    return TaskArrays(x, {"left": labels[left], "right": labels[right],
-                     regression: (target * regression_scale).astype(np.float32)})
+    return TaskArrays(
+      x,
+      {
+        "left": labels[left],
+        "right": labels[right],
+        regression: (target * regression_scale).astype(np.float32),
+      },
+    )
 
   train = make(pools[0], num_train)
   test = make(pools[1], num_test)
-  return OfflineDataset(train, test, ("left", "right", regression),
-                        ("classification", "classification", "regression"), (10, 10, 1),
-                        (8, 16))
+  return OfflineDataset(
+    train,
+    test,
+    ("left", "right", regression),
+    ("classification", "classification", "regression"),
+    (10, 10, 1),
+    (8, 16),
+  )
 
 
-def sines(num_tasks: int = 3, *, imbalance: float = 30.0, min_frequency: float = 0.5,
-          max_frequency: float = 1.5, input_dim: int = 2, num_train: int = 8_192,
-          num_test: int = 2_048, noise: float = 0.0, data_seed: int = 0) -> OfflineDataset:
+def sines(
+  num_tasks: int = 3,
+  *,
+  imbalance: float = 30.0,
+  min_frequency: float = 0.5,
+  max_frequency: float = 1.5,
+  input_dim: int = 2,
+  num_train: int = 8_192,
+  num_test: int = 2_048,
+  noise: float = 0.0,
+  data_seed: int = 0,
+) -> OfflineDataset:
   """Sines: generated regression tasks whose imbalance is set by one knob.
 
   Task i (i = 0..k-1) is `y_i = a_i * sin(pi * f_i * <u_i, x>) + noise * a_i * eps` with
@@ -164,13 +192,15 @@ def sines(num_tasks: int = 3, *, imbalance: float = 30.0, min_frequency: float =
   if num_tasks < 1:
     raise ValueError(f"num_tasks must be at least 1, got {num_tasks}.")
   if imbalance < 1.0:
-    raise ValueError(f"imbalance is the ratio of the largest to the smallest amplitude and "
-                     f"must be >= 1, got {imbalance}.")
+    raise ValueError(
+      f"imbalance is the ratio of the largest to the smallest amplitude and "
+      f"must be >= 1, got {imbalance}."
+    )
   if min_frequency <= 0 or max_frequency <= 0:
     raise ValueError("Frequencies must be positive.")
   rng = np.random.default_rng(data_seed)
   positions = np.linspace(0.0, 1.0, num_tasks) if num_tasks > 1 else np.zeros(1)
-  amplitudes = imbalance ** positions
+  amplitudes = imbalance**positions
   frequencies = min_frequency + (max_frequency - min_frequency) * positions
   directions = rng.normal(size=(num_tasks, input_dim))
   directions /= np.linalg.norm(directions, axis=1, keepdims=True)
@@ -180,9 +210,9 @@ def sines(num_tasks: int = 3, *, imbalance: float = 30.0, min_frequency: float =
     x = rng.uniform(-1.0, 1.0, size=(n, input_dim))
     phase = np.pi * frequencies * (x @ directions.T)  # (n, k)
     y = amplitudes * (np.sin(phase) + noise * rng.normal(size=phase.shape))
-    return TaskArrays(x.astype(np.float32), {name: y[:, i].astype(np.float32)
-                                        for i, name in enumerate(names)})
+    return TaskArrays(
+      x.astype(np.float32), {name: y[:, i].astype(np.float32) for i, name in enumerate(names)}
+    )
 
   train, test = make(num_train), make(num_test)
-  return OfflineDataset(train, test, names, ("regression",) * num_tasks, (1,) * num_tasks,
-                        None)
+  return OfflineDataset(train, test, names, ("regression",) * num_tasks, (1,) * num_tasks, None)

@@ -13,7 +13,8 @@ the same examples and the same augmentation whether or not the run was resumed t
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -22,12 +23,14 @@ class DatasetMissingError(FileNotFoundError):
   """A benchmark's data is not where the run looks for it; the message says what to do."""
 
 
-def missing_dataset(what: str, where: str, how: str, flag: str = "--data-dir") -> \
-    DatasetMissingError:
+def missing_dataset(
+  what: str, where: str, how: str, flag: str = "--data-dir"
+) -> DatasetMissingError:
   """The `DatasetMissingError` for `what`, looked for in `where`, with `how` to get it."""
   return DatasetMissingError(
-      f"{what} was not found in {where}.\n  To get it: {how}\n  Then point the run at it with "
-      f"{flag} DIR (nothing is downloaded automatically).")
+    f"{what} was not found in {where}.\n  To get it: {how}\n  Then point the run at it with "
+    f"{flag} DIR (nothing is downloaded automatically)."
+  )
 
 
 def open_tfds(name: str, split: str, data_dir: str | None, how: str):
@@ -45,18 +48,24 @@ def open_tfds(name: str, split: str, data_dir: str | None, how: str):
     The random-access data source.
   """
   import tensorflow_datasets as tfds  # imported here: only the tfds benchmarks need it
+
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as error:  # tfds raises several types for a missing or unprepared dataset
     text = str(error)
     # No data_dir anywhere: tfds finds the builder but no prepared split ("`splits` is
     # empty ... has not been generated yet", a KeyError).
-    if isinstance(error, (FileNotFoundError, AssertionError)) or "not found" in text.lower() \
-        or "DatasetNotFound" in type(error).__name__ or "array_record" in text \
-        or (isinstance(error, KeyError) and "generated" in text):
+    if (
+      isinstance(error, (FileNotFoundError, AssertionError))
+      or "not found" in text.lower()
+      or "DatasetNotFound" in type(error).__name__
+      or "array_record" in text
+      or (isinstance(error, KeyError) and "generated" in text)
+    ):
       where = data_dir or "the default tfds data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
-      raise missing_dataset(f"The tfds dataset {name!r} (split {split!r}, array_record "
-                            f"format)", where, how) from error
+      raise missing_dataset(
+        f"The tfds dataset {name!r} (split {split!r}, array_record format)", where, how
+      ) from error
     raise
 
 
@@ -65,7 +74,7 @@ def read_examples(source, keys: Sequence[str], indices=None, chunk: int = 1024) 
   indices = np.arange(len(source)) if indices is None else np.asarray(indices)
   columns = {k: [] for k in keys}
   for start in range(0, len(indices), chunk):
-    part = [int(i) for i in indices[start:start + chunk]]
+    part = [int(i) for i in indices[start : start + chunk]]
     try:
       examples = source.__getitems__(part)
     except (AttributeError, TypeError):  # tfds' mocked sources only index one at a time
@@ -109,8 +118,9 @@ class Split:
     return cls(sizes.pop(), take)
 
 
-def epoch_batches(split: Split, batch_size: int, *, seed: int | None, epoch: int = 0,
-                  skip: int = 0) -> Iterator[dict]:
+def epoch_batches(
+  split: Split, batch_size: int, *, seed: int | None, epoch: int = 0, skip: int = 0
+) -> Iterator[dict]:
   """Batches of one pass over `split`.
 
   With a `seed`: a permutation drawn from (seed, epoch), full batches only (fixed shapes for
@@ -134,12 +144,15 @@ def epoch_batches(split: Split, batch_size: int, *, seed: int | None, epoch: int
       yield split.take(np.arange(start, min(start + batch_size, n)))
     return
   if n < batch_size:
-    raise ValueError(f"The training split has {n} examples, fewer than the batch size "
-                     f"{batch_size}; lower the batch size.")
+    raise ValueError(
+      f"The training split has {n} examples, fewer than the batch size "
+      f"{batch_size}; lower the batch size."
+    )
   order = np.random.default_rng([seed, epoch]).permutation(n)
   for b in range(skip, n // batch_size):
-    yield split.take(order[b * batch_size:(b + 1) * batch_size],
-                     np.random.default_rng([seed, epoch, b]))
+    yield split.take(
+      order[b * batch_size : (b + 1) * batch_size], np.random.default_rng([seed, epoch, b])
+    )
 
 
 def endless_batches(split: Split, batch_size: int, seed: int) -> Iterator[dict]:

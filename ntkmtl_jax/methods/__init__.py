@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from ntkmtl_jax._names import canonical
 from ntkmtl_jax.method import Method

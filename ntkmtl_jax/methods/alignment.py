@@ -10,7 +10,8 @@ train step can use the "streaming" strategy; all run at full matmul precision.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -261,7 +262,6 @@ def config_weights(gram: jax.Array, rcond: float | None = None
   before, the numerical rank of exactly dependent gradients, and with it the answer,
   changed with the last bits of G.
   """
-  k = gram.shape[0]
   dtype = gram.dtype
   a = normalized(gram)
   norms = jnp.sqrt(jnp.maximum(jnp.diagonal(a), 0.0))

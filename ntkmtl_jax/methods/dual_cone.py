@@ -9,7 +9,7 @@ weights read only G (`Needs("gram")`) and the train step can use the "streaming"
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -31,7 +31,8 @@ O(k^3), negligible next to the k backward passes that produced the Gram matrix;
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -492,8 +493,8 @@ def simplex_minimize(fun: Callable[[jax.Array], jax.Array], x0: jax.Array, *,
   Accelerated projected gradient (FISTA) with backtracking on the step size and the
   gradient-based adaptive restart; gradients by `jax.grad(fun)`, the projection by
   `project_to_simplex` (optax's). Hand-written: optax has the projection but no projected
-  solver with a convergence test. Step sizes and restarts are decided from gradients only, never from
-  differences of objective values, which near the optimum fall below float32 precision.
+  solver with a convergence test. Step sizes and restarts are decided from gradients only, never
+  from differences of objective values, which near the optimum fall below float32 precision.
 
   Tolerance: stops when the unit-step gradient mapping ||x - P(x - grad f(x))|| (zero
   exactly at a minimiser) is at most `tol`, or, where `stop` is given, when `stop(x)` is

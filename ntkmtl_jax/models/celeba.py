@@ -10,13 +10,14 @@ from ntkmtl_jax.models.multitask import LinearHeads, TaskFunctions, task_functio
 
 NUM_ATTRIBUTES = 40
 # (output channels, max-pool after) for the seven 3x3 convolutions.
-_CONVS = ((64, True), (128, False), (128, True), (256, False), (256, True), (512, False),
-          (512, False))
+_CONVS = tuple(zip((64, 128, 128, 256, 256, 512, 512),
+                   (True, False, True, False, True, False, False)))  # fmt: skip
 
 
 class CelebAEncoder(nn.Module):
   """Shared encoder: seven 3x3 convolutions with BatchNorm and ReLU (max-pool after the 1st,
   3rd and 5th), global average pooling, then two 512-unit dense layers with BatchNorm."""
+
   width: int = 512
 
   @nn.compact
@@ -34,8 +35,9 @@ class CelebAEncoder(nn.Module):
 
 def attribute_losses(logits, batch):
   """Mean binary cross-entropy of each attribute: (B, 40) logits, batch["y"] in {0, 1}."""
-  return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, batch["y"].astype(logits.dtype)),
-                  axis=0)
+  return jnp.mean(
+    optax.sigmoid_binary_cross_entropy(logits, batch["y"].astype(logits.dtype)), axis=0
+  )
 
 
 def celeba_functions(num_tasks: int = NUM_ATTRIBUTES) -> TaskFunctions:

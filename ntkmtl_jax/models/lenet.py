@@ -19,6 +19,7 @@ from ntkmtl_jax.models.multitask import TaskFunctions, task_functions
 
 class LeNetEncoder(nn.Module):
   """The shared LeNet-style encoder; returns z, (B, features)."""
+
   features: int = 50
 
   @nn.compact
@@ -33,21 +34,25 @@ class LeNetEncoder(nn.Module):
 
 class DigitHeads(nn.Module):
   """One Dense(hidden) -> ReLU -> Dense(classes) head per task; returns (B, k, classes)."""
+
   num_tasks: int = 2
   hidden: int = 50
   num_classes: int = 10
 
   @nn.compact
   def __call__(self, z):
-    outs = [nn.Dense(self.num_classes, name=f"task{t}_out")(
-        nn.relu(nn.Dense(self.hidden, name=f"task{t}_hidden")(z))) for t in range(self.num_tasks)]
+    outs = [
+      nn.Dense(self.num_classes, name=f"task{t}_out")(
+        nn.relu(nn.Dense(self.hidden, name=f"task{t}_hidden")(z))
+      )
+      for t in range(self.num_tasks)
+    ]
     return jnp.stack(outs, axis=1)
 
 
 def digit_losses(logits, batch):
   """Cross-entropy of each digit: logits (B, k, 10), batch["labels"] (B, k) int."""
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]),
-                  axis=0)
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]), axis=0)
 
 
 def lenet_functions(num_tasks: int = 2) -> TaskFunctions:

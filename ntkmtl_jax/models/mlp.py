@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -15,6 +15,7 @@ class MLPEncoder(nn.Module):
     features: widths of the hidden layers; the last is the representation z.
     activation: "relu" or "tanh" (tanh suits smooth regression targets such as Sines).
   """
+
   features: Sequence[int] = (128, 64)
   activation: str = "relu"
 
@@ -34,6 +35,7 @@ class TaskHeads(nn.Module):
   Attributes:
     output_sizes: number of outputs of each task's head (classes, or 1 for regression).
   """
+
   output_sizes: Sequence[int]
 
   @nn.compact

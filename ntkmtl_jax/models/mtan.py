@@ -28,7 +28,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -85,6 +85,7 @@ def upsample_bilinear(x, factor: int = 2):
 
 class ConvLayer(nn.Module):
   """3x3 convolution (with bias) + BatchNorm + ReLU, repeated `depth` times."""
+
   features: int
   depth: int = 1
 
@@ -99,6 +100,7 @@ class ConvLayer(nn.Module):
 
 class AttentionLayer(nn.Module):
   """MTAN attention mask: 1x1 conv + BN + ReLU, 1x1 conv + BN + sigmoid."""
+
   hidden: int
   features: int
 
@@ -118,6 +120,7 @@ class MTANEncoder(nn.Module):
       stages). Fewer entries give a shallower network of the same design (for smoke tests:
       it compiles much faster); the image sides must be multiples of 2 ** len(filters).
   """
+
   num_tasks: int = 3
   filters: Sequence[int] = FILTERS
 
@@ -125,21 +128,29 @@ class MTANEncoder(nn.Module):
   def __call__(self, x, train: bool = True):
     f = tuple(self.filters)
     s = len(f)  # stages
-    if x.shape[1] % 2 ** s or x.shape[2] % 2 ** s:
-      raise ValueError(f"SegNet-MTAN pools {s} times: image height and width must be "
-                       f"multiples of {2 ** s}, got {x.shape[1:3]}.")
+    if x.shape[1] % 2**s or x.shape[2] % 2**s:
+      raise ValueError(
+        f"SegNet-MTAN pools {s} times: image height and width must be "
+        f"multiples of {2**s}, got {x.shape[1:3]}."
+      )
     last = s - 1
     encoder_block = [ConvLayer(f[i], name=f"encoder_block_{i}") for i in range(s)]
-    conv_block_enc = [ConvLayer(f[i], depth=1 if i < 2 else 2, name=f"conv_block_enc_{i}")
-                      for i in range(s)]
+    conv_block_enc = [
+      ConvLayer(f[i], depth=1 if i < 2 else 2, name=f"conv_block_enc_{i}") for i in range(s)
+    ]
     # decoder_block[i] maps stage i+1's width down to stage i's (index 0 keeps f0).
     decoder_block = [ConvLayer(f[max(i - 1, 0)], name=f"decoder_block_{i}") for i in range(s)]
-    conv_block_dec = [ConvLayer(f[max(i - 1, 0)], depth=1 if i < 2 else 2,
-                                name=f"conv_block_dec_{i}") for i in range(s)]
-    encoder_block_att = [ConvLayer(f[min(i + 1, last)], name=f"encoder_block_att_{i}")
-                         for i in range(s)]
-    decoder_block_att = [ConvLayer(f[last] if i == last else f[max(i - 1, 0)],
-                                   name=f"decoder_block_att_{i}") for i in range(s)]
+    conv_block_dec = [
+      ConvLayer(f[max(i - 1, 0)], depth=1 if i < 2 else 2, name=f"conv_block_dec_{i}")
+      for i in range(s)
+    ]
+    encoder_block_att = [
+      ConvLayer(f[min(i + 1, last)], name=f"encoder_block_att_{i}") for i in range(s)
+    ]
+    decoder_block_att = [
+      ConvLayer(f[last] if i == last else f[max(i - 1, 0)], name=f"decoder_block_att_{i}")
+      for i in range(s)
+    ]
 
     # The shared SegNet.
     g_encoder, pooled, positions = [], [], []
@@ -174,7 +185,8 @@ class MTANEncoder(nn.Module):
         stage = last - j  # decoder_att index in the original code
         width = f[max(stage - 1, 0)]
         mask = AttentionLayer(width, width, name=f"decoder_att_t{t}_{stage}")(
-            jnp.concatenate([g_upsampled[j], a], -1), train)
+          jnp.concatenate([g_upsampled[j], a], -1), train
+        )
         a = mask * g_decoder[j]
       features.append(a)
     return tuple(features)
@@ -188,6 +200,7 @@ class MTANHeads(nn.Module):
       normals. A task named "normal" in `task_kinds` gets unit-length outputs.
     task_kinds: "segmentation", "depth" or "normal" per task.
   """
+
   output_channels: Sequence[int] = (13, 1, 3)
   task_kinds: Sequence[str] = ("segmentation", "depth", "normal")
 
@@ -195,8 +208,9 @@ class MTANHeads(nn.Module):
   def __call__(self, z):
     outputs = []
     for t, (channels, kind) in enumerate(zip(self.output_channels, self.task_kinds)):
-      h = nn.Conv(z[t].shape[-1], (3, 3), padding=1, kernel_init=_conv_init,
-                  name=f"pred_task{t}_conv")(z[t])
+      h = nn.Conv(
+        z[t].shape[-1], (3, 3), padding=1, kernel_init=_conv_init, name=f"pred_task{t}_conv"
+      )(z[t])
       out = nn.Conv(channels, (1, 1), kernel_init=_conv_init, name=f"pred_task{t}_out")(h)
       if kind == "normal":
         out = out / jnp.maximum(jnp.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
@@ -224,13 +238,18 @@ def normal_loss(prediction, target):
   return 1.0 - jnp.sum(prediction * target * valid) / jnp.maximum(jnp.sum(valid[..., 0]), 1.0)
 
 
-_LOSSES = {"segmentation": ("label", segmentation_loss), "depth": ("depth", depth_loss),
-           "normal": ("normal", normal_loss)}
+_LOSSES = {
+  "segmentation": ("label", segmentation_loss),
+  "depth": ("depth", depth_loss),
+  "normal": ("normal", normal_loss),
+}
 
 
-def mtan_functions(num_classes: int = 13, tasks: Sequence[str] = ("segmentation", "depth",
-                                                                    "normal"),
-                   filters: Sequence[int] = FILTERS) -> TaskFunctions:
+def mtan_functions(
+  num_classes: int = 13,
+  tasks: Sequence[str] = ("segmentation", "depth", "normal"),
+  filters: Sequence[int] = FILTERS,
+) -> TaskFunctions:
   """The pure functions of SegNet-MTAN for the given tasks.
 
   The batch holds `image` (B, H, W, 3) and, per task, `label` (B, H, W) int (-1 = ignore),
@@ -242,5 +261,9 @@ def mtan_functions(num_classes: int = 13, tasks: Sequence[str] = ("segmentation"
   def task_losses(outputs, batch):
     return jnp.stack([_LOSSES[t][1](out, batch[_LOSSES[t][0]]) for t, out in zip(tasks, outputs)])
 
-  return task_functions(MTANEncoder(len(tasks), tuple(filters)), MTANHeads(channels, tasks),
-                        task_losses, input_key="image")
+  return task_functions(
+    MTANEncoder(len(tasks), tuple(filters)),
+    MTANHeads(channels, tasks),
+    task_losses,
+    input_key="image",
+  )

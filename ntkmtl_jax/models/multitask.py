@@ -9,11 +9,11 @@ does the same for a Flax NNX model.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 PyTree = Any
 
@@ -29,6 +29,7 @@ class TaskFunctions(NamedTuple):
     shared: `params -> mask` marking the encoder's parameters as shared.
     init: `(key, batch) -> (params, model_state)`.
   """
+
   loss_fn: Callable
   encode: Callable
   decode: Callable
@@ -44,12 +45,19 @@ class TaskFunctions(NamedTuple):
 
 def shared_encoder_mask(params: PyTree) -> PyTree:
   """Mask with True on `params["encoder"]` and False on everything else."""
-  return {name: jax.tree.map(lambda _: name == "encoder", sub) for name, sub in params.items()}
+  return {
+    name: jax.tree.map(lambda _, shared=name == "encoder": shared, sub)
+    for name, sub in params.items()
+  }
 
 
-def task_functions(encoder: nn.Module, heads: nn.Module,
-                   task_losses: Callable[[Any, PyTree], jax.Array], *,
-                   input_key: str = "x") -> TaskFunctions:
+def task_functions(
+  encoder: nn.Module,
+  heads: nn.Module,
+  task_losses: Callable[[Any, PyTree], jax.Array],
+  *,
+  input_key: str = "x",
+) -> TaskFunctions:
   """Builds the pure functions of a model made of `encoder` and `heads`.
 
   Args:
@@ -63,8 +71,7 @@ def task_functions(encoder: nn.Module, heads: nn.Module,
   def encode(params, model_state, batch):
     variables = {"params": params["encoder"], **(model_state or {})}
     if model_state:
-      z, updates = encoder.apply(variables, batch[input_key], train=True,
-                                 mutable=list(model_state))
+      z, updates = encoder.apply(variables, batch[input_key], train=True, mutable=list(model_state))
       return z, {**model_state, **updates}
     return encoder.apply(variables, batch[input_key], train=True), model_state
 
@@ -93,15 +100,21 @@ def task_functions(encoder: nn.Module, heads: nn.Module,
 
 class LinearHeads(nn.Module):
   """k linear heads on a shared feature, stored as one (features, k * outputs) kernel."""
+
   num_tasks: int
   outputs_per_task: int = 1
 
   @nn.compact
   def __call__(self, z):
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (z.shape[-1], self.num_tasks * self.outputs_per_task))
+    kernel = self.param(
+      "kernel",
+      nn.initializers.lecun_normal(),
+      (z.shape[-1], self.num_tasks * self.outputs_per_task),
+    )
     bias = self.param("bias", nn.initializers.zeros, (self.num_tasks * self.outputs_per_task,))
     out = z @ kernel + bias
-    return out.reshape(z.shape[:-1] + (self.num_tasks, self.outputs_per_task)).squeeze(-1) \
-        if self.outputs_per_task == 1 else out.reshape(
-            z.shape[:-1] + (self.num_tasks, self.outputs_per_task))
+    return (
+      out.reshape(z.shape[:-1] + (self.num_tasks, self.outputs_per_task)).squeeze(-1)
+      if self.outputs_per_task == 1
+      else out.reshape(z.shape[:-1] + (self.num_tasks, self.outputs_per_task))
+    )

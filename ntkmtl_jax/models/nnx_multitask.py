@@ -23,7 +23,8 @@ randomness fixed by the seed of the model's `nnx.Rngs`.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 from flax import nnx
@@ -76,16 +77,22 @@ def _method(model, spec, name: str):
       raise ValueError(f"{name}={spec!r}: the model has no method {spec!r}.")
     return lambda m, x: getattr(m, spec)(x)
   if not callable(spec):
-    raise TypeError(f"{name} must be a method name or a function (model, input) -> output, "
-                    f"got {type(spec).__name__}.")
+    raise TypeError(
+      f"{name} must be a method name or a function (model, input) -> output, "
+      f"got {type(spec).__name__}."
+    )
   return spec
 
 
-def nnx_task_functions(model: nnx.Module, task_losses: Callable[[Any, PyTree], jax.Array], *,
-                       trunk: str | Sequence[str] = "encoder",
-                       encode: str | Callable | None = None,
-                       decode: str | Callable | None = None,
-                       input_key: str = "x") -> TaskFunctions:
+def nnx_task_functions(
+  model: nnx.Module,
+  task_losses: Callable[[Any, PyTree], jax.Array],
+  *,
+  trunk: str | Sequence[str] = "encoder",
+  encode: str | Callable | None = None,
+  decode: str | Callable | None = None,
+  input_key: str = "x",
+) -> TaskFunctions:
   """Builds the pure functions of a Flax NNX multi-task model.
 
   Args:
@@ -112,16 +119,20 @@ def nnx_task_functions(model: nnx.Module, task_losses: Callable[[Any, PyTree], j
     Dropout in the heads: keep those in the trunk); it raises a ValueError otherwise.
   """
   if not isinstance(model, nnx.Module):
-    raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}; for "
-                    "flax.linen modules use models.multitask.task_functions.")
+    raise TypeError(
+      f"model must be a flax.nnx.Module, got {type(model).__name__}; for "
+      "flax.linen modules use models.multitask.task_functions."
+    )
   graphdef, params_template, state_template = nnx.split(model, nnx.Param, ...)
   params0 = nnx.to_pure_dict(params_template)
   state0 = nnx.to_pure_dict(state_template) or None
   paths = _trunk_paths(trunk)
   for path in paths:
     if not _entry(params0, path):
-      raise ValueError(f"trunk={'.'.join(path)!r} holds no nnx.Param of the model; its "
-                       f"top-level parameter entries are {sorted(map(str, params0))}.")
+      raise ValueError(
+        f"trunk={'.'.join(path)!r} holds no nnx.Param of the model; its "
+        f"top-level parameter entries are {sorted(map(str, params0))}."
+      )
 
   if encode is None:
     if callable(getattr(model, "encode", None)):
@@ -134,8 +145,9 @@ def nnx_task_functions(model: nnx.Module, task_losses: Callable[[Any, PyTree], j
   split_model = encode_fn is not None and decode_fn is not None
 
   def build(params, model_state, train):
-    module = _merge(graphdef, _with_values(params_template, params),
-                    _with_values(state_template, model_state))
+    module = _merge(
+      graphdef, _with_values(params_template, params), _with_values(state_template, model_state)
+    )
     module.train() if train else module.eval()
     return module
 
@@ -161,9 +173,10 @@ def nnx_task_functions(model: nnx.Module, task_losses: Callable[[Any, PyTree], j
     after = jax.tree.leaves(state_of(module))
     if any(a is not b for a, b in zip(jax.tree.leaves(state0), after)):
       raise ValueError(
-          "The task heads changed model state (BatchNorm statistics or Dropout RNG counters) "
-          "in decode(params, z, batch), which has no model state to return: NTKMTL-SR and "
-          "MGDA-UB need heads that write no state; keep BatchNorm and Dropout in the trunk.")
+        "The task heads changed model state (BatchNorm statistics or Dropout RNG counters) "
+        "in decode(params, z, batch), which has no model state to return: NTKMTL-SR and "
+        "MGDA-UB need heads that write no state; keep BatchNorm and Dropout in the trunk."
+      )
     return losses
 
   def predict(params, model_state, batch):
@@ -172,7 +185,8 @@ def nnx_task_functions(model: nnx.Module, task_losses: Callable[[Any, PyTree], j
   def shared(params):
     def is_trunk(path, _):
       names = tuple(_key_name(e) for e in path)
-      return any(names[:len(p)] == p for p in paths)
+      return any(names[: len(p)] == p for p in paths)
+
     return jax.tree_util.tree_map_with_path(is_trunk, params)
 
   def init(key=None, batch=None):
@@ -181,10 +195,14 @@ def nnx_task_functions(model: nnx.Module, task_losses: Callable[[Any, PyTree], j
     del key, batch
     return params0, state0
 
-  return TaskFunctions(loss_fn,
-                       encode_with_state if split_model else None,
-                       decode_losses if split_model else None,
-                       predict, shared, init)
+  return TaskFunctions(
+    loss_fn,
+    encode_with_state if split_model else None,
+    decode_losses if split_model else None,
+    predict,
+    shared,
+    init,
+  )
 
 
 def _entry(tree: dict, path: tuple[str, ...]):
@@ -206,5 +224,6 @@ def update_module(model: nnx.Module, params: PyTree, model_state: PyTree = None)
   """Writes trained `params` and `model_state` (pure dicts, as `nnx_task_functions` makes
   them) back into the NNX `model`, in place."""
   _, params_template, state_template = nnx.split(model, nnx.Param, ...)
-  nnx.update(model, _with_values(params_template, params),
-             _with_values(state_template, model_state))
+  nnx.update(
+    model, _with_values(params_template, params), _with_values(state_template, model_state)
+  )

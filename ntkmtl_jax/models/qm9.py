@@ -34,6 +34,7 @@ class EdgeNetworkConv(nn.Module):
 
   W(e) = reshape(Dense(dim * dim)(relu(Dense(hidden)(e)))), contracted without forming W.
   """
+
   dim: int = 64
   hidden: int = 128
 
@@ -57,6 +58,7 @@ class EdgeNetworkConv(nn.Module):
 
 class Set2Set(nn.Module):
   """Set2Set readout over the valid nodes of each graph: returns (B, 2 * dim)."""
+
   dim: int = 64
   steps: int = 3
 
@@ -85,6 +87,7 @@ class MPNNEncoder(nn.Module):
   Input `x` is the dict of padded graph arrays (see the module docstring); the output is
   the per-molecule representation z, (B, dim).
   """
+
   dim: int = 64
   edge_hidden: int = 128
   message_steps: int = 3
@@ -118,5 +121,6 @@ def qm9_functions(num_targets: int = NUM_TARGETS, dim: int = 64) -> TaskFunction
 
   The batch holds `graph` (the dict of padded arrays) and `y` (B, num_targets).
   """
-  return task_functions(MPNNEncoder(dim), LinearHeads(num_targets), target_losses,
-                        input_key="graph")
+  return task_functions(
+    MPNNEncoder(dim), LinearHeads(num_targets), target_losses, input_key="graph"
+  )

@@ -10,5 +10,12 @@ use both; so can a method of your own.
 from ntkmtl_jax.testing import cases, references
 from ntkmtl_jax.testing.cases import FAMILIES, HardCase, hard_cases, make_case, relative_error
 
-__all__ = ["FAMILIES", "HardCase", "cases", "hard_cases", "make_case", "references",
-           "relative_error"]
+__all__ = [
+  "FAMILIES",
+  "HardCase",
+  "cases",
+  "hard_cases",
+  "make_case",
+  "references",
+  "relative_error",
+]

@@ -13,13 +13,20 @@ and a solver whose stopping rule is absolute in the largest gradient is wrong th
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 # The families, in the order `hard_cases` yields them.
-FAMILIES = ("mild", "imbalanced", "near_collinear", "near_opposite", "zero_gradient",
-            "duplicated", "rank_deficient")
+FAMILIES = (
+  "mild",
+  "imbalanced",
+  "near_collinear",
+  "near_opposite",
+  "zero_gradient",
+  "duplicated",
+  "rank_deficient",
+)
 NUM_TASKS = (2, 3, 5, 10, 40)
 SEEDS = (0, 1, 2)
 # The largest task gradient is this many times the smallest (log-spaced scales).
@@ -40,6 +47,7 @@ class HardCase:
     losses: (k,) positive float64 task losses, of the size of each task's gradient (a task
       whose loss is multiplied by c has its gradient multiplied by c).
   """
+
   name: str
   family: str
   seed: int
@@ -56,8 +64,9 @@ class HardCase:
     return self.jacobian @ self.jacobian.T
 
 
-def task_scales(rng: np.random.Generator, num_tasks: int,
-                scale_range: float = SCALE_RANGE) -> np.ndarray:
+def task_scales(
+  rng: np.random.Generator, num_tasks: int, scale_range: float = SCALE_RANGE
+) -> np.ndarray:
   """k scales log-spaced from 1 to `scale_range`, in a random order."""
   return rng.permutation(np.logspace(0.0, np.log10(scale_range), num_tasks))
 
@@ -98,8 +107,12 @@ def make_case(family: str, num_tasks: int, seed: int, dim: int = 50) -> HardCase
   return HardCase(f"{family}/k{k}/seed{seed}", family, seed, jac, losses)
 
 
-def hard_cases(families: Sequence[str] = FAMILIES, ks: Sequence[int] = NUM_TASKS,
-               seeds: Sequence[int] = SEEDS, dim: int = 50) -> Iterator[HardCase]:
+def hard_cases(
+  families: Sequence[str] = FAMILIES,
+  ks: Sequence[int] = NUM_TASKS,
+  seeds: Sequence[int] = SEEDS,
+  dim: int = 50,
+) -> Iterator[HardCase]:
   """Every case of `families` x `ks` x `seeds` (by default 7 x 5 x 3 = 105 cases)."""
   for family in families:
     for k in ks:
@@ -107,8 +120,9 @@ def hard_cases(families: Sequence[str] = FAMILIES, ks: Sequence[int] = NUM_TASKS
         yield make_case(family, k, seed, dim)
 
 
-def relative_error(direction: np.ndarray, reference: np.ndarray, jacobian: np.ndarray,
-                   floor: float = 1e-6) -> float:
+def relative_error(
+  direction: np.ndarray, reference: np.ndarray, jacobian: np.ndarray, floor: float = 1e-6
+) -> float:
   """||d - d_ref|| / max(||d_ref||, floor * max_i ||g_i||), in float64.
 
   Relative to the reference's own size; a reference below `floor` times the largest task
@@ -116,6 +130,9 @@ def relative_error(direction: np.ndarray, reference: np.ndarray, jacobian: np.nd
   that an answer of 1e-12 times the largest gradient against an exact 0 is an error of 1e-6.
   """
   reference = np.asarray(reference, np.float64)
-  scale = max(float(np.linalg.norm(reference)),
-              floor * float(np.max(np.linalg.norm(jacobian, axis=1))), np.finfo(float).tiny)
+  scale = max(
+    float(np.linalg.norm(reference)),
+    floor * float(np.max(np.linalg.norm(jacobian, axis=1))),
+    np.finfo(float).tiny,
+  )
   return float(np.linalg.norm(np.asarray(direction, np.float64) - reference) / scale)

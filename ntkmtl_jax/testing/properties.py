@@ -22,7 +22,8 @@ the squared norms ||g_i||^2 (NTKMTL-SR, NTKMTL with chunks).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,7 @@ class Trajectory:
     weights: (T, k) the state's `weights` at each step.
     states: the state after each step.
   """
+
   directions: np.ndarray
   weights: np.ndarray
   states: list
@@ -60,7 +62,7 @@ def _extra_args(method, jac, losses, key):
   if kind == "representation_gram":
     extra["gram"] = jac @ jac.T
   elif kind in ("representation", "kernel"):
-    extra["eigenvalues"] = jnp.sum(jac ** 2, axis=1)
+    extra["eigenvalues"] = jnp.sum(jac**2, axis=1)
   return extra
 
 
@@ -77,8 +79,16 @@ def method_of(name: str, num_tasks: int, hparams: dict | None = None):
   return _BUILT[key]
 
 
-def run(method, jacobians: np.ndarray, losses: np.ndarray, *, seed: int = 0,
-        jit: bool = True, dtype=None, update=None) -> Trajectory:
+def run(
+  method,
+  jacobians: np.ndarray,
+  losses: np.ndarray,
+  *,
+  seed: int = 0,
+  jit: bool = True,
+  dtype=None,
+  update=None,
+) -> Trajectory:
   """Runs `method` on T steps of task gradients (T, k, P) and losses (T, k).
 
   The shared parameters are one leaf of P entries; the key of step t is
@@ -95,8 +105,9 @@ def run(method, jacobians: np.ndarray, losses: np.ndarray, *, seed: int = 0,
   for t, (jac, loss) in enumerate(zip(jacobians, losses)):
     jac = jnp.asarray(jac, dtype)
     key = jax.random.fold_in(jax.random.key(seed), t)
-    out, state = update({"w": jac}, state, params,
-                        **_extra_args(method, jac, jnp.asarray(loss, dtype), key))
+    out, state = update(
+      {"w": jac}, state, params, **_extra_args(method, jac, jnp.asarray(loss, dtype), key)
+    )
     directions.append(np.asarray(out["w"], np.float64))
     weights.append(np.asarray(state.weights, np.float64))
     states.append(state)
@@ -107,10 +118,12 @@ def steps_of(case: hard.HardCase, steps: int = STEPS) -> tuple[np.ndarray, np.nd
   """T steps around a hard case: its Jacobian and losses, perturbed by 5 % (elementwise,
   relative) from step 2 on, so that stateful methods see changing inputs."""
   rng = np.random.default_rng([case.seed, case.num_tasks, 7])
-  jacs = [case.jacobian] + [case.jacobian * (1 + 0.05 * rng.normal(size=case.jacobian.shape))
-                            for _ in range(steps - 1)]
-  losses = [case.losses] + [case.losses * rng.uniform(0.9, 1.1, case.num_tasks)
-                            for _ in range(steps - 1)]
+  jacs = [case.jacobian] + [
+    case.jacobian * (1 + 0.05 * rng.normal(size=case.jacobian.shape)) for _ in range(steps - 1)
+  ]
+  losses = [case.losses] + [
+    case.losses * rng.uniform(0.9, 1.1, case.num_tasks) for _ in range(steps - 1)
+  ]
   return np.stack(jacs), np.stack(losses)
 
 
@@ -136,6 +149,7 @@ def _enable_x64():
   if hasattr(jax, "enable_x64"):
     return jax.enable_x64(True)
   from jax.experimental import enable_x64
+
   return enable_x64(True)
 
 
@@ -143,6 +157,7 @@ def _x64(fn):
   def wrapped(*args, **kwargs):
     with _enable_x64():
       return fn(*args, **kwargs)
+
   wrapped.__name__ = fn.__name__
   wrapped.__doc__ = fn.__doc__
   return wrapped
@@ -180,8 +195,9 @@ def check_permutation_equivariant(name: str, hparams: dict, case: hard.HardCase)
   _assert_close(permuted.directions, base.directions, _floor(jacs), f"{name} on {case.name}")
   if case.family != "duplicated":  # duplicated tasks may share their weight in any way
     scale = float(np.max(np.abs(base.weights)))
-    _assert_close(permuted.weights, base.weights[:, perm], 1e-6 * scale,
-                  f"{name}'s weights on {case.name}")
+    _assert_close(
+      permuted.weights, base.weights[:, perm], 1e-6 * scale, f"{name}'s weights on {case.name}"
+    )
 
 
 def _scaled(jacs, losses, task, factor):
@@ -202,8 +218,12 @@ def _check_scalings(name, hparams, case, view, what):
   for task in range(case.num_tasks):
     for factor in SCALE_FACTORS:
       other = _run(name, hparams, *_scaled(jacs, losses, task, factor))
-      _assert_close(view(other.directions), view(base.directions), floor,
-                    f"{name}'s {what} on {case.name}, task {task} x {factor:g}")
+      _assert_close(
+        view(other.directions),
+        view(base.directions),
+        floor,
+        f"{name}'s {what} on {case.name}, task {task} x {factor:g}",
+      )
 
 
 @_x64
@@ -233,8 +253,9 @@ def check_linear_under_scaling(name: str, hparams: dict, case: hard.HardCase) ->
     return _run(name, hparams, jacs * c[None, :, None], losses * c).directions
 
   combined = direction(a * c1 + b * c2)
-  _assert_close(combined, a * direction(c1) + b * direction(c2), _floor(jacs) * 10,
-                f"{name} on {case.name}")
+  _assert_close(
+    combined, a * direction(c1) + b * direction(c2), _floor(jacs) * 10, f"{name} on {case.name}"
+  )
 
 
 @_x64
@@ -248,15 +269,16 @@ def check_non_conflicting(name: str, hparams: dict, case: hard.HardCase) -> None
     products = jac @ d
     slack = 1e-9 * np.linalg.norm(jac, axis=1) * np.linalg.norm(d)
     assert np.all(products >= -slack), (
-        f"{name} on {case.name}, step {t}: <d, g_i> = {products} conflicts")
+      f"{name} on {case.name}, step {t}: <d, g_i> = {products} conflicts"
+    )
 
 
 CHECKS = {
-    "permutation_equivariant": check_permutation_equivariant,
-    "scale_invariant": check_scale_invariant,
-    "direction_scale_invariant": check_direction_scale_invariant,
-    "linear_under_scaling": check_linear_under_scaling,
-    "non_conflicting": check_non_conflicting,
+  "permutation_equivariant": check_permutation_equivariant,
+  "scale_invariant": check_scale_invariant,
+  "direction_scale_invariant": check_direction_scale_invariant,
+  "linear_under_scaling": check_linear_under_scaling,
+  "non_conflicting": check_non_conflicting,
 }
 
 
@@ -270,11 +292,17 @@ def check_claim(name: str, claim: str, cases: Sequence[hard.HardCase] | None = N
 def claims_table() -> str:
   """The registry's claims as a markdown table (docs/methods/index.md holds it; a test
   checks that it is this one)."""
-  short = {"permutation_equivariant": "permutation", "scale_invariant": "scale",
-           "direction_scale_invariant": "direction under scale",
-           "linear_under_scaling": "linear", "non_conflicting": "non-conflicting"}
-  lines = ["| method | " + " | ".join(short[p] for p in methods.PROPERTIES) + " |",
-           "|---|" + "---|" * len(methods.PROPERTIES)]
+  short = {
+    "permutation_equivariant": "permutation",
+    "scale_invariant": "scale",
+    "direction_scale_invariant": "direction under scale",
+    "linear_under_scaling": "linear",
+    "non_conflicting": "non-conflicting",
+  }
+  lines = [
+    "| method | " + " | ".join(short[p] for p in methods.PROPERTIES) + " |",
+    "|---|" + "---|" * len(methods.PROPERTIES),
+  ]
   for name in methods.names():
     claimed = methods.claims(name)
     cells = []
@@ -311,16 +339,24 @@ def degenerate_inputs(num_tasks: int, dim: int = 20) -> dict[str, tuple[np.ndarr
 
 
 def _finite(tree) -> bool:
-  return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree)
-             if jnp.issubdtype(np.asarray(x).dtype, jnp.inexact))
+  return all(
+    bool(np.all(np.isfinite(np.asarray(x))))
+    for x in jax.tree.leaves(tree)
+    if jnp.issubdtype(np.asarray(x).dtype, jnp.inexact)
+  )
 
 
 def check_finite_on_degenerate(name: str, num_tasks: int) -> None:
   """Finite updates and states on `degenerate_inputs`, over three steps, in float32."""
   method, update = method_of(name, num_tasks)
   for what, (jac, losses) in degenerate_inputs(num_tasks).items():
-    out = run(method, np.repeat(jac[None], STEPS, 0), np.repeat(losses[None], STEPS, 0),
-              dtype=jnp.float32, update=update)
+    out = run(
+      method,
+      np.repeat(jac[None], STEPS, 0),
+      np.repeat(losses[None], STEPS, 0),
+      dtype=jnp.float32,
+      update=update,
+    )
     assert np.all(np.isfinite(out.directions)), f"{name}, {what}: non-finite update"
     for t, state in enumerate(out.states):
       assert _finite(state), f"{name}, {what}, step {t}: non-finite state {state}"
@@ -343,7 +379,8 @@ def check_state_stable(name: str, num_tasks: int = 3) -> None:
   for t, state in enumerate(out.states):
     got = _signature(state)
     assert jax.tree.structure(got) == jax.tree.structure(initial), (
-        f"{name}, step {t}: state structure changed")
+      f"{name}, step {t}: state structure changed"
+    )
     assert got == initial, f"{name}, step {t}: state {got} differs from init's {initial}"
 
 
@@ -355,8 +392,17 @@ def check_jit_matches_eager(name: str, num_tasks: int = 3) -> None:
   jitted = run(method, jacs, losses, dtype=jnp.float32, update=update)
   eager = run(method, jacs, losses, jit=False, dtype=jnp.float32)
   floor = 1e-5 * float(np.max(np.abs(eager.directions)))
-  np.testing.assert_allclose(jitted.directions, eager.directions, rtol=1e-5, atol=floor,
-                             err_msg=f"{name}: jit and eager updates differ")
-  np.testing.assert_allclose(jitted.weights, eager.weights, rtol=1e-5,
-                             atol=1e-6 * float(np.max(np.abs(eager.weights))),
-                             err_msg=f"{name}: jit and eager weights differ")
+  np.testing.assert_allclose(
+    jitted.directions,
+    eager.directions,
+    rtol=1e-5,
+    atol=floor,
+    err_msg=f"{name}: jit and eager updates differ",
+  )
+  np.testing.assert_allclose(
+    jitted.weights,
+    eager.weights,
+    rtol=1e-5,
+    atol=1e-6 * float(np.max(np.abs(eager.weights))),
+    err_msg=f"{name}: jit and eager weights differ",
+  )

@@ -23,7 +23,7 @@ it up. Every reference raises if its own check fails, so a wrong reference is ne
 from __future__ import annotations
 
 import itertools
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from scipy import linalg, optimize
@@ -61,8 +61,9 @@ def min_norm_weights(jacobian: np.ndarray, check: bool = True) -> np.ndarray:
   return w
 
 
-def _face_minimiser(gram: np.ndarray, support, max_condition: float | None = None
-                    ) -> np.ndarray | None:
+def _face_minimiser(
+  gram: np.ndarray, support, max_condition: float | None = None
+) -> np.ndarray | None:
   """The minimiser of w^T G w with sum(w) = 1 on the face `support`: the bordered system
   [[G_SS, 1], [1^T, 0]], scaled to unit diagonal and solved in float64; None where it is
   singular (above `max_condition`, when given) or its point leaves the simplex."""
@@ -138,8 +139,7 @@ def min_norm_weights_by_faces(gram: np.ndarray) -> np.ndarray:
 # -------------------------------------------------------------- CAGrad-type: <g_w, y> + r|g_w|
 
 
-def linear_plus_norm_weights(jacobian: np.ndarray, shift: np.ndarray,
-                             radius: float) -> np.ndarray:
+def linear_plus_norm_weights(jacobian: np.ndarray, shift: np.ndarray, radius: float) -> np.ndarray:
   """w on the simplex minimising <g_w, y> + r ||g_w|| (g_w = J^T w, y = `shift`).
 
   For tau >= 0 let w(tau) be the min-norm weights of the shifted rows g_i + tau y (NNLS);
@@ -169,23 +169,27 @@ def linear_plus_norm_weights(jacobian: np.ndarray, shift: np.ndarray,
       return w_min
   if excess(lo) <= 0:
     return weights_at(lo)
-  tau = optimize.brentq(excess, lo, hi, xtol=1e-300, rtol=4 * np.finfo(float).eps,
-                        maxiter=500)
+  tau = optimize.brentq(excess, lo, hi, xtol=1e-300, rtol=4 * np.finfo(float).eps, maxiter=500)
   w = weights_at(tau)
   gram, linear = jac @ jac.T, jac @ y
   gap = linear_plus_norm_gap(gram, linear, radius, w)
   # The gap's own rounding: (G w)_i / ||g_w|| loses eps |G| |w| / ||g_w||.
   norm = np.linalg.norm(w @ jac)
-  rounding = 64 * len(w) * np.finfo(float).eps * (
-      np.abs(linear) @ np.abs(w) + radius * np.max(np.abs(gram) @ np.abs(w)) / norm) / (
-          abs(linear @ w) + radius * norm)
+  rounding = (
+    64
+    * len(w)
+    * np.finfo(float).eps
+    * (np.abs(linear) @ np.abs(w) + radius * np.max(np.abs(gram) @ np.abs(w)) / norm)
+    / (abs(linear @ w) + radius * norm)
+  )
   if not gap <= CHECK + rounding:
     raise ReferenceError(f"CAGrad-type reference has a duality gap of {gap:.2e}")
   return w
 
 
-def linear_plus_norm_gap(gram: np.ndarray, linear: np.ndarray, radius: float,
-                         w: np.ndarray) -> float:
+def linear_plus_norm_gap(
+  gram: np.ndarray, linear: np.ndarray, radius: float, w: np.ndarray
+) -> float:
   """Relative duality gap of min_w q^T w + r sqrt(w^T G w) over the simplex.
 
   For every unit u, min_i (q_i + r <g_i, u>) is a lower bound on the optimum (the problem is
@@ -238,31 +242,39 @@ def fair_allocation_weights(gram: np.ndarray, alpha: float = 1.0) -> np.ndarray 
 
   def hessian(v):
     w = np.exp(v)
-    return (w[:, None] * g * w[None, :] + np.diag(w * (g @ w))
-            - np.diag((1.0 - inv) * w ** (1.0 - inv)))
+    return (
+      w[:, None] * g * w[None, :] + np.diag(w * (g @ w)) - np.diag((1.0 - inv) * w ** (1.0 - inv))
+    )
 
   start = np.full(k, np.log(max(np.sum(g) / k, 1e-300) ** (-alpha / (alpha + 1.0))))
-  solution = optimize.minimize(potential, start, jac=gradient, hess=hessian,
-                               method="trust-exact", options=dict(gtol=1e-14, maxiter=2000))
+  solution = optimize.minimize(
+    potential,
+    start,
+    jac=gradient,
+    hess=hessian,
+    method="trust-exact",
+    options=dict(gtol=1e-14, maxiter=2000),
+  )
 
   # Polished by MINPACK's hybrid method on the system itself, in the same coordinates, from
   # the minimiser found (the trust region stops on the gradient, not on the residual).
   def equations(v):
     w = np.exp(v)
-    return w ** inv * (g @ w) - 1.0
+    return w**inv * (g @ w) - 1.0
 
   def equations_jacobian(v):
     w = np.exp(v)
-    return np.diag(inv * w ** inv * (g @ w)) + (w ** inv)[:, None] * g * w[None, :]
+    return np.diag(inv * w**inv * (g @ w)) + (w**inv)[:, None] * g * w[None, :]
 
   def excess(v):
     # The residual in units of what it may be: CHECK plus its own rounding.
     w = np.exp(v)
-    rounding = 64 * k * np.finfo(float).eps * w ** inv * (np.abs(g) @ w)
+    rounding = 64 * k * np.finfo(float).eps * w**inv * (np.abs(g) @ w)
     return np.max(np.abs(equations(v)) / (CHECK + rounding))
 
-  polished = optimize.root(equations, solution.x, jac=equations_jacobian, method="hybr",
-                           options=dict(xtol=1e-15))
+  polished = optimize.root(
+    equations, solution.x, jac=equations_jacobian, method="hybr", options=dict(xtol=1e-15)
+  )
   v = polished.x if excess(polished.x) < excess(solution.x) else solution.x
   for _ in range(5):  # plain Newton steps take the last digits hybr leaves
     step = np.linalg.solve(equations_jacobian(v), -equations(v))
@@ -276,8 +288,14 @@ def fair_allocation_weights(gram: np.ndarray, alpha: float = 1.0) -> np.ndarray 
 # ----------------------------------------------------------------------- UPGrad, DualProj
 
 
-def dual_cone_weights(gram: np.ndarray, preference: np.ndarray, *, norm_eps: float = 1e-4,
-                      reg_eps: float = 1e-4, ridge: str = "per_task") -> np.ndarray:
+def dual_cone_weights(
+  gram: np.ndarray,
+  preference: np.ndarray,
+  *,
+  norm_eps: float = 1e-4,
+  reg_eps: float = 1e-4,
+  ridge: str = "per_task",
+) -> np.ndarray:
   """w >= u minimising w^T H w, H = G / tr(G) + ridge (G as 0 when tr(G) < norm_eps).
 
   The dual of the projection of J^T u onto the dual cone of the rows of J (torchjd's
@@ -337,9 +355,12 @@ def imtl_g_weights(jacobian: np.ndarray, max_condition: float = 1e10) -> np.ndar
   return np.linalg.solve(system, rhs)[:k]
 
 
-def aligned_mtl_weights(gram: np.ndarray, scale_mode: str = "min",
-                        preference: np.ndarray | None = None,
-                        eps: float = float(np.finfo(np.float32).eps)) -> np.ndarray:
+def aligned_mtl_weights(
+  gram: np.ndarray,
+  scale_mode: str = "min",
+  preference: np.ndarray | None = None,
+  eps: float = float(np.finfo(np.float32).eps),
+) -> np.ndarray:
   """Aligned-MTL's weights B u from the eigen-decomposition of G (paper's Algorithm 1).
 
   Eigenvalues at or below lambda_max * k * `eps` are dropped (the numerical rank r; float32's
@@ -355,8 +376,9 @@ def aligned_mtl_weights(gram: np.ndarray, scale_mode: str = "min",
   if not np.any(keep):
     return u
   lam, vec = evals[keep], evecs[:, keep]
-  scale = {"min": lam.min(), "median": np.sort(lam)[(len(lam) - 1) // 2],
-           "rmse": lam.mean()}[scale_mode]
+  scale = {"min": lam.min(), "median": np.sort(lam)[(len(lam) - 1) // 2], "rmse": lam.mean()}[
+    scale_mode
+  ]
   return np.sqrt(scale) * vec @ ((vec.T @ u) / np.sqrt(lam))
 
 
@@ -367,7 +389,7 @@ def config_direction(jacobian: np.ndarray, eps: float = np.finfo(np.float64).eps
   jac = np.asarray(jacobian, np.float64)
   norms = np.linalg.norm(jac, axis=1)
   units = jac[norms > 0] / norms[norms > 0, None]
-  direction, *_ = np.linalg.lstsq(units, np.ones(len(units)), rcond=eps ** 0.25)
+  direction, *_ = np.linalg.lstsq(units, np.ones(len(units)), rcond=eps**0.25)
   norm = np.linalg.norm(direction)
   if norm <= np.sqrt(eps):  # no direction agrees with every task (e.g. two opposite ones)
     return np.zeros(jac.shape[1])
@@ -385,9 +407,14 @@ def project_to_simplex(v: np.ndarray) -> np.ndarray:
   return np.maximum(v - cumulative[rho] / (rho + 1), 0.0)
 
 
-def sdmgrad_iteration(gram: np.ndarray, w0: np.ndarray, lamda: float = 0.3,
-                      num_iters: int = 20, learning_rate: float = 10.0,
-                      momentum: float = 0.5) -> np.ndarray:
+def sdmgrad_iteration(
+  gram: np.ndarray,
+  w0: np.ndarray,
+  lamda: float = 0.3,
+  num_iters: int = 20,
+  learning_rate: float = 10.0,
+  momentum: float = 0.5,
+) -> np.ndarray:
   """SDMGrad's sub-problem iteration as the authors run it: G over the squared mean of
   sqrt(G_ii + 1e-4), `num_iters` heavy-ball steps on w^T G w + 2 lamda w^T G 1/k from w0,
   each followed by the projection onto the simplex."""
@@ -435,7 +462,7 @@ def _imgrad(case: HardCase, variant: str, c: float = 0.8) -> np.ndarray:
     # min (1 - mu) <g_w, g0> + mu r ||g_w||^2 = mu r ||g_w + tau g0||^2 + const, on the
     # gradients scaled to unit mean squared norm (the objective is not homogeneous: the
     # library fixes that scale).
-    unit = np.sqrt(np.mean(np.sum(jac ** 2, axis=1)))
+    unit = np.sqrt(np.mean(np.sum(jac**2, axis=1)))
     if mu == 0.0:
       w = np.zeros(k)
       w[np.argmin(jac @ g0)] = 1.0
@@ -493,22 +520,22 @@ def _sdmgrad_exact(case: HardCase, lamda: float = 0.3) -> np.ndarray:
 # name -> (hyper-parameters, reference of the first step's direction). Every method of the
 # registry whose step solves a problem or evaluates a closed form on the Gram matrix.
 REFERENCES: dict[str, tuple[dict, Callable[[HardCase], np.ndarray | None]]] = {
-    "mgda": ({}, _mgda),
-    "mgda/frank_wolfe": ({"solver": "frank_wolfe"}, _mgda),
-    "mgda/projected_gradient": ({"solver": "projected_gradient"}, _mgda),
-    "mgda_ub": ({}, _mgda),
-    "cagrad": ({}, _cagrad),
-    "imgrad": ({}, lambda case: _imgrad(case, "paper")),
-    "imgrad/code": ({"variant": "code"}, lambda case: _imgrad(case, "code")),
-    "nash_mtl": ({}, lambda case: _fair(case, 1.0, 1.0)),
-    "fairgrad": ({}, lambda case: _fair(case, 2.0, case.num_tasks)),
-    "upgrad": ({}, _upgrad),
-    "dualproj": ({}, _dualproj),
-    "aligned_mtl": ({}, lambda case: aligned_mtl_weights(case.gram) @ case.jacobian),
-    "imtl_g": ({}, _imtl_g),
-    "config": ({}, lambda case: config_direction(case.jacobian)),
-    "sdmgrad": ({}, _sdmgrad),
-    "sdmgrad/exact": ({"solver": "exact"}, _sdmgrad_exact),
+  "mgda": ({}, _mgda),
+  "mgda/frank_wolfe": ({"solver": "frank_wolfe"}, _mgda),
+  "mgda/projected_gradient": ({"solver": "projected_gradient"}, _mgda),
+  "mgda_ub": ({}, _mgda),
+  "cagrad": ({}, _cagrad),
+  "imgrad": ({}, lambda case: _imgrad(case, "paper")),
+  "imgrad/code": ({"variant": "code"}, lambda case: _imgrad(case, "code")),
+  "nash_mtl": ({}, lambda case: _fair(case, 1.0, 1.0)),
+  "fairgrad": ({}, lambda case: _fair(case, 2.0, case.num_tasks)),
+  "upgrad": ({}, _upgrad),
+  "dualproj": ({}, _dualproj),
+  "aligned_mtl": ({}, lambda case: aligned_mtl_weights(case.gram) @ case.jacobian),
+  "imtl_g": ({}, _imtl_g),
+  "config": ({}, lambda case: config_direction(case.jacobian)),
+  "sdmgrad": ({}, _sdmgrad),
+  "sdmgrad/exact": ({"solver": "exact"}, _sdmgrad_exact),
 }
 
 

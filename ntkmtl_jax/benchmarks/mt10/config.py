@@ -86,7 +86,7 @@ class MT10Config:
   checkpoint: bool = True
   log_every: int = 50
 
-  def replace(self, **changes) -> "MT10Config":
+  def replace(self, **changes) -> MT10Config:
     return dataclasses.replace(self, **changes)
 
   def hparams(self) -> dict:

@@ -168,8 +168,9 @@ def train_and_evaluate(config: MT10Config, workdir: str | None, *, envs=None,
   for step in steps:
     if step % config.eval_freq == 0 and not (history and history[-1]["step"] == step):
       row = record_evaluation(step)
+      rate = updates_done / max(updates_time, 1e-9)
       message = (f"step {step}: mean success {row['mean_success']:.2f}, mean return "
-                 f"{row['mean_return']:.1f}, updates/s {updates_done / max(updates_time, 1e-9):.2f}")
+                 f"{row['mean_return']:.1f}, updates/s {rate:.2f}")
       bar.write(message) if bar is not None else print(message, flush=True)
       if manager and step > start_step:
         save_checkpoint(manager, step, state, buffer, history)

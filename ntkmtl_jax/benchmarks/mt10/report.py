@@ -81,7 +81,8 @@ def write_summary(results: list[dict], workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
-  lines = ["| method | seeds | mean success ± stderr | paper (Table 4) |", "| --- | --- | --- | --- |"]
+  lines = ["| method | seeds | mean success ± stderr | paper (Table 4) |",
+           "| --- | --- | --- | --- |"]
   for method, s in summary.items():
     paper = f"{s['paper'][0]:.2f} ± {s['paper'][1]:.2f}" if s["paper"] else "-"
     lines.append(f"| {method} | {len(s['seeds'])} | {s['mean_success']:.2f} ± "

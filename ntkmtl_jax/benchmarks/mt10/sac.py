@@ -9,7 +9,8 @@ in the actor loss) rides in the loss's batch pytree.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
