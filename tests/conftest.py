@@ -4,17 +4,20 @@ small multi-task MLP with a hand-written float64 NumPy reference of its per-task
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 # Every test that takes `seed` runs once per seed here, so a run is reproducible and a
 # failure names its seed in the test id (`test_x[seed1]`). NTKMTL_TEST_SEEDS="5,6,7" tries
 # others. Slow tests (end-to-end training, notebooks, pipelines) take the first seed only:
 # mark them `@pytest.mark.one_seed`.
 SEEDS = tuple(int(s) for s in os.environ.get("NTKMTL_TEST_SEEDS", "0,1,2").split(","))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
 
 
 def enable_x64(enabled: bool = True):
@@ -23,6 +26,7 @@ def enable_x64(enabled: bool = True):
   if hasattr(jax, "enable_x64"):
     return jax.enable_x64(enabled)
   from jax.experimental import enable_x64 as experimental_enable_x64
+
   return experimental_enable_x64(enabled)
 
 
@@ -32,8 +36,10 @@ def pytest_configure(config):
   os.environ.setdefault("NTKMTL_NO_COMPILATION_CACHE", "1")
   config.addinivalue_line("markers", "one_seed: a slow test, run with the first seed only")
   config.addinivalue_line(
-      "markers", "default_precision: run at the backend's default matmul precision instead "
-      "of 'highest' (e.g. TF32 on NVIDIA GPUs, bfloat16 passes on TPU)")
+    "markers",
+    "default_precision: run at the backend's default matmul precision instead "
+    "of 'highest' (e.g. TF32 on NVIDIA GPUs, bfloat16 passes on TPU)",
+  )
 
 
 def pytest_generate_tests(metafunc):
@@ -66,12 +72,13 @@ class TanhMLP:
   i's targets, so the task gradients (and kernel eigenvalues) differ in size.
   """
 
-  def __init__(self, rng: np.random.Generator, num_tasks=3, in_dim=4, hidden=6, batch=8,
-               task_scales=None):
+  def __init__(
+    self, rng: np.random.Generator, num_tasks=3, in_dim=4, hidden=6, batch=8, task_scales=None
+  ):
     self.k = num_tasks
     self.params64 = {
-        "shared": {"w": rng.normal(size=(in_dim, hidden)) * 0.7, "b": rng.normal(size=hidden) * 0.1},
-        "heads": {"w": rng.normal(size=(hidden, num_tasks)) * 0.7},
+      "shared": {"w": rng.normal(size=(in_dim, hidden)) * 0.7, "b": rng.normal(size=hidden) * 0.1},
+      "heads": {"w": rng.normal(size=(hidden, num_tasks)) * 0.7},
     }
     scales = np.ones(num_tasks) if task_scales is None else np.asarray(task_scales)
     self.x = rng.normal(size=(batch, in_dim))
@@ -94,6 +101,14 @@ class TanhMLP:
   def shared(params):
     return {"shared": {"w": True, "b": True}, "heads": {"w": False}}
 
+  def ntk_weights(self, num_chunks, **kwargs):
+    """`ntk_weights` of this model's loss on its batch, `num_chunks` chunks, W1 and b1 shared."""
+    import ntkmtl_jax as nm
+
+    return nm.ntk_weights(
+      self.loss_fn, self.params, self.batch, num_chunks=num_chunks, shared=self.shared, **kwargs
+    )
+
   def numpy_task_gradients(self, x=None, y=None):
     """Float64 per-task gradients by hand: (k, P_shared) and head gradients (k, hidden, k)."""
     x = self.x if x is None else x
@@ -105,8 +120,8 @@ class TanhMLP:
     m = x.shape[0]
     shared_rows, head_rows = [], []
     for i in range(self.k):
-      dh = (2.0 / m) * err[:, i:i + 1] * p["heads"]["w"][:, i][None, :]
-      da = dh * (1.0 - h ** 2)
+      dh = (2.0 / m) * err[:, i : i + 1] * p["heads"]["w"][:, i][None, :]
+      da = dh * (1.0 - h**2)
       shared_rows.append(np.concatenate([(x.T @ da).ravel(), da.sum(0)]))
       head = np.zeros_like(p["heads"]["w"])
       head[:, i] = (2.0 / m) * h.T @ err[:, i]
@@ -128,20 +143,36 @@ def mlp(seed):
   return TanhMLP(rng, num_tasks=k, task_scales=rng.uniform(0.2, 5.0, k))
 
 
+def run_python(args, cwd=None, timeout=600, **env):
+  """`python ARGS` in a fresh interpreter that imports this checkout's ntkmtl_jax, with the
+  environment variables `env` set; the completed process, its output captured as text."""
+  pythonpath = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
+  return subprocess.run(
+    [sys.executable, *args],
+    env=dict(os.environ, PYTHONPATH=pythonpath, **env),
+    cwd=cwd,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
 def flat_shared(tree):
   """(P,) or (..., P) concatenation of the shared leaves in the order w, b (matching numpy)."""
   w, b = tree["shared"]["w"], tree["shared"]["b"]
   lead = w.shape[:-2]
-  return np.concatenate([np.asarray(w).reshape(lead + (-1,)), np.asarray(b).reshape(lead + (-1,))],
-                        axis=-1)
+  return np.concatenate(
+    [np.asarray(w).reshape(lead + (-1,)), np.asarray(b).reshape(lead + (-1,))], axis=-1
+  )
 
 
 def assert_close(actual, desired, rtol=2e-4, err_msg=""):
   """Float32 vs float64 comparison: relative to each entry and to the largest entry."""
   desired = np.asarray(desired, np.float64)
   scale = float(np.abs(desired).max()) if desired.size else 0.0
-  np.testing.assert_allclose(np.asarray(actual, np.float64), desired, rtol=rtol,
-                             atol=rtol * scale, err_msg=err_msg)
+  np.testing.assert_allclose(
+    np.asarray(actual, np.float64), desired, rtol=rtol, atol=rtol * scale, err_msg=err_msg
+  )
 
 
 def random_jacobian(rng, k=None, p=None):
@@ -165,6 +196,7 @@ def gram32(jac):
 def run_gram_weighting(agg, gram, key=None, losses=None, state=None):
   """One jitted step of `agg.weights` on a Gram matrix: (weights as float64, state)."""
   from ntkmtl_jax.method import TaskStats
+
   state = agg.init(None) if state is None else state
   stats = TaskStats(gram=gram, losses=losses, key=key)
   weights, state = jax.jit(agg.weights)(stats, state)
@@ -178,13 +210,16 @@ def random_losses(rng, steps, k):
 def run_loss_weighting(agg, losses, sq_norms=None, keys=None, jit=False):
   """Runs `agg.weights` over a sequence of steps; returns the weights (steps, k) and state."""
   from ntkmtl_jax.method import TaskStats
+
   weighting = jax.jit(agg.weights) if jit else agg.weights
   state = agg.init(None)
   out = []
   for t, l in enumerate(losses):
-    stats = TaskStats(losses=jnp.asarray(l, jnp.float32),
-                      sq_norms=None if sq_norms is None else jnp.asarray(sq_norms[t], jnp.float32),
-                      key=None if keys is None else keys[t])
+    stats = TaskStats(
+      losses=jnp.asarray(l, jnp.float32),
+      sq_norms=None if sq_norms is None else jnp.asarray(sq_norms[t], jnp.float32),
+      key=None if keys is None else keys[t],
+    )
     w, state = weighting(stats, state)
     out.append(np.asarray(w, np.float64))
   return np.stack(out), state
@@ -202,9 +237,9 @@ class NumpyAdam:
     g = g + self.wd * x
     self.t += 1
     self.m = self.b1 * self.m + (1 - self.b1) * g
-    self.v = self.b2 * self.v + (1 - self.b2) * g ** 2
-    m_hat = self.m / (1 - self.b1 ** self.t)
-    v_hat = self.v / (1 - self.b2 ** self.t)
+    self.v = self.b2 * self.v + (1 - self.b2) * g**2
+    m_hat = self.m / (1 - self.b1**self.t)
+    v_hat = self.v / (1 - self.b2**self.t)
     return x - self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
 
 
@@ -215,13 +250,16 @@ def check_jit_and_eager(seed, method):
   jac = rng.normal(size=(3, 12)) * rng.uniform(0.2, 5.0, size=(3, 1))
   grads = {"w": jnp.asarray(jac, jnp.float32)}
   params = {"w": jnp.zeros(12)}
-  kwargs = dict(key=jax.random.key(seed), losses=jnp.asarray(rng.uniform(0.5, 2.0, 3),
-                                                             jnp.float32))
+  kwargs = dict(key=jax.random.key(seed), losses=jnp.asarray(rng.uniform(0.5, 2.0, 3), jnp.float32))
   eager, s1 = method.update(grads, method.init(params), params, **kwargs)
   jitted, s2 = jax.jit(method.update)(grads, method.init(params), params, **kwargs)
-  np.testing.assert_allclose(jitted["w"], eager["w"], rtol=1e-4,
-                             atol=1e-5 * np.abs(np.asarray(eager["w"])).max(),
-                             err_msg=f"seed={seed}")
+  np.testing.assert_allclose(
+    jitted["w"],
+    eager["w"],
+    rtol=1e-4,
+    atol=1e-5 * np.abs(np.asarray(eager["w"])).max(),
+    err_msg=f"seed={seed}",
+  )
   np.testing.assert_allclose(s2.weights, s1.weights, rtol=1e-4, atol=1e-6)
 
 
@@ -229,7 +267,9 @@ def check_end_to_end(seed, model, aggregator, strategies=("unroll",), steps=3):
   """Runs `steps` jitted train steps with each strategy: finite losses and weights, nothing
   skipped, the parameters move, and every strategy ends at the same parameters."""
   import optax
+
   from ntkmtl_jax.step import make_train_step
+
   finals = []
   for strategy in strategies:
     step = make_train_step(model.loss_fn, aggregator, optax.sgd(1e-2), strategy=strategy)
@@ -240,15 +280,18 @@ def check_end_to_end(seed, model, aggregator, strategies=("unroll",), steps=3):
       assert np.all(np.isfinite(metrics["weights"]))
     assert int(state.step) == steps and int(state.skipped) == 0
     finals.append(state.params)
-  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), finals[0],
-                       model.params)
+  moved = jax.tree.map(
+    lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), finals[0], model.params
+  )
   assert max(jax.tree.leaves(moved)) > 0, f"seed={seed}"
   for other in finals[1:]:
     # E.g. the Gram from forward-mode products (streaming) equals the stacked one up to
     # rounding.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5,
-                                                         err_msg=f"seed={seed}"),
-                 other, finals[0])
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"seed={seed}"),
+      other,
+      finals[0],
+    )
 
 
 def check_published_delta_m(scoring, rows, published, tolerance):
@@ -263,19 +306,31 @@ def check_published_delta_m(scoring, rows, published, tolerance):
 def write_mtan_files(root, name, height=32, width=64):
   """Random MTAN-layout files of `name` ("nyuv2" or "cityscapes"): 8 train, 4 val images."""
   from ntkmtl_jax.data import mtan as layout
-  classes, label_dir, normals, seed = {"nyuv2": (13, "label", True, 1),
-                                       "cityscapes": (7, "label_7", False, 3)}[name]
+
+  classes, label_dir, normals, seed = {
+    "nyuv2": (13, "label", True, 1),
+    "cityscapes": (7, "label_7", False, 3),
+  }[name]
   for split, num in (("train", 8), ("val", 4)):
-    layout.write_example_files(root, split, num, height, width, classes, label_dir,
-                               normals=normals, seed=seed + (split == "val"))
+    layout.write_example_files(
+      root,
+      split,
+      num,
+      height,
+      width,
+      classes,
+      label_dir,
+      normals=normals,
+      seed=seed + (split == "val"),
+    )
   return root
 
 
 def tiny_mtan_splits(name, data_dir):
   """(train, test) splits of the tiny preset of benchmark `name` on `data_dir`: the MTAN
   layout's val/ is the test set (no separate test split), 8 and 4 images."""
-  import importlib
   from ntkmtl_jax import benchmarks
+
   config = benchmarks.get_config(name, "tiny")
   bench = benchmarks.from_config(config.replace(data_dir=data_dir))
   assert bench.test is None and (len(bench.train), len(bench.val)) == (8, 4)

@@ -15,12 +15,19 @@ import pytest
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from ntkmtl_jax import benchmarks, cli, loop, metrics, report
-from ntkmtl_jax.results import RunResult
 from ntkmtl_jax.benchmarks import multimnist
 from ntkmtl_jax.checkpoints import RunCheckpoints
 from ntkmtl_jax.models.lenet import lenet_functions
+from ntkmtl_jax.results import RunResult
 
 NUM_MOCK = 24  # tfds mock examples per split
+
+
+def _ntkmtl(command, workdir, flags):
+  """`ntkmtl COMMAND --benchmark multimnist FLAGS --quiet --no-plots --workdir WORKDIR` in
+  process, FLAGS a string of words separated by spaces; the exit status."""
+  argv = [command, "--benchmark", "multimnist", *flags.split(), "--quiet", "--no-plots"]
+  return cli.main(argv + ["--workdir", str(workdir)])
 
 
 def test_overlay_matches_an_independent_bilinear_resize(seed):
@@ -43,8 +50,11 @@ def test_pipeline_on_mock_mnist_shapes_labels_and_split_sizes():
     source = tfds.data_source("mnist", split="train")
     mnist_labels = np.asarray([source[i]["label"] for i in range(len(source))])
   val_size = config.data["val_size"]
-  assert (len(train_split), len(val_split), len(test_split)) == (NUM_MOCK - val_size, val_size,
-                                                                 NUM_MOCK)
+  assert (len(train_split), len(val_split), len(test_split)) == (
+    NUM_MOCK - val_size,
+    val_size,
+    NUM_MOCK,
+  )
   batch = train_split.take(np.arange(5))
   assert batch["image"].shape == (5, 28, 28, 1) and batch["image"].dtype == np.float32
   assert batch["image"].min() >= 0.0 and batch["image"].max() <= 1.0
@@ -82,25 +92,30 @@ def test_accuracy_accumulator_against_hand_count():
 def test_comparison_of_stl_and_ntkmtl_prints_and_writes_the_report(tmp_path, capsys):
   workdir = str(tmp_path / "compare")
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
-    code = cli.main(["compare", "--benchmark", "multimnist", "--preset", "tiny", "--methods",
-                     "stl,ntkmtl", "--seeds", "0", "--steps", "2", "--workdir", workdir,
-                     "--quiet", "--no-plots"])
+    code = _ntkmtl("compare", workdir, "--preset tiny --methods stl,ntkmtl --seeds 0 --steps 2")
   assert code == 0
   with open(os.path.join(workdir, "results.json")) as f:
     runs = [RunResult.from_dict(r) for r in json.load(f)["runs"]]
   assert [(r.method, r.hparams.get("task")) for r in runs] == [
-      ("stl", 0), ("stl", 1), ("ntkmtl", None)]
+    ("stl", 0),
+    ("stl", 1),
+    ("ntkmtl", None),
+  ]
   ntk = runs[-1]
   assert ntk.steps == 2 and ntk.skipped == 0
   assert np.all(np.isfinite(ntk.last_losses)) and len(ntk.last_losses) == 2
   assert all(np.isfinite(v) for v in ntk.metrics.values())
   # Delta m % against the STL runs (no published STL row for MultiMNIST).
   stl = [runs[0].metrics["left acc"], runs[1].metrics["right acc"]]
-  want = metrics.delta_m([ntk.metrics["left acc"], ntk.metrics["right acc"]], stl,
-                         [True, True]) if min(stl) > 0 else None
+  want = (
+    metrics.delta_m([ntk.metrics["left acc"], ntk.metrics["right acc"]], stl, [True, True])
+    if min(stl) > 0
+    else None
+  )
   scoring = multimnist.SCORING
-  summary = report.summarize(runs, scoring.metric_names, scoring.higher_is_better,
-                             scoring.metric_tasks, scoring.stl_row)
+  summary = report.summarize(
+    runs, scoring.metric_names, scoring.higher_is_better, scoring.metric_tasks, scoring.stl_row
+  )
   assert list(summary) == ["stl", "ntkmtl"]
   if want is not None:
     assert summary["ntkmtl"]["delta_m_mean"] == pytest.approx(want)
@@ -135,9 +150,7 @@ def test_a_few_ls_steps_with_checkpoint_and_resume(tmp_path, capsys):
 def test_the_ntkmtl_command_and_the_python_api_run_the_same_protocol(tmp_path):
   out = tmp_path / "cli"
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
-    code = cli.main(["train", "--benchmark", "multimnist", "--option", "val_size=8",
-                     "--method", "ntkmtl", "--steps", "2", "--batch-size", "8", "--quiet",
-                     "--no-plots", "--workdir", str(out)])
+    code = _ntkmtl("train", out, "--option val_size=8 --method ntkmtl --steps 2 --batch-size 8")
     assert code == 0
     config = benchmarks.get_config("multimnist", "tiny").replace(method="ntkmtl", max_steps=2)
     from_experiment = loop.fit(benchmarks.from_config(config), config, progress=False)
@@ -153,8 +166,9 @@ def test_library_registry_builds_the_benchmark_for_the_loop():
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
     bench = benchmarks.get_benchmark("multimnist", val_size=8)
   assert bench.metric_names == ("left acc", "right acc") and bench.num_tasks == 2
-  result = loop.fit(bench, bench.config.replace(method="ntkmtl_sr", batch_size=8,
-                                                    max_steps=2), progress=False)
+  result = loop.fit(
+    bench, bench.config.replace(method="ntkmtl_sr", batch_size=8, max_steps=2), progress=False
+  )
   assert result.steps == 2 and result.skipped == 0
   assert np.all(np.isfinite(result.history.losses))
   assert set(result.metrics) == set(bench.metric_names)

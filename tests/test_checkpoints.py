@@ -8,8 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -17,6 +15,8 @@ import pytest
 
 from ntkmtl_jax import benchmarks, loop
 from ntkmtl_jax.checkpoints import RunCheckpoints, RunMismatchError
+
+from conftest import run_python
 
 # 64 examples in batches of 16: 4 steps an epoch; 11 steps stop in the third epoch.
 # Checkpoints at steps 3, 4 (epoch end), 6, 8 (epoch end), 9 and 11 (the stop).
@@ -55,21 +55,27 @@ np.savez(out, losses=result.history.losses, *jax.tree.leaves(result.params))
 
 def _tiny():
   bench = benchmarks.get_benchmark("sines", num_train=64, num_test=32, hidden=(8,))
-  return bench, bench.config.replace(method="ls", batch_size=16, max_steps=6,
-                                     checkpoint_every=3, probe_every=0)
+  return bench, bench.config.replace(
+    method="ls", batch_size=16, max_steps=6, checkpoint_every=3, probe_every=0
+  )
 
 
-def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
+def _runner(tmp_path):
+  """Writes RUN to tmp_path and runs it uninterrupted into tmp_path / "whole.npz"; returns
+  run(workdir, kill_at, out, how="KILL"), which runs it again in a fresh interpreter."""
   script = tmp_path / "run.py"
   script.write_text(RUN)
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
 
-  def run(workdir, kill_at, out):
-    return subprocess.run([sys.executable, str(script), workdir, str(kill_at), str(out)],
-                          env=env, capture_output=True, text=True, timeout=300)
+  def run(workdir, kill_at, out, how="KILL"):
+    return run_python([str(script), workdir, str(kill_at), str(out), how], timeout=300)
 
   whole = run("", 0, tmp_path / "whole.npz")
   assert whole.returncode == 0, whole.stderr
+  return run
+
+
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
+  run = _runner(tmp_path)
   workdir = str(tmp_path / "run")
   # Killed after step 1 (no checkpoint yet), 5 (between checkpoints), 8 (before the epoch
   # end's checkpoint) and 10; each start resumes from the newest checkpoint.
@@ -89,16 +95,7 @@ def test_interrupted_or_killed_while_writing_and_resumed_matches_too(tmp_path):
   """SIGINT stops at the step boundary, checkpoints there and exits 130; a SIGKILL inside a
   checkpoint write leaves the earlier checkpoints usable. Resumed, both end bit for bit where
   an uninterrupted run ends."""
-  script = tmp_path / "run.py"
-  script.write_text(RUN)
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-
-  def run(workdir, kill_at, out, how="KILL"):
-    return subprocess.run([sys.executable, str(script), workdir, str(kill_at), str(out), how],
-                          env=env, capture_output=True, text=True, timeout=300)
-
-  whole = run("", 0, tmp_path / "whole.npz")
-  assert whole.returncode == 0, whole.stderr
+  run = _runner(tmp_path)
   workdir = str(tmp_path / "run")
   interrupted = run(workdir, 5, tmp_path / "unused.npz", "INT")
   assert interrupted.returncode == 130, interrupted.stderr
@@ -149,8 +146,7 @@ def test_another_run_or_a_finished_one_is_not_overwritten(tmp_path):
   unfinished = str(tmp_path / "unfinished")
   stopped = loop.fit(bench, config, unfinished, progress=False, callback=interrupt)
   assert stopped.interrupted and RunCheckpoints(unfinished).steps() == [3]
-  other = loop.fit(bench, config.replace(seed=1), unfinished, progress=False,
-                       overwrite=True)
+  other = loop.fit(bench, config.replace(seed=1), unfinished, progress=False, overwrite=True)
   fresh = loop.fit(bench, config.replace(seed=1), None, progress=False)
   assert other.steps == 6 and not other.interrupted
   np.testing.assert_array_equal(other.history.losses, fresh.history.losses)
@@ -162,9 +158,12 @@ def test_step_checkpoints_keep_keys_arrays_and_json(tmp_path):
   template is refused; a manager keeping one step drops the one before."""
   pytest.importorskip("orbax.checkpoint")
   from ntkmtl_jax import checkpoints
-  tree = dict(a=np.arange(3.0, dtype=np.float32),
-              nested=(jax.random.key(1), dict(k=jax.random.key(2, impl="rbg"))),
-              step=np.int32(7))
+
+  tree = dict(
+    a=np.arange(3.0, dtype=np.float32),
+    nested=(jax.random.key(1), dict(k=jax.random.key(2, impl="rbg"))),
+    step=np.int32(7),
+  )
   arrays = checkpoints.tree_arrays(tree)
   assert sorted(arrays) == ["00000", "00001", "00002", "00003"]
   assert all(isinstance(v, np.ndarray) for v in arrays.values())
@@ -177,19 +176,25 @@ def test_step_checkpoints_keep_keys_arrays_and_json(tmp_path):
 
   manager = checkpoints.step_manager(str(tmp_path / "steps"), keep=1)
   for step in (3, 5):
-    checkpoints.save_step(manager, step, trees=dict(tree=tree),
-                          arrays=dict(history=dict(loss=np.ones(step), empty=np.zeros(0))),
-                          json_items=dict(meta=dict(step=step, big=2 ** 100)))
+    checkpoints.save_step(
+      manager,
+      step,
+      trees=dict(tree=tree),
+      arrays=dict(history=dict(loss=np.ones(step), empty=np.zeros(0))),
+      json_items=dict(meta=dict(step=step, big=2**100)),
+    )
   assert manager.all_steps() == [5] and manager.latest_step() == 5
-  restored = checkpoints.restore_step(manager, 5, trees=dict(tree=tree), arrays=("history",),
-                                      json_items=("meta",))
-  assert restored["meta"] == dict(step=5, big=2 ** 100)
+  restored = checkpoints.restore_step(
+    manager, 5, trees=dict(tree=tree), arrays=("history",), json_items=("meta",)
+  )
+  assert restored["meta"] == dict(step=5, big=2**100)
   assert sorted(restored["history"]) == ["loss"]
   np.testing.assert_array_equal(restored["history"]["loss"], np.ones(5))
   key = restored["tree"]["nested"][1]["k"]
   assert jax.random.key_impl(key) == jax.random.key_impl(tree["nested"][1]["k"])
-  np.testing.assert_array_equal(jax.random.key_data(key),
-                                jax.random.key_data(tree["nested"][1]["k"]))
+  np.testing.assert_array_equal(
+    jax.random.key_data(key), jax.random.key_data(tree["nested"][1]["k"])
+  )
   with pytest.raises(ValueError, match=r"array 00000 is float32\[3\], the run's is float32\[4\]"):
     checkpoints.restore_step(manager, 5, trees=dict(tree=dict(tree, a=np.zeros(4, np.float32))))
   manager.close()

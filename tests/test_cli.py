@@ -10,22 +10,60 @@ import numpy as np
 import pytest
 
 # The compare runs write plots and use the MultiDigits data (sklearn's digits).
-matplotlib = pytest.importorskip("matplotlib")
+pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 import matplotlib.image  # noqa: E402
 
 from ntkmtl_jax import cli, loop
 
-TINY = ["--option", "num_train=256", "--option", "num_test=64", "--option", "hidden=[16]",
-        "--steps", "6", "--batch-size", "32", "--quiet"]
+TINY = [
+  "--option",
+  "num_train=256",
+  "--option",
+  "num_test=64",
+  "--option",
+  "hidden=[16]",
+  "--steps",
+  "6",
+  "--batch-size",
+  "32",
+  "--quiet",
+]
+
+
+def _fails_with(capsys, argv):
+  """Runs `ntkmtl ARGV` in process, asserts exit status 2; returns what it wrote to stderr."""
+  code = cli.main(argv)
+  err = capsys.readouterr().err
+  assert code == 2, err
+  return err
+
+
+def _fails_with_one_line(capsys, argv, *messages):
+  """`ntkmtl ARGV` exits 2 with one line on stderr that says each of `messages`."""
+  err = _fails_with(capsys, argv)
+  assert all(message in err for message in messages), err
+  assert len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.one_seed
 def test_compare_end_to_end(tmp_path, capsys, seed):
   data_seed = seed
   out = tmp_path / "run"
-  code = cli.main(["compare", "--methods", "stl,ls,ntkmtl", "--seeds", "0", "--workdir", str(out),
-                   "--option", f"data_seed={data_seed}"] + TINY)
+  code = cli.main(
+    [
+      "compare",
+      "--methods",
+      "stl,ls,ntkmtl",
+      "--seeds",
+      "0",
+      "--workdir",
+      str(out),
+      "--option",
+      f"data_seed={data_seed}",
+    ]
+    + TINY
+  )
   printed = capsys.readouterr().out
   assert code == 0, printed
   assert str(out) in printed and "Δm% ↓" in printed and "ntkmtl" in printed
@@ -55,8 +93,23 @@ def test_compare_end_to_end(tmp_path, capsys, seed):
 
 def test_train_and_spectrum(tmp_path, capsys):
   out = tmp_path / "spec"
-  assert cli.main(["spectrum", "--benchmark", "sines", "--chunks", "4", "--batch-size", "16",
-                   "--workdir", str(out), "--quiet"]) == 0
+  assert (
+    cli.main(
+      [
+        "spectrum",
+        "--benchmark",
+        "sines",
+        "--chunks",
+        "4",
+        "--batch-size",
+        "16",
+        "--workdir",
+        str(out),
+        "--quiet",
+      ]
+    )
+    == 0
+  )
   printed = capsys.readouterr().out
   assert "lambda_i" in printed and "sine2" in printed
   spectrum = json.loads((out / "spectrum.json").read_text())
@@ -67,35 +120,68 @@ def test_train_and_spectrum(tmp_path, capsys):
   np.testing.assert_allclose(spectrum["weights"], np.sqrt(lam.sum() / lam), rtol=1e-4)
 
   out = tmp_path / "train"
-  assert cli.main(["train", "--benchmark", "sines", "--method", "ntkmtl-sr", "--hp",
-                   "num_chunks=2", "--workdir", str(out), "--no-plots", "--steps", "4",
-                   "--batch-size", "16", "--quiet"]) == 0
+  assert (
+    cli.main(
+      [
+        "train",
+        "--benchmark",
+        "sines",
+        "--method",
+        "ntkmtl-sr",
+        "--hp",
+        "num_chunks=2",
+        "--workdir",
+        str(out),
+        "--no-plots",
+        "--steps",
+        "4",
+        "--batch-size",
+        "16",
+        "--quiet",
+      ]
+    )
+    == 0
+  )
   document = json.loads((out / "results.json").read_text())
   assert document["runs"][0]["method"] == "ntkmtl_sr"
   assert document["runs"][0]["hparams"] == {"num_chunks": 2}
   assert not any(name.endswith(".png") for name in os.listdir(out))
 
 
-@pytest.mark.parametrize("argv, message", [
+@pytest.mark.parametrize(
+  "argv, message",
+  [
     (["compare", "--methods", "ls,no_such_method"], "unknown method 'no_such_method'"),
     (["train", "--method", "bogus"], "unknown method 'bogus'"),
     (["compare", "--benchmark", "no_such_benchmark"], "unknown benchmark 'no_such_benchmark'"),
     (["compare", "--seeds", "-1"], "--seeds must list seeds >= 0"),
     (["compare", "--seeds", "3x"], "--seeds must be comma-separated integers"),
     (["train", "--preset", "huge"], "has no preset 'huge'"),
-])
+  ],
+)
 def test_bad_arguments_give_one_line_and_exit_2(tmp_path, capsys, argv, message):
-  code = cli.main(argv + ["--workdir", str(tmp_path / "x")])
-  err = capsys.readouterr().err
-  assert code == 2
-  assert message in err and len(err.strip().splitlines()) == 1, err
+  _fails_with_one_line(capsys, argv + ["--workdir", str(tmp_path / "x")], message)
 
 
-SINES = ["--benchmark", "sines", "--option", "num_train=64", "--option", "num_test=32",
-         "--batch-size", "16", "--steps", "2", "--no-plots", "--quiet"]
+SINES = [
+  "--benchmark",
+  "sines",
+  "--option",
+  "num_train=64",
+  "--option",
+  "num_test=32",
+  "--batch-size",
+  "16",
+  "--steps",
+  "2",
+  "--no-plots",
+  "--quiet",
+]
 
 
-@pytest.mark.parametrize("argv, message", [
+@pytest.mark.parametrize(
+  "argv, message",
+  [
     (["train", "--hp", "nope=1"], "has no hyper-parameter(s) ['nope']"),
     (["train", "--hp", "exponent=abc"], "exponent must be a positive finite number"),
     (["train", "--hp", "exponent=-1"], "exponent must be a positive finite number"),
@@ -114,19 +200,20 @@ SINES = ["--benchmark", "sines", "--option", "num_train=64", "--option", "num_te
     (["train", "--batch-size", "100000"], "larger than the training split"),
     (["train", "--option", "imbalance=0.5"], "must be >= 1"),
     (["train", "--option", "num_tasks=0"], "num_tasks must be at least 1"),
-    (["compare", "--methods", "ls,ntkmtl", "--hp", "famo.gamma=0.1"],
-     "--hp names famo, which is not among the methods run"),
+    (
+      ["compare", "--methods", "ls,ntkmtl", "--hp", "famo.gamma=0.1"],
+      "--hp names famo, which is not among the methods run",
+    ),
     (["compare", "--methods", ","], "no method given"),
     (["compare", "--benchmark", "mt10"], "--batch-size does not apply to mt10"),
-])
-def test_every_bad_argument_is_one_line_before_any_training(tmp_path, capsys, monkeypatch,
-                                                            argv, message):
+  ],
+)
+def test_every_bad_argument_is_one_line_before_any_training(
+  tmp_path, capsys, monkeypatch, argv, message
+):
   monkeypatch.setattr(loop, "fit", lambda *a, **k: pytest.fail("training started"))
   out = tmp_path / "out"
-  code = cli.main(argv[:1] + SINES + argv[1:] + ["--workdir", str(out)])
-  err = capsys.readouterr().err
-  assert code == 2, err
-  assert message in err and len(err.strip().splitlines()) == 1, err
+  _fails_with_one_line(capsys, argv[:1] + SINES + argv[1:] + ["--workdir", str(out)], message)
   assert not out.exists()  # refused before the output directory was made
 
 
@@ -146,19 +233,42 @@ def test_mt10_is_handed_to_its_runner(monkeypatch, tmp_path):
   """`--benchmark mt10` runs MT10's own loop with the same flags: the preset, --steps as
   MT10Config.num_train_steps, --option as its fields, --hp as the method's."""
   from ntkmtl_jax.benchmarks import mt10
+
   seen = []
   monkeypatch.setattr(mt10, "run", lambda *args, **kwargs: seen.append((args, kwargs)))
-  code = cli.main(["compare", "--benchmark", "mt10", "--methods", "ls,nash-mtl", "--seeds",
-                   "3,4", "--preset", "tiny", "--option", "per_task_alpha=true", "--steps", "5",
-                   "--hp", "nash_mtl.update_weights_every=2", "--workdir", str(tmp_path),
-                   "--quiet"])
+  code = cli.main(
+    [
+      "compare",
+      "--benchmark",
+      "mt10",
+      "--methods",
+      "ls,nash-mtl",
+      "--seeds",
+      "3,4",
+      "--preset",
+      "tiny",
+      "--option",
+      "per_task_alpha=true",
+      "--steps",
+      "5",
+      "--hp",
+      "nash_mtl.update_weights_every=2",
+      "--workdir",
+      str(tmp_path),
+      "--quiet",
+    ]
+  )
   assert code == 0
   [((config, names, seeds, workdir), kwargs)] = seen
   expected = mt10.get_config("tiny").replace(num_train_steps=5, per_task_alpha=True)
   assert config.replace(method_hparams=expected.method_hparams) == expected
   assert config.method_hparams["nash_mtl"] == {"update_weights_every": 2}
-  assert (names, seeds, workdir, kwargs) == (["ls", "nash_mtl"], [3, 4], str(tmp_path),
-                                             {"progress": False})
+  assert (names, seeds, workdir, kwargs) == (
+    ["ls", "nash_mtl"],
+    [3, 4],
+    str(tmp_path),
+    {"progress": False},
+  )
   assert cli.main(["train", "--benchmark", "mt10", "--option", "no_such_field=1"]) == 2
 
 
@@ -167,9 +277,15 @@ def test_the_command_keeps_compiled_steps_for_the_next_run(tmp_path):
   cache = tmp_path / "cache"
   env = dict(os.environ, NTKMTL_CACHE_DIR=str(cache))
   env.pop("NTKMTL_NO_COMPILATION_CACHE", None)
-  result = subprocess.run([sys.executable, "-m", "ntkmtl_jax.cli", "train"] + SINES +
-                          ["--workdir", str(tmp_path / "out")], env=env, capture_output=True,
-                          text=True, timeout=600)
+  result = subprocess.run(
+    [sys.executable, "-m", "ntkmtl_jax.cli", "train"]
+    + SINES
+    + ["--workdir", str(tmp_path / "out")],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr
   assert cache.is_dir() and any(cache.iterdir())
 
@@ -177,9 +293,8 @@ def test_the_command_keeps_compiled_steps_for_the_next_run(tmp_path):
 def test_non_writable_output_directory(tmp_path, capsys):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
-  code = cli.main(["compare", "--methods", "ls", "--workdir", str(blocker / "sub")] + TINY)
-  err = capsys.readouterr().err
-  assert code == 2 and "not writable" in err and len(err.strip().splitlines()) == 1, err
+  argv = ["compare", "--methods", "ls", "--workdir", str(blocker / "sub")] + TINY
+  _fails_with_one_line(capsys, argv, "not writable")
 
 
 def test_argparse_errors_are_one_line(capsys):
@@ -190,8 +305,12 @@ def test_argparse_errors_are_one_line(capsys):
 
 
 def test_help_runs_as_a_program():
-  result = subprocess.run([sys.executable, "-m", "ntkmtl_jax.cli", "compare", "--help"],
-                          capture_output=True, text=True, timeout=120)
+  result = subprocess.run(
+    [sys.executable, "-m", "ntkmtl_jax.cli", "compare", "--help"],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 0
   assert "Delta m" in result.stdout and "--methods" in result.stdout
 
@@ -208,8 +327,9 @@ def test_ctrl_c_keeps_finished_runs(tmp_path, monkeypatch, capsys):
 
   monkeypatch.setattr(loop, "fit", fit_then_interrupt)
   out = tmp_path / "interrupted"
-  code = cli.main(["compare", "--methods", "ls,ntkmtl", "--seeds", "0,1", "--workdir", str(out)]
-                  + TINY)
+  code = cli.main(
+    ["compare", "--methods", "ls,ntkmtl", "--seeds", "0,1", "--workdir", str(out)] + TINY
+  )
   captured = capsys.readouterr()
   assert code == 130 and "Interrupted" in captured.err
   document = json.loads((out / "results.json").read_text())
@@ -218,31 +338,40 @@ def test_ctrl_c_keeps_finished_runs(tmp_path, monkeypatch, capsys):
 
 
 def test_missing_paper_dataset_says_what_to_do(tmp_path, capsys):
-  code = cli.main(["train", "--benchmark", "celeba", "--data-dir", str(tmp_path),
-                   "--quiet", "--workdir", str(tmp_path / "out")])
-  err = capsys.readouterr().err
-  assert code == 2
+  argv = ["train", "--benchmark", "celeba", "--data-dir", str(tmp_path), "--quiet"]
+  err = _fails_with(capsys, argv + ["--workdir", str(tmp_path / "out")])
   assert "celeb_a" in err and "not found" in err and "--data-dir DIR" in err
   assert "Traceback" not in err
 
 
 def test_train_resumes_and_refuses_to_overwrite(tmp_path, capsys):
   out = str(tmp_path / "run")
-  args = ["train", "--benchmark", "sines", "--option", "num_train=64", "--method", "ls",
-          "--batch-size", "16", "--no-plots", "--quiet", "--workdir", out]
+  args = [
+    "train",
+    "--benchmark",
+    "sines",
+    "--option",
+    "num_train=64",
+    "--method",
+    "ls",
+    "--batch-size",
+    "16",
+    "--no-plots",
+    "--quiet",
+    "--workdir",
+    out,
+  ]
   assert cli.main(args + ["--steps", "3"]) == 0
   capsys.readouterr()
-  assert cli.main(args + ["--steps", "6"]) == 2  # a run is there: say what to do
-  err = capsys.readouterr().err
-  assert "--resume" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+  # A run is there: say what to do.
+  _fails_with_one_line(capsys, args + ["--steps", "6"], "--resume", "--overwrite")
   assert cli.main(args + ["--steps", "6", "--resume"]) == 0
   assert "Resuming sines/ls at epoch 0, batch 3 (step 3)" in capsys.readouterr().out
   document = json.loads((tmp_path / "run" / "results.json").read_text())
   assert document["runs"][0]["steps"] == 6
   assert np.asarray(document["runs"][0]["history"]["losses"]).shape == (6, 3)
-  assert cli.main(args + ["--steps", "6", "--overwrite"]) == 2  # finished: kept
-  err = capsys.readouterr().err
-  assert "refusing to overwrite" in err and len(err.strip().splitlines()) == 1
+  # Finished: kept.
+  _fails_with_one_line(capsys, args + ["--steps", "6", "--overwrite"], "refusing to overwrite")
 
 
 def test_no_data_directory_anywhere_is_the_same_clear_message(monkeypatch, capsys):
@@ -251,13 +380,14 @@ def test_no_data_directory_anywhere_is_the_same_clear_message(monkeypatch, capsy
   tfds = pytest.importorskip("tensorflow_datasets")
 
   def not_generated(*args, **kwargs):
-    raise KeyError("Trying to access `splits['train']` but `splits` is empty. This likely "
-                   "indicates the dataset has not been generated yet.")
+    raise KeyError(
+      "Trying to access `splits['train']` but `splits` is empty. This likely "
+      "indicates the dataset has not been generated yet."
+    )
 
   monkeypatch.setattr(tfds, "data_source", not_generated)
-  code = cli.main(["train", "--benchmark", "qm9", "--quiet", "--no-plots"])
-  err = capsys.readouterr().err
-  assert code == 2 and "Traceback" not in err
+  err = _fails_with(capsys, ["train", "--benchmark", "qm9", "--quiet", "--no-plots"])
+  assert "Traceback" not in err
   assert "'qm9'" in err and "was not found in the default tfds data_dir" in err
   assert "tfds build qm9" in err
 

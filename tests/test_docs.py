@@ -5,12 +5,12 @@ of a base install stop with one line naming the extra."""
 import os
 import pathlib
 import re
-import subprocess
-import sys
 
 import pytest
 
 from ntkmtl_jax import _optional
+
+from conftest import run_python
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = ["README.md", "docs/getting-started.md"]
@@ -25,10 +25,8 @@ def python_blocks(page: str) -> list[str]:
 def test_page_examples_run(page, tmp_path):
   blocks = python_blocks(page)
   assert blocks, f"{page} has no python block"
-  env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"),
-             PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-  out = subprocess.run([sys.executable, "-c", "\n".join(blocks)], env=env, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=600)
+  jax_platforms = os.environ.get("JAX_PLATFORMS", "cpu")
+  out = run_python(["-c", "\n".join(blocks)], cwd=tmp_path, JAX_PLATFORMS=jax_platforms)
   assert out.returncode == 0, f"{page}\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
 
 
@@ -36,8 +34,9 @@ def test_require_names_the_extra():
   with pytest.raises(_optional.MissingExtraError) as error:
     _optional.require("no_such_module_ntkmtl.sub", "data", "the demo")
   assert isinstance(error.value, ImportError)
-  assert str(error.value) == ("no_such_module_ntkmtl is needed for the demo: "
-                              "pip install 'ntkmtl-jax[data]'")
+  assert str(error.value) == (
+    "no_such_module_ntkmtl is needed for the demo: pip install 'ntkmtl-jax[data]'"
+  )
   assert _optional.require("json", "data").dumps([1]) == "[1]"
 
 

@@ -1,16 +1,17 @@
 """Spectra, task affinity, task groups, the tracker, and the weighting statistics of
 ntk_weights / ntkmtl, against float64 NumPy and SciPy references."""
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import pytest
 import scipy.stats
 from scipy.cluster import hierarchy
 
 import ntkmtl_jax as nm
 from ntkmtl_jax import kernel, spectra
+
 from conftest import TanhMLP, assert_close
 
 
@@ -22,7 +23,7 @@ def numpy_statistic(blocks_ii, statistic, top_r):
   if statistic == "trace":
     return np.trace(blocks_ii)
   if statistic == "top_r":
-    return mu[:min(top_r, mu.size)].mean()
+    return mu[: min(top_r, mu.size)].mean()
   erank = np.exp(scipy.stats.entropy(mu))  # entropy() normalises mu to a distribution
   return mu.sum() / erank
 
@@ -42,24 +43,21 @@ def test_ntk_weights_statistic_matches_numpy(seed, statistic):
   jac = model.numpy_chunk_jacobian(n)
   blocks = np.einsum("iap,ibp->iab", jac, jac)
   stats = np.array([numpy_statistic(blocks[i], statistic, top_r) for i in range(k)])
-  out = nm.ntk_weights(model.loss_fn, model.params, model.batch, num_chunks=n,
-                       shared=model.shared, statistic=statistic, top_r=top_r,
-                       exponent=exponent)
+  out = model.ntk_weights(n, statistic=statistic, top_r=top_r, exponent=exponent)
   msg = f"seed={seed} statistic={statistic} n={n} r={top_r}"
   np.testing.assert_allclose(out.eigenvalues, stats, rtol=5e-4, err_msg=msg)
-  np.testing.assert_allclose(out.weights, (stats.sum() / stats) ** exponent, rtol=5e-4,
-                             err_msg=msg)
+  np.testing.assert_allclose(out.weights, (stats.sum() / stats) ** exponent, rtol=5e-4, err_msg=msg)
 
 
 def test_one_chunk_every_statistic_is_the_squared_gradient_norm(seed):
   _, k, model = random_model(seed)
   g, _ = model.numpy_task_gradients()
-  sq = np.sum(g ** 2, axis=1)
+  sq = np.sum(g**2, axis=1)
   for statistic in kernel.STATISTICS:
-    out = nm.ntk_weights(model.loss_fn, model.params, model.batch, num_chunks=1,
-                         shared=model.shared, statistic=statistic, top_r=3)
-    np.testing.assert_allclose(out.eigenvalues, sq, rtol=2e-4,
-                               err_msg=f"seed={seed} statistic={statistic}")
+    out = model.ntk_weights(1, statistic=statistic, top_r=3)
+    np.testing.assert_allclose(
+      out.eigenvalues, sq, rtol=2e-4, err_msg=f"seed={seed} statistic={statistic}"
+    )
 
 
 def test_statistics_defining_properties(seed):
@@ -71,8 +69,7 @@ def test_statistics_defining_properties(seed):
   stat = lambda s, **kw: np.asarray(kernel.block_statistic(blocks, s, **kw), np.float64)
   msg = f"seed={seed}"
   np.testing.assert_allclose(stat("top_r", top_r=1), mu[:, 0], rtol=1e-4, err_msg=msg)
-  np.testing.assert_allclose(stat("top_r", top_r=n + 5), mu.mean(axis=1), rtol=1e-4,
-                             err_msg=msg)
+  np.testing.assert_allclose(stat("top_r", top_r=n + 5), mu.mean(axis=1), rtol=1e-4, err_msg=msg)
   np.testing.assert_allclose(stat("trace"), mu.sum(axis=1), rtol=1e-4, err_msg=msg)
   # tr / erank lies between the mean eigenvalue and the largest one.
   eff = stat("effective_rank")
@@ -82,8 +79,7 @@ def test_statistics_defining_properties(seed):
   one = jnp.zeros((n,)).at[0].set(float(rng.uniform(0.5, 2.0)))
   np.testing.assert_allclose(kernel.effective_rank(flat), n, rtol=1e-5)
   np.testing.assert_allclose(kernel.effective_rank(one), 1.0, rtol=1e-6)
-  np.testing.assert_allclose(kernel.spectrum_statistic(flat, "effective_rank"), flat[0],
-                             rtol=1e-5)
+  np.testing.assert_allclose(kernel.spectrum_statistic(flat, "effective_rank"), flat[0], rtol=1e-5)
 
 
 @pytest.mark.parametrize("strategy", ["unroll", "streaming"])
@@ -101,8 +97,9 @@ def test_train_step_uses_the_statistic(seed, strategy):
     msg = f"seed={seed} statistic={statistic} strategy={strategy}"
     np.testing.assert_allclose(metrics["eigenvalues"], stats, rtol=5e-4, err_msg=msg)
     # The weights the step applies: k (the official scaling, on by default) times the rule's.
-    np.testing.assert_allclose(metrics["weights"], k * np.sqrt(stats.sum() / stats), rtol=5e-4,
-                               err_msg=msg)
+    np.testing.assert_allclose(
+      metrics["weights"], k * np.sqrt(stats.sum() / stats), rtol=5e-4, err_msg=msg
+    )
 
 
 def test_bad_statistic_options_are_reported():
@@ -122,9 +119,9 @@ def test_spectra_and_affinity_match_numpy(seed):
   n = int(rng.choice([2, 4]))
   jac = model.numpy_chunk_jacobian(n)  # (k, n, P)
   blocks = np.einsum("iap,jbp->ijab", jac, jac)
-  spec = jax.jit(lambda p, b: spectra.task_spectra(model.loss_fn, p, b, num_chunks=n,
-                                                   shared=model.shared))(model.params,
-                                                                          model.batch)
+  spec = jax.jit(
+    lambda p, b: spectra.task_spectra(model.loss_fn, p, b, num_chunks=n, shared=model.shared)
+  )(model.params, model.batch)
   msg = f"seed={seed}"
   expected = np.stack([np.linalg.eigvalsh(blocks[i, i])[::-1] for i in range(k)])
   assert_close(spec.spectra, np.clip(expected, 0, None), rtol=5e-4, err_msg=msg)
@@ -136,12 +133,17 @@ def test_spectra_and_affinity_match_numpy(seed):
   gram = np.einsum("iap,iaq->ipq", jac, jac)  # parameter-space kernels J_i^T J_i
   fro = np.linalg.norm(gram.reshape(k, -1), axis=1)
   align = np.einsum("ipq,jpq->ij", gram, gram) / np.outer(fro, fro)
-  np.testing.assert_allclose(spectra.task_affinity(jnp.asarray(blocks, jnp.float32),
-                                                   "alignment"), align, atol=5e-4, err_msg=msg)
+  np.testing.assert_allclose(
+    spectra.task_affinity(jnp.asarray(blocks, jnp.float32), "alignment"),
+    align,
+    atol=5e-4,
+    err_msg=msg,
+  )
   # One chunk: the cosine affinity is the cosine between task gradients.
   g, _ = model.numpy_task_gradients()
-  one = spectra.task_spectra(model.loss_fn, model.params, model.batch, num_chunks=1,
-                             shared=model.shared)
+  one = spectra.task_spectra(
+    model.loss_fn, model.params, model.batch, num_chunks=1, shared=model.shared
+  )
   gcos = g @ g.T / np.outer(np.linalg.norm(g, axis=1), np.linalg.norm(g, axis=1))
   np.testing.assert_allclose(one.affinity, gcos, atol=5e-4, err_msg=msg)
   # Leading axes are kept: a stack of two kernels gives a stack of two affinities.
@@ -149,8 +151,9 @@ def test_spectra_and_affinity_match_numpy(seed):
   for kind in spectra.AFFINITY_KINDS:
     both = spectra.task_affinity(stacked, kind)
     np.testing.assert_allclose(both[0], spectra.task_affinity(stacked[0], kind), atol=1e-6)
-    np.testing.assert_allclose(both[1], np.asarray(both[0])[::-1, ::-1], atol=1e-5,
-                               err_msg=msg)  # scale-free, and follows the task order
+    np.testing.assert_allclose(
+      both[1], np.asarray(both[0])[::-1, ::-1], atol=1e-5, err_msg=msg
+    )  # scale-free, and follows the task order
   with pytest.raises(ValueError, match="kind"):
     spectra.task_affinity(jnp.asarray(blocks), "pearson")
 
@@ -175,12 +178,14 @@ def test_group_tasks_matches_scipy_average_linkage(seed):
     assert got.labels.max() + 1 == num_groups
     assert same_partition(got.labels, expected), f"seed={seed} groups={num_groups}"
     # Merge heights are UPGMA heights: scipy's distances are 1 - our affinities.
-    np.testing.assert_allclose([1 - m[2] for m in got.merges], tree[:k - num_groups, 2],
-                               rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+      [1 - m[2] for m in got.merges], tree[: k - num_groups, 2], rtol=1e-9, atol=1e-12
+    )
 
 
 def scipy_condensed(distance):
   from scipy.spatial.distance import squareform
+
   return squareform(distance, checks=False)
 
 
@@ -211,8 +216,9 @@ def test_tracker_records_the_probe_at_the_right_steps(seed):
   agg = nm.ntkmtl(k, shared=model.shared)
   step = nm.make_train_step(model.loss_fn, agg, optax.sgd(0.05))
   state = step.init(model.params)
-  tracker = spectra.SpectrumTracker(model.loss_fn, model.batch, num_chunks=n, every=every,
-                                    shared=model.shared, statistic="trace")
+  tracker = spectra.SpectrumTracker(
+    model.loss_fn, model.batch, num_chunks=n, every=every, shared=model.shared, statistic="trace"
+  )
   tracker.record(0, state.params)
   params_at, weights_at = {0: state.params}, {}
   for t in range(1, 6):
@@ -224,23 +230,31 @@ def test_tracker_records_the_probe_at_the_right_steps(seed):
   assert history.spectra.shape == (3, k, n) and history.affinity.shape == (3, k, k)
   assert np.all(np.isnan(history.weights[0]))
   for r, t in enumerate(history.steps):
-    ref = spectra.task_spectra(model.loss_fn, params_at[t], model.batch, num_chunks=n,
-                               shared=model.shared)
+    ref = spectra.task_spectra(
+      model.loss_fn, params_at[t], model.batch, num_chunks=n, shared=model.shared
+    )
     msg = f"seed={seed} step={t}"
-    np.testing.assert_allclose(history.spectra[r], ref.spectra, rtol=1e-4,
-                               atol=1e-6 * float(ref.spectra.max()), err_msg=msg)
-    np.testing.assert_allclose(history.statistic[r], ref.spectra.sum(axis=1), rtol=1e-4,
-                               err_msg=msg)
+    np.testing.assert_allclose(
+      history.spectra[r], ref.spectra, rtol=1e-4, atol=1e-6 * float(ref.spectra.max()), err_msg=msg
+    )
+    np.testing.assert_allclose(
+      history.statistic[r], ref.spectra.sum(axis=1), rtol=1e-4, err_msg=msg
+    )
     np.testing.assert_allclose(history.affinity[r], ref.affinity, atol=1e-4, err_msg=msg)
-    np.testing.assert_allclose(history.blocks[r], ref.blocks, rtol=1e-4,
-                               atol=1e-6 * float(np.abs(ref.blocks).max()), err_msg=msg)
-    np.testing.assert_allclose(history.losses[r], ref.losses.mean(axis=1), rtol=1e-5,
-                               err_msg=msg)
+    np.testing.assert_allclose(
+      history.blocks[r],
+      ref.blocks,
+      rtol=1e-4,
+      atol=1e-6 * float(np.abs(ref.blocks).max()),
+      err_msg=msg,
+    )
+    np.testing.assert_allclose(history.losses[r], ref.losses.mean(axis=1), rtol=1e-5, err_msg=msg)
     if t:
       np.testing.assert_allclose(history.weights[r], weights_at[t], rtol=1e-6, err_msg=msg)
 
 
 def test_imbalance_is_largest_over_smallest(seed):
   values = np.random.default_rng(seed).uniform(0.1, 10.0, size=(3, 5))
-  np.testing.assert_allclose(spectra.imbalance(jnp.asarray(values)),
-                             values.max(axis=1) / values.min(axis=1), rtol=1e-6)
+  np.testing.assert_allclose(
+    spectra.imbalance(jnp.asarray(values)), values.max(axis=1) / values.min(axis=1), rtol=1e-6
+  )

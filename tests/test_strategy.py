@@ -2,17 +2,18 @@
 reference's step, the names resolve per the table of ntkmtl_jax.strategy, and what cannot be
 streamed is refused."""
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import pytest
 
 import ntkmtl_jax as nm
 from ntkmtl_jax import kernel, spectra
 from ntkmtl_jax import step as step_module
 from ntkmtl_jax import strategy as st
 from ntkmtl_jax.method import Needs
+
 from conftest import SEEDS, TanhMLP, assert_close, enable_x64, flat_shared
 
 K = 3
@@ -31,22 +32,25 @@ def _decode(p, z, b):
 
 # One method of each kind of `Needs` (pcgrad reads the Gram here; graddrop the gradients).
 METHODS = {
-    "uw": lambda: nm.methods.get("uw", K, shared=TanhMLP.shared),                # losses
-    "ntkmtl": lambda: nm.ntkmtl(K, shared=TanhMLP.shared),                       # sq_norms
-    "mgda": lambda: nm.methods.get("mgda", K, shared=TanhMLP.shared),            # gram
-    "pcgrad": lambda: nm.methods.get("pcgrad", K, shared=TanhMLP.shared),        # gram
-    "graddrop": lambda: nm.methods.get("graddrop", K, shared=TanhMLP.shared),    # gradients
-    "ntkmtl_n2": lambda: nm.ntkmtl(K, num_chunks=2, shared=TanhMLP.shared),      # kernel
-    "ntkmtl_sr": lambda: nm.ntkmtl_sr(K, num_chunks=2, shared=TanhMLP.shared),   # representation
+  "uw": lambda: nm.methods.get("uw", K, shared=TanhMLP.shared),  # losses
+  "ntkmtl": lambda: nm.ntkmtl(K, shared=TanhMLP.shared),  # sq_norms
+  "mgda": lambda: nm.methods.get("mgda", K, shared=TanhMLP.shared),  # gram
+  "pcgrad": lambda: nm.methods.get("pcgrad", K, shared=TanhMLP.shared),  # gram
+  "graddrop": lambda: nm.methods.get("graddrop", K, shared=TanhMLP.shared),  # gradients
+  "ntkmtl_n2": lambda: nm.ntkmtl(K, num_chunks=2, shared=TanhMLP.shared),  # kernel
+  "ntkmtl_sr": lambda: nm.ntkmtl_sr(K, num_chunks=2, shared=TanhMLP.shared),  # representation
 }
 
 
 def _recording_sgd(learning_rate=0.1):
   """SGD whose state is the last update it was given: the method's update, as it came."""
   return optax.GradientTransformation(
-      lambda params: jax.tree.map(jnp.zeros_like, params),
-      lambda updates, state, params=None: (jax.tree.map(lambda u: -learning_rate * u, updates),
-                                           updates))
+    lambda params: jax.tree.map(jnp.zeros_like, params),
+    lambda updates, state, params=None: (
+      jax.tree.map(lambda u: -learning_rate * u, updates),
+      updates,
+    ),
+  )
 
 
 def _float64_model(seed):
@@ -59,8 +63,14 @@ def _float64_model(seed):
 def _trajectories(method, strategy, steps=2):
   """Per seed and step, in float64: losses, weights, eigenvalues, the update, new params."""
   with enable_x64():
-    step = nm.make_train_step(TanhMLP.loss_fn, METHODS[method](), _recording_sgd(),
-                              strategy=strategy, encode=_encode, decode=_decode)
+    step = nm.make_train_step(
+      TanhMLP.loss_fn,
+      METHODS[method](),
+      _recording_sgd(),
+      strategy=strategy,
+      encode=_encode,
+      decode=_decode,
+    )
     runs = []
     for seed in SEEDS:
       _, params, batch = _float64_model(seed)
@@ -69,32 +79,44 @@ def _trajectories(method, strategy, steps=2):
         state, metrics = step(state, batch)
         assert bool(metrics["finite"]), f"{method} {strategy} seed={seed}"
         assert state.params["shared"]["w"].dtype == jnp.float64
-        runs.append(dict(losses=metrics["losses"], weights=metrics["weights"],
-                         eigenvalues=metrics.get("eigenvalues"), update=state.optimizer_state,
-                         params=state.params, seed=seed))
+        runs.append(
+          dict(
+            losses=metrics["losses"],
+            weights=metrics["weights"],
+            eigenvalues=metrics.get("eigenvalues"),
+            update=state.optimizer_state,
+            params=state.params,
+            seed=seed,
+          )
+        )
     return jax.device_get(runs)
 
 
 _REFERENCES = {}
 
 
-@pytest.mark.parametrize("strategy", COMBINATIONS,
-                         ids=[f"{s.passes.value}-{'held' if s.materialize else 'streamed'}"
-                              for s in COMBINATIONS])
+@pytest.mark.parametrize(
+  "strategy",
+  COMBINATIONS,
+  ids=[f"{s.passes.value}-{'held' if s.materialize else 'streamed'}" for s in COMBINATIONS],
+)
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_combination_gives_the_reference_step(method, strategy):
   if not strategy.materialize and METHODS[method]().needs.kind == "gradients":
-    pytest.skip("refused: tests/test_strategy.py::test_streaming_is_refused_where_gradients_"
-                "are_needed")
+    pytest.skip(
+      "refused: tests/test_strategy.py::test_streaming_is_refused_where_gradients_are_needed"
+    )
   if method not in _REFERENCES:
     _REFERENCES[method] = _trajectories(method, REFERENCE)
   # In float64 the statistics agree to ~1e-15 however they are computed (forward-mode Gram
   # rows when streamed, stacked gradients when held), MGDA's solver included.
   for got, want in zip(_trajectories(method, strategy), _REFERENCES[method]):
     for field in ("losses", "weights", "eigenvalues", "update", "params"):
-      jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-10,
-                                             err_msg=f"{field} seed={want['seed']}"),
-                   got[field], want[field])
+      jax.tree.map(
+        lambda a, b: assert_close(a, b, rtol=1e-10, err_msg=f"{field} seed={want['seed']}"),
+        got[field],
+        want[field],
+      )
 
 
 def test_materialize_decides_whether_the_task_gradients_are_held():
@@ -108,8 +130,9 @@ def test_materialize_decides_whether_the_task_gradients_are_held():
       seen = []
 
       def observe(params, batch):  # traced only (jax.eval_shape): nothing is compiled
-        obs = step_module.ORACLES[needs.kind](plain, needs, st.resolve(strategy, needs),
-                                              params, None, batch, mask, jax.random.key(0))
+        obs = step_module.ORACLES[needs.kind](
+          plain, needs, st.resolve(strategy, needs), params, None, batch, mask, jax.random.key(0)
+        )
         seen.append((obs.task_grads is not None, obs.pullback is not None))
         return obs.losses
 
@@ -119,11 +142,12 @@ def test_materialize_decides_whether_the_task_gradients_are_held():
 
 def test_streaming_is_refused_where_gradients_are_needed():
   model = TanhMLP(np.random.default_rng(0), num_tasks=K)
-  for method in (nm.methods.get("graddrop", K, shared=TanhMLP.shared),
-                 nm.ntkmtl(K, shared=TanhMLP.shared).aggregator):  # a plain optax aggregator
+  for method in (
+    nm.methods.get("graddrop", K, shared=TanhMLP.shared),
+    nm.ntkmtl(K, shared=TanhMLP.shared).aggregator,
+  ):  # a plain optax aggregator
     for strategy in ["streaming"] + [nm.Strategy(p, materialize=False) for p in nm.Passes]:
-      with pytest.raises(ValueError, match="needs the task gradients themselves.*"
-                                           "materialize=True"):
+      with pytest.raises(ValueError, match="needs the task gradients themselves.*materialize=True"):
         nm.make_train_step(model.loss_fn, method, optax.sgd(0.1), strategy=strategy)
   for strategy in ("streaming", nm.Strategy(materialize=False)):
     with pytest.raises(ValueError, match="task_jacobian needs the task gradients"):
@@ -131,8 +155,9 @@ def test_streaming_is_refused_where_gradients_are_needed():
     with pytest.raises(ValueError, match="ntk_weights needs the task gradients"):
       nm.ntk_weights(model.loss_fn, model.params, model.batch, strategy=strategy)
     with pytest.raises(ValueError, match="task_spectra needs the task gradients"):
-      spectra.task_spectra(model.loss_fn, model.params, model.batch, num_chunks=2,
-                           strategy=strategy)
+      spectra.task_spectra(
+        model.loss_fn, model.params, model.batch, num_chunks=2, strategy=strategy
+      )
     with pytest.raises(ValueError, match="SpectrumTracker needs the task gradients"):
       spectra.SpectrumTracker(model.loss_fn, model.batch, num_chunks=2, strategy=strategy)
     with pytest.raises(ValueError, match="pullback_rows needs the task gradients"):
@@ -142,14 +167,17 @@ def test_streaming_is_refused_where_gradients_are_needed():
 # The table of the module docstring, written out on its own: name -> (passes, materialize for
 # a method that reads statistics, for one that needs the gradients; None: refused).
 TABLE = {
-    "vmap": ("vmap", True, True),
-    "unroll": ("unroll", True, True),
-    "chunked": ("chunked", True, True),
-    "sequential": ("sequential", False, True),
-    "streaming": ("unroll", False, None),
+  "vmap": ("vmap", True, True),
+  "unroll": ("unroll", True, True),
+  "chunked": ("chunked", True, True),
+  "sequential": ("sequential", False, True),
+  "streaming": ("unroll", False, None),
 }
-AUTO = {"cpu": ("unroll", True, True), "gpu": ("sequential", False, True),
-        "tpu": ("sequential", False, True)}
+AUTO = {
+  "cpu": ("unroll", True, True),
+  "gpu": ("sequential", False, True),
+  "tpu": ("sequential", False, True),
+}
 STATISTIC_NEEDS = (Needs("sq_norms"), Needs("gram"), Needs("kernel", num_chunks=2))
 
 
@@ -167,8 +195,7 @@ def test_names_resolve_per_the_table(backend):
   default = nm.default_strategy(backend)
   assert default.passes.value == AUTO[backend][0] and default.materialize is None
   # A `Passes` member is its name; a `Strategy` with explicit choices keeps them.
-  assert st.resolve(nm.Passes.SEQUENTIAL, Needs("gram")) == st.resolve("sequential",
-                                                                        Needs("gram"))
+  assert st.resolve(nm.Passes.SEQUENTIAL, Needs("gram")) == st.resolve("sequential", Needs("gram"))
   for strategy in COMBINATIONS:
     assert st.resolve(strategy, Needs("gram"), backend=backend) == strategy
 
@@ -177,15 +204,17 @@ def test_the_step_runs_the_resolved_strategy():
   model = TanhMLP(np.random.default_rng(0), num_tasks=K)
   backend = jax.default_backend()
   for name, (passes, statistics, gradients) in dict(TABLE, auto=AUTO[backend]).items():
-    for method, materialize in ((nm.methods.get("mgda", K, shared=TanhMLP.shared), statistics),
-                                (nm.methods.get("moco", K, shared=TanhMLP.shared), gradients)):
+    for method, materialize in (
+      (nm.methods.get("mgda", K, shared=TanhMLP.shared), statistics),
+      (nm.methods.get("moco", K, shared=TanhMLP.shared), gradients),
+    ):
       if materialize is None:
         continue
-      step = nm.make_train_step(model.loss_fn, method, optax.sgd(0.1), strategy=name,
-                                jit=False)
+      step = nm.make_train_step(model.loss_fn, method, optax.sgd(0.1), strategy=name, jit=False)
       assert step.strategy == nm.Strategy(passes, materialize), (name, method.name)
-  step = nm.make_train_step(model.loss_fn, nm.ntkmtl(K), optax.sgd(0.1), strategy="chunked",
-                            chunk_size=2)
+  step = nm.make_train_step(
+    model.loss_fn, nm.ntkmtl(K), optax.sgd(0.1), strategy="chunked", chunk_size=2
+  )
   assert step.strategy == nm.Strategy("chunked", True, chunk_size=2)
 
 
@@ -209,8 +238,10 @@ def test_unknown_names_and_bad_fields_are_reported():
 @pytest.mark.parametrize("passes", list(nm.Passes))
 def test_every_runner_stacks_what_the_python_loop_gives(passes):
   """`run_passes` == the plain Python loop, for a pytree per task, whatever the grouping."""
-  per_task = lambda i, after: {"row": after(st.unit(i, 5, jnp.float32)) * (i + 1.0),
-                               "sq": jnp.square(i + 0.5)}
+  per_task = lambda i, after: {
+    "row": after(st.unit(i, 5, jnp.float32)) * (i + 1.0),
+    "sq": jnp.square(i + 0.5),
+  }
   for chunk_size in (1, 2, 8):
     got = st.run_passes(nm.Strategy(passes, True, chunk_size), per_task, 5)
     np.testing.assert_array_equal(got["row"], np.diag(np.arange(1.0, 6.0)))
@@ -219,15 +250,20 @@ def test_every_runner_stacks_what_the_python_loop_gives(passes):
     st.run_passes(nm.Strategy(), per_task, 5)
 
 
-@pytest.mark.parametrize("strategy", [nm.Strategy(p, True, chunk_size=4) for p in nm.Passes],
-                         ids=[p.value for p in nm.Passes])
+@pytest.mark.parametrize(
+  "strategy",
+  [nm.Strategy(p, True, chunk_size=4) for p in nm.Passes],
+  ids=[p.value for p in nm.Passes],
+)
 def test_task_jacobian_with_every_passes_matches_numpy(seed, strategy):
   with enable_x64():
     model, params, batch = _float64_model(seed)
-    losses, jac = nm.task_jacobian(TanhMLP.loss_fn, params, batch, num_chunks=4,
-                                   shared=TanhMLP.shared, strategy=strategy)
-  np.testing.assert_allclose(flat_shared(jac), model.numpy_chunk_jacobian(4), rtol=1e-10,
-                             atol=1e-12)
+    losses, jac = nm.task_jacobian(
+      TanhMLP.loss_fn, params, batch, num_chunks=4, shared=TanhMLP.shared, strategy=strategy
+    )
+  np.testing.assert_allclose(
+    flat_shared(jac), model.numpy_chunk_jacobian(4), rtol=1e-10, atol=1e-12
+  )
   assert losses.shape == (K, 4) and jac["heads"]["w"] is None
 
 
@@ -236,14 +272,17 @@ def test_task_jacobian_with_every_passes_matches_numpy(seed, strategy):
 def test_strategies_and_eigen_methods_agree(seed, passes):
   rng = np.random.default_rng(seed)
   model = TanhMLP(rng, num_tasks=3, batch=12)
-  reference = nm.ntk_weights(model.loss_fn, model.params, model.batch, num_chunks=3,
-                             shared=model.shared, strategy="vmap", eigen_method="eigh")
+  reference = model.ntk_weights(3, strategy="vmap", eigen_method="eigh")
   for eigen_method in ("eigh", "power"):
-    got = nm.ntk_weights(model.loss_fn, model.params, model.batch, num_chunks=3,
-                         shared=model.shared, strategy=nm.Strategy(passes),
-                         eigen_method=eigen_method, power_iterations=200)
-    np.testing.assert_allclose(got.eigenvalues, reference.eigenvalues, rtol=1e-3,
-                               err_msg=f"{passes}/{eigen_method} seed={seed}")
+    got = model.ntk_weights(
+      3, strategy=nm.Strategy(passes), eigen_method=eigen_method, power_iterations=200
+    )
+    np.testing.assert_allclose(
+      got.eigenvalues,
+      reference.eigenvalues,
+      rtol=1e-3,
+      err_msg=f"{passes}/{eigen_method} seed={seed}",
+    )
 
 
 def _run(model, agg, strategy, steps=2):
@@ -261,11 +300,11 @@ def test_names_agree_in_float32(seed, aggregator):
   rng = np.random.default_rng(seed)
   model = TanhMLP(rng, num_tasks=3, batch=8, task_scales=rng.uniform(0.2, 5.0, 3))
   make = {
-      "ntkmtl": lambda: nm.ntkmtl(3, shared=model.shared),
-      "ntkmtl_n2": lambda: nm.ntkmtl(3, num_chunks=2, shared=model.shared),
-      "ls": lambda: nm.methods.get("ls", 3, shared=model.shared),
-      "official": lambda: nm.official_ntkmtl(3, model.shared)[0],
-      "mgda": lambda: nm.methods.get("mgda", 3, shared=model.shared),
+    "ntkmtl": lambda: nm.ntkmtl(3, shared=model.shared),
+    "ntkmtl_n2": lambda: nm.ntkmtl(3, num_chunks=2, shared=model.shared),
+    "ls": lambda: nm.methods.get("ls", 3, shared=model.shared),
+    "official": lambda: nm.official_ntkmtl(3, model.shared)[0],
+    "mgda": lambda: nm.methods.get("mgda", 3, shared=model.shared),
   }[aggregator]
   reference, _ = _run(model, make(), "vmap")
   # MGDA's Frank-Wolfe solver stops at a duality gap of 1e-6: Grams that differ by rounding
@@ -274,6 +313,9 @@ def test_names_agree_in_float32(seed, aggregator):
   rtol = 1e-3 if aggregator == "mgda" else 1e-4
   for name in ("unroll", "chunked", "streaming", "sequential", "auto"):
     state, metrics = _run(model, make(), name)
-    jax.tree.map(lambda a, b: assert_close(a, b, rtol=rtol, err_msg=f"{name} seed={seed}"),
-                 state.params, reference.params)
+    jax.tree.map(
+      lambda a, b: assert_close(a, b, rtol=rtol, err_msg=f"{name} seed={seed}"),
+      state.params,
+      reference.params,
+    )
     assert bool(metrics["finite"])

@@ -1,26 +1,25 @@
 """make_train_step: flax models with BatchNorm, bad input, sharding (strategies:
 tests/test_strategy.py)."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
-import numpy as np
-import pytest
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-import flax.linen as nn
+import pytest
 
 import ntkmtl_jax as nm
 from ntkmtl_jax.models.multitask import LinearHeads, task_functions
-from conftest import TanhMLP, assert_close, flat_shared
+
+from conftest import ROOT, TanhMLP, assert_close, run_python
 
 
 def _run(model, agg, strategy, steps=2, optimizer=None, jit=True):
-  step = nm.make_train_step(model.loss_fn, agg, optimizer or optax.sgd(0.05), strategy=strategy,
-                            jit=jit)
+  step = nm.make_train_step(
+    model.loss_fn, agg, optimizer or optax.sgd(0.05), strategy=strategy, jit=jit
+  )
   state = step.init(model.params)
   history = []
   for _ in range(steps):
@@ -45,19 +44,30 @@ def test_step_equals_transform_on_task_gradients(seed):
   expected = optax.apply_updates(model.params, updates)
   jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-5), state.params, expected)
   g, _ = model.numpy_task_gradients()
-  norms2 = np.sum(g ** 2, axis=1)
+  norms2 = np.sum(g**2, axis=1)
   assert_close(metrics["eigenvalues"], norms2)
   assert_close(metrics["weights"], 4 * np.sqrt(norms2.sum() / norms2))
-  assert_close(metrics["losses"], np.mean((np.tanh(model.x @ model.params64["shared"]["w"]
-                                                   + model.params64["shared"]["b"])
-                                           @ model.params64["heads"]["w"] - model.y) ** 2, 0))
+  assert_close(
+    metrics["losses"],
+    np.mean(
+      (
+        np.tanh(model.x @ model.params64["shared"]["w"] + model.params64["shared"]["b"])
+        @ model.params64["heads"]["w"]
+        - model.y
+      )
+      ** 2,
+      0,
+    ),
+  )
 
 
 @pytest.mark.one_seed
 def test_jit_and_eager_agree(seed):
   model = TanhMLP(np.random.default_rng(seed), num_tasks=3)
-  for make in (lambda: nm.ntkmtl(3, shared=model.shared),
-               lambda: nm.ntkmtl(3, num_chunks=4, shared=model.shared)):
+  for make in (
+    lambda: nm.ntkmtl(3, shared=model.shared),
+    lambda: nm.ntkmtl(3, num_chunks=4, shared=model.shared),
+  ):
     jitted, _ = _run(model, make(), "unroll", jit=True)
     eager, _ = _run(model, make(), "unroll", jit=False)
     jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-5), jitted.params, eager.params)
@@ -72,9 +82,11 @@ def test_non_finite_losses_skip_the_step(seed):
   bad = dict(model.batch, y=model.batch["y"].at[0, 1].set(jnp.nan))
   new_state, m = step(state, bad)
   assert not bool(m["finite"]) and int(m["skipped"]) == 1
-  for new, old in ((new_state.params, state.params), (new_state.optimizer_state,
-                                                      state.optimizer_state),
-                   (new_state.method_state, state.method_state)):
+  for new, old in (
+    (new_state.params, state.params),
+    (new_state.optimizer_state, state.optimizer_state),
+    (new_state.method_state, state.method_state),
+  ):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new, old)
   assert int(new_state.step) == int(state.step) + 1
   new_state, m = step(new_state, model.batch)
@@ -92,9 +104,11 @@ def test_infinite_gradient_skips_the_step():
 
 
 def _assert_unchanged(new_state, state):
-  for new, old in ((new_state.params, state.params),
-                   (new_state.optimizer_state, state.optimizer_state),
-                   (new_state.method_state, state.method_state)):
+  for new, old in (
+    (new_state.params, state.params),
+    (new_state.optimizer_state, state.optimizer_state),
+    (new_state.method_state, state.method_state),
+  ):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new, old)
 
 
@@ -114,15 +128,15 @@ def test_finite_batch_that_overflows_the_optimiser_state_is_skipped():
   _assert_unchanged(new_state, state)
   new_state, m = step(new_state, dict(model.batch, scale=jnp.float32(0.0)))
   assert bool(m["finite"])
-  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new_state.params,
-                       state.params)
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new_state.params, state.params)
   assert max(jax.tree.leaves(moved)) > 0
 
 
 def test_nan_learning_rate_makes_every_step_skipped_with_its_cause():
   model = TanhMLP(np.random.default_rng(4), num_tasks=3)
-  step = nm.make_train_step(model.loss_fn, nm.ntkmtl(3, shared=model.shared),
-                            optax.adam(float("nan")))
+  step = nm.make_train_step(
+    model.loss_fn, nm.ntkmtl(3, shared=model.shared), optax.adam(float("nan"))
+  )
   state = step.init(model.params)
   for t in range(3):
     new_state, m = step(state, model.batch)
@@ -137,8 +151,9 @@ def test_optimiser_receives_the_summed_loss_as_value(seed):
   """`optax.contrib.reduce_on_plateau` reads `value=`: the step passes the summed loss, and
   the plateau's running average equals the losses' sum computed by hand."""
   model = TanhMLP(np.random.default_rng(seed), num_tasks=3)
-  opt = optax.chain(optax.adam(1e-2),
-                    optax.contrib.reduce_on_plateau(patience=1, accumulation_size=1))
+  opt = optax.chain(
+    optax.adam(1e-2), optax.contrib.reduce_on_plateau(patience=1, accumulation_size=1)
+  )
   step = nm.make_train_step(model.loss_fn, nm.methods.get("ls", 3), opt)
   state = step.init(model.params)
   state, m = step(state, model.batch)
@@ -169,8 +184,9 @@ class _BNEncoder(nn.Module):
 
 
 def _bn_model(k):
-  return task_functions(_BNEncoder(), LinearHeads(k),
-                        lambda out, b: jnp.mean((out - b["y"]) ** 2, axis=0))
+  return task_functions(
+    _BNEncoder(), LinearHeads(k), lambda out, b: jnp.mean((out - b["y"]) ** 2, axis=0)
+  )
 
 
 @pytest.mark.parametrize("method", ["ntkmtl", "ntkmtl_n2", "ntkmtl_sr", "ls"])
@@ -179,15 +195,20 @@ def test_flax_model_with_batchnorm(seed, method):
   rng = np.random.default_rng(seed)
   k = 3
   fns = _bn_model(k)
-  batch = {"x": jnp.asarray(rng.normal(size=(8, 4)) + 2.0, jnp.float32),
-           "y": jnp.asarray(rng.normal(size=(8, k)), jnp.float32)}
+  batch = {
+    "x": jnp.asarray(rng.normal(size=(8, 4)) + 2.0, jnp.float32),
+    "y": jnp.asarray(rng.normal(size=(8, k)), jnp.float32),
+  }
   params, model_state = fns.init(jax.random.key(seed), batch)
-  agg = {"ntkmtl": lambda: nm.ntkmtl(k, shared=fns.shared),
-         "ntkmtl_n2": lambda: nm.ntkmtl(k, num_chunks=2, shared=fns.shared),
-         "ntkmtl_sr": lambda: nm.ntkmtl_sr(k, num_chunks=2, shared=fns.shared),
-         "ls": lambda: nm.methods.get("ls", k, shared=fns.shared)}[method]()
-  step = nm.make_train_step(fns.loss_fn, agg, optax.adam(1e-2), has_state=True,
-                            encode=fns.encode, decode=fns.decode)
+  agg = {
+    "ntkmtl": lambda: nm.ntkmtl(k, shared=fns.shared),
+    "ntkmtl_n2": lambda: nm.ntkmtl(k, num_chunks=2, shared=fns.shared),
+    "ntkmtl_sr": lambda: nm.ntkmtl_sr(k, num_chunks=2, shared=fns.shared),
+    "ls": lambda: nm.methods.get("ls", k, shared=fns.shared),
+  }[method]()
+  step = nm.make_train_step(
+    fns.loss_fn, agg, optax.adam(1e-2), has_state=True, encode=fns.encode, decode=fns.decode
+  )
   state = step.init(params, model_state)
   for _ in range(3):
     state, metrics = step(state, batch)
@@ -228,12 +249,12 @@ def test_sharded_step_matches_single_device(tmp_path, seed):
   """)
   path = tmp_path / "sharded.py"
   path.write_text(script)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-  out = subprocess.run([sys.executable, str(path), str(seed)], env=env, capture_output=True,
-                       text=True, cwd=root, timeout=600)
+  out = run_python(
+    [str(path), str(seed)],
+    cwd=ROOT,
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    JAX_PLATFORMS="cpu",
+  )
   assert out.returncode == 0, f"seed={seed}\n{out.stdout}\n{out.stderr[-3000:]}"
   assert "sharded == single" in out.stdout
 
@@ -277,10 +298,15 @@ def test_plain_optax_aggregators_run_on_stacked_task_gradients(seed):
   method = nm.ntkmtl(3, shared=model.shared)
   reference, _ = _run(model, method, "unroll")
   injected = optax.inject_hyperparams(
-      lambda exponent: nm.ntkmtl(3, exponent=exponent, shared=model.shared).aggregator,
-      static_args=("exponent",))(exponent=0.5)
-  for wrapped in (method.aggregator, method.aggregator._replace(),
-                  optax.chain(method.aggregator, optax.identity()), injected):
+    lambda exponent: nm.ntkmtl(3, exponent=exponent, shared=model.shared).aggregator,
+    static_args=("exponent",),
+  )(exponent=0.5)
+  for wrapped in (
+    method.aggregator,
+    method.aggregator._replace(),
+    optax.chain(method.aggregator, optax.identity()),
+    injected,
+  ):
     state, history = _run(model, wrapped, "unroll")
     assert bool(history[-1]["finite"])
     jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-5), state.params, reference.params)
@@ -296,14 +322,20 @@ def test_half_precision_params_train_with_kernel_and_solver_methods(dtype):
   model = TanhMLP(np.random.default_rng(5), num_tasks=3, batch=8)
   low = jax.tree.map(lambda a: a.astype(dtype), model.params)
   low_batch = jax.tree.map(lambda a: a.astype(dtype), model.batch)
-  for make in (lambda: nm.ntkmtl(3, num_chunks=4, shared=model.shared),
-               lambda: nm.methods.get("nash_mtl", 3, shared=model.shared),
-               lambda: nm.methods.get("mgda", 3, shared=model.shared)):
+  for make in (
+    lambda: nm.ntkmtl(3, num_chunks=4, shared=model.shared),
+    lambda: nm.methods.get("nash_mtl", 3, shared=model.shared),
+    lambda: nm.methods.get("mgda", 3, shared=model.shared),
+  ):
     step = nm.make_train_step(model.loss_fn, make(), optax.sgd(1e-2))
     state, metrics = step(step.init(low), low_batch)
     assert bool(metrics["finite"]), make().name
     assert state.params["shared"]["w"].dtype == jnp.dtype(dtype)
     reference = nm.make_train_step(model.loss_fn, make(), optax.sgd(1e-2))
     ref_state, ref_metrics = reference(reference.init(model.params), model.batch)
-    np.testing.assert_allclose(np.asarray(metrics["weights"], np.float32),
-                               ref_metrics["weights"], rtol=0.1, err_msg=make().name)
+    np.testing.assert_allclose(
+      np.asarray(metrics["weights"], np.float32),
+      ref_metrics["weights"],
+      rtol=0.1,
+      err_msg=make().name,
+    )
