@@ -1,5 +1,5 @@
 """CelebA: the input pipeline on tfds' mock `celeb_a`, the paper's network and per-attribute
-F1 (train steps of every benchmark: test_benchmark_runs.py)."""
+F1 (train steps of every benchmark: test_benchmarks.py)."""
 
 from __future__ import annotations
 

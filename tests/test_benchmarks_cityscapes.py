@@ -1,6 +1,6 @@
 """Cityscapes: the MTAN `.npy` layout (label_7, depth) on generated files, SegNet-MTAN for
 two tasks, the metrics and Delta m % on the paper's rows (train steps of every benchmark:
-test_benchmark_runs.py)."""
+test_benchmarks.py)."""
 
 from __future__ import annotations
 

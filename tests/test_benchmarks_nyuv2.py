@@ -1,6 +1,6 @@
 """NYUv2: the MTAN `.npy` layout on generated files, SegNet-MTAN (size, outputs, the
 representation z), the dense metrics against hand-computed examples and Delta m % on the
-paper's rows (train steps of every benchmark: test_benchmark_runs.py)."""
+paper's rows (train steps of every benchmark: test_benchmarks.py)."""
 
 from __future__ import annotations
 

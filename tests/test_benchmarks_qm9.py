@@ -1,6 +1,6 @@
 """QM9: dense graph features, the paper's split and units on tfds' mock `qm9`, the MPNN
 (size, masking, permutation invariance), MAE and Delta m % on the paper's rows (train steps
-of every benchmark: test_benchmark_runs.py)."""
+of every benchmark: test_benchmarks.py)."""
 
 from __future__ import annotations
 

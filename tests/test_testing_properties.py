@@ -56,7 +56,7 @@ def test_finite_on_degenerate_inputs(name, num_tasks):
 )
 @pytest.mark.one_seed
 def test_trains_in_the_jitted_step_with_every_strategy(seed, name):
-  # (MGDA-UB and NTKMTL-SR need a model split into encode and decode: tests/test_train.py.)
+  # (MGDA-UB and NTKMTL-SR need a model split into encode and decode: tests/test_step.py.)
   rng = np.random.default_rng(seed)
   model = TanhMLP(rng, num_tasks=3, task_scales=rng.uniform(0.5, 2.0, 3))
   # SDMGrad's published iteration does not converge: it turns the strategies' rounding

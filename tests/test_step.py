@@ -1,5 +1,5 @@
-"""make_train_step: flax models with BatchNorm, bad input, sharding (strategies:
-tests/test_strategy.py)."""
+"""The train step (ntkmtl_jax/step.py, make_train_step): flax models with BatchNorm, bad
+input, sharding (strategies: tests/test_strategy.py)."""
 
 import textwrap
 
