@@ -67,6 +67,10 @@ class Config:
     log_every: steps between progress-bar refreshes (and host transfers of the metrics).
     checkpoint_every: with a workdir, also checkpoint every this many steps (0: at epoch
       ends and where `max_steps` stops the run only).
+    checkpoint_min_interval: with a workdir, skip an epoch-end checkpoint when the last one
+      is younger than this many seconds (0: every epoch end); where the run stops, Ctrl-C and
+      `checkpoint_every` always save. Short runs of many tiny epochs (the offline
+      benchmarks) then save once instead of at every epoch end.
   """
 
   benchmark: str = ""
@@ -97,6 +101,7 @@ class Config:
   init_prng: str = "threefry2x32"
   log_every: int = 50
   checkpoint_every: int = 0
+  checkpoint_min_interval: float = 0.0
 
   def replace(self, **changes) -> Config:
     return dataclasses.replace(self, **changes)

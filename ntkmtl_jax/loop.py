@@ -394,24 +394,31 @@ class Selection:
 
 
 class Checkpointing:
-  """The run's checkpoints: at epoch ends and stops (`save`), every `every` steps inside an
-  epoch (`periodic`); does nothing without a workdir."""
+  """The run's checkpoints: at epoch ends (`epoch_end`: skipped while the last checkpoint is
+  younger than `min_interval` seconds), where the run stops and on Ctrl-C (`save`), every
+  `every` steps inside an epoch (`periodic`); does nothing without a workdir."""
 
   def __init__(
     self,
     checkpoints: RunCheckpoints | None,
-    every: int,
+    config: Config,
     total_steps: int,
     steps_per_epoch: int,
     recorder: Recorder,
   ):
-    self.checkpoints, self.every, self.total = checkpoints, every, total_steps
-    self.steps_per_epoch, self.recorder = steps_per_epoch, recorder
+    self.checkpoints, self.total, self.steps_per_epoch = checkpoints, total_steps, steps_per_epoch
+    self.every, self.min_interval = config.checkpoint_every, config.checkpoint_min_interval
+    self.recorder, self.last = recorder, time.monotonic()
 
   def save(self, state: TrainState, run: RunState, taken: int):
     if self.checkpoints is not None:
       run.finished = taken >= self.total
       self.checkpoints.save(state, run.to_dict(), self.recorder.arrays())
+      self.last = time.monotonic()
+
+  def epoch_end(self, state: TrainState, run: RunState, taken: int, *, last: bool):
+    if last or time.monotonic() - self.last >= self.min_interval:
+      self.save(state, run, taken)
 
   def periodic(self, state: TrainState, run: RunState, taken: int):
     if self.every and taken % self.every == 0 and run.batch < self.steps_per_epoch:
@@ -548,7 +555,7 @@ def fit(
     checkpoints,
     log.say,
   )
-  saving = Checkpointing(checkpoints, config.checkpoint_every, total, steps_per_epoch, recorder)
+  saving = Checkpointing(checkpoints, config, total, steps_per_epoch, recorder)
   taken = int(state.step)  # counted on the host: reading state.step would wait for the step
   interrupted = False
   with StopOnSigint() as sigint:
@@ -584,7 +591,7 @@ def fit(
         if not stopped:
           run.epoch, run.batch = epoch + 1, 0
         select.after_epoch(epoch, state, run)
-        saving.save(state, run, taken)
+        saving.epoch_end(state, run, taken, last=stopped or run.epoch >= num_epochs)
         if stopped:
           break
     except KeyboardInterrupt:

@@ -119,3 +119,17 @@ def test_the_configs_ntkmtl_is_the_official_step_with_any_hyper_parameters(seed)
   g, _ = model.numpy_task_gradients()
   lam = np.sum(g**2, axis=1)
   assert_close(mine_metrics["weights"], 3 * np.sqrt(lam.sum() / lam), rtol=1e-4)
+
+
+def test_epoch_end_checkpoints_wait_for_the_minimum_interval(tmp_path):
+  """With `checkpoint_min_interval`, epoch ends inside a short run save nothing; where the run
+  stops is always saved (and without it every epoch end is)."""
+  from ntkmtl_jax.checkpoints import RunCheckpoints
+
+  bench = benchmarks.get_benchmark("sines", num_train=64, num_test=32, hidden=(8,))
+  config = bench.config.replace(method="ls", batch_size=16, max_steps=10, probe_every=0)
+  every, spaced = str(tmp_path / "every"), str(tmp_path / "spaced")
+  loop.fit(bench, config, every, progress=False)
+  result = loop.fit(bench, config.replace(checkpoint_min_interval=3600.0), spaced, progress=False)
+  assert RunCheckpoints(every).steps() == [10, 8, 4]  # 4 batches an epoch; the newest 3 kept
+  assert RunCheckpoints(spaced).steps() == [10] and result.steps == 10
