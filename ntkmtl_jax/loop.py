@@ -313,12 +313,18 @@ class EigenvalueProbe:
 
 
 class ProgressLog:
-  """The progress bar (step, task losses, weights) and the step times, every `every` steps."""
+  """The progress bar (step, task losses, weights) and the step times, every `log_every` steps."""
 
   def __init__(
-    self, total: int, initial: int, description: str, enabled: bool, every: int, recorder: Recorder
+    self,
+    config: Config,
+    total: int,
+    initial: int,
+    description: str,
+    enabled: bool,
+    recorder: Recorder,
   ):
-    self.total, self.every, self.recorder = total, every, recorder
+    self.total, self.every, self.recorder = total, config.log_every, recorder
     self.bar = None
     if enabled:
       from tqdm.auto import tqdm
@@ -354,13 +360,14 @@ class Selection:
     self,
     benchmark: Benchmark,
     config: Config,
-    label: str,
-    stl_task: int | None,
+    name: str,
     checkpoints: RunCheckpoints | None,
     say: Callable[[str], None],
   ):
-    self.benchmark, self.config, self.label = benchmark, config, label
-    self.stl_task, self.checkpoints, self.say = stl_task, checkpoints, say
+    self.benchmark, self.config, self.label = benchmark, config, f"{config.benchmark}/{name}"
+    # An STL run is selected on its own task's metrics.
+    self.stl_task = config.method_hyperparameters().get("task", 0) if name == "stl" else None
+    self.checkpoints, self.say = checkpoints, say
 
   def after_epoch(self, epoch: int, state: TrainState, run: RunState):
     bench, config = self.benchmark, self.config
@@ -426,19 +433,19 @@ class Checkpointing:
 
 
 def resume_run(
-  checkpoints: RunCheckpoints,
+  checkpoints: RunCheckpoints | None,
   config: Config,
   state: TrainState,
   recorder: Recorder,
-  *,
   resume: bool,
   overwrite: bool,
 ) -> tuple[TrainState, RunState]:
-  """The state and run state to start from, after checking what the workdir holds."""
-  workdir = checkpoints.workdir
+  """The state and run state to start from, after checking what the workdir holds (a fresh
+  run without checkpoints)."""
   fresh = state, RunState(fingerprint=fingerprint(config))
-  if not checkpoints.steps():
+  if checkpoints is None or not checkpoints.steps():
     return fresh
+  workdir = checkpoints.workdir
   restored = checkpoints.restore(state)
   if restored is None:
     if not overwrite:
@@ -529,32 +536,14 @@ def fit(
   name = config.method_key if method is None else method.name
   step, method = build_step(benchmark, config, method=method, optimizer=optimizer)
   state = initial_state(benchmark, config, step)
-  hparams = config.method_hyperparameters()
   recorder = Recorder(benchmark.num_tasks)
   checkpoints = RunCheckpoints(workdir) if workdir else None
-  state, run = (
-    resume_run(checkpoints, config, state, recorder, resume=resume, overwrite=overwrite)
-    if checkpoints
-    else (state, RunState(fingerprint=fingerprint(config)))
-  )
+  state, run = resume_run(checkpoints, config, state, recorder, resume, overwrite)
   in_step = eigenvalues_in_step(method, state)
   probe = EigenvalueProbe(benchmark, 0 if in_step else config.probe_every, recorder)
-  log = ProgressLog(
-    total,
-    int(state.step),
-    description or f"{name} seed {config.seed}",
-    progress,
-    config.log_every,
-    recorder,
-  )
-  select = Selection(
-    benchmark,
-    config,
-    f"{config.benchmark}/{name}",
-    hparams.get("task", 0) if name == "stl" else None,
-    checkpoints,
-    log.say,
-  )
+  label = description or f"{name} seed {config.seed}"
+  log = ProgressLog(config, total, int(state.step), label, progress, recorder)
+  select = Selection(benchmark, config, name, checkpoints, log.say)
   saving = Checkpointing(checkpoints, config, total, steps_per_epoch, recorder)
   taken = int(state.step)  # counted on the host: reading state.step would wait for the step
   interrupted = False
@@ -567,13 +556,10 @@ def fit(
           state, learning_rate_factor(config, epoch, num_epochs, run.plateau_scale)
         )
         stopped = taken >= total  # resumed where `max_steps` stopped an earlier run
-        for batch in (
-          ()
-          if stopped
-          else epoch_batches(
-            benchmark.train, config.batch_size, seed=config.seed, epoch=epoch, skip=run.batch
-          )
-        ):
+        batches = epoch_batches(  # a generator: it reads nothing until iterated
+          benchmark.train, config.batch_size, seed=config.seed, epoch=epoch, skip=run.batch
+        )
+        for batch in () if stopped else batches:
           if sigint.requested:  # between steps: state, history and position agree
             raise KeyboardInterrupt
           probe.before_step(taken, state, batch)
@@ -609,16 +595,7 @@ def fit(
     run.metrics = benchmark.evaluate(
       state.params, state.model_state, "test", config.eval_batch_size
     )
-  result = _result(
-    name,
-    config,
-    hparams,
-    state,
-    run,
-    recorder.history(in_step),
-    interrupted,
-    time.perf_counter() - started,
-  )
+  result = _result(name, config, state, run, recorder.history(in_step), interrupted, started)
   if workdir:
     io.write_json(os.path.join(workdir, "results.json"), result.to_dict())
   return result
@@ -638,20 +615,19 @@ def run_length(benchmark: Benchmark, config: Config) -> tuple[int, int, int]:
 def _result(
   name: str,
   config: Config,
-  hparams: dict,
   state: TrainState,
   run: RunState,
   history: History,
   interrupted: bool,
-  wall_time: float,
+  started: float,
 ) -> RunResult:
   times = run.step_times[2:] or run.step_times
   return RunResult(
     method=name,
     seed=config.seed,
-    hparams=hparams,
+    hparams=config.method_hyperparameters(),
     metrics=run.metrics or {},
-    wall_time=wall_time,
+    wall_time=time.perf_counter() - started,
     steps=int(state.step),
     skipped=int(state.skipped),
     interrupted=interrupted,
