@@ -297,11 +297,20 @@ def test_non_writable_output_directory(tmp_path, capsys):
   _fails_with_one_line(capsys, argv, "not writable")
 
 
-def test_argparse_errors_are_one_line(capsys):
+@pytest.mark.parametrize(
+  "argv",
+  [
+    ["compare", "--no-such-flag"],
+    ["compare", "--seed", "1"],  # --seeds, not abbreviated
+    ["train", "--seeds", "0,1"],
+  ],
+)
+def test_argparse_errors_are_one_line(capsys, argv):
   with pytest.raises(SystemExit) as exit_info:
-    cli.main(["compare", "--no-such-flag"])
+    cli.main(argv)
   err = capsys.readouterr().err
   assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+  assert f"unrecognized arguments: {' '.join(argv[1:])}" in err or "--no-such-flag" in err
 
 
 def test_help_runs_as_a_program():

@@ -67,7 +67,11 @@ Examples:
 
 
 class _Parser(argparse.ArgumentParser):
-  """argparse with one-line errors (exit status 2)."""
+  """argparse with one-line errors (exit status 2) and no abbreviated flags: `--seed` on
+  `compare` (whose flag is `--seeds`) is refused, not read as `--seeds`."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, allow_abbrev=False, **kwargs)
 
   def error(self, message):
     self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
