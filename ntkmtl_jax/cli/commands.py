@@ -65,7 +65,9 @@ def _run(args, command: str) -> int:
   config = flags.benchmark_config(args)
   bench = flags.build_benchmark(config)
   base = flags.training_config(args, config, len(bench.train))
-  steps = base.run_length(len(bench.train) // base.batch_size)[1]
+  from ntkmtl_jax import loop
+
+  steps = loop.run_length(bench, base)[2]
   if not base.probe_every:  # eigenvalue tracks for the plots, about 20 points per run
     base = base.replace(probe_every=max(1, steps // 20))
   plan = runs.plan_runs(base, names, seeds, hparams, bench.num_tasks)
@@ -127,7 +129,7 @@ def _run_mt10(args, names: list[str], seeds: list[int], hparams: dict[str, dict]
   """MT10 (multi-task SAC on Meta-World; its own loop, `ntkmtl_jax.benchmarks.mt10`)."""
   from ntkmtl_jax.benchmarks import mt10
 
-  given = [f"--{f.replace('_', '-')}" for f in _NOT_FOR_MT10 if getattr(args, f, None)]
+  given = [f"--{f.replace('_', '-')}" for f in _NOT_FOR_MT10 if getattr(args, f, None) is not None]
   if given:
     raise UsageError(
       f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to "
