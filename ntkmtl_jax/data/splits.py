@@ -13,10 +13,14 @@ the same examples and the same augmentation whether or not the run was resumed t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 class DatasetMissingError(FileNotFoundError):
@@ -161,3 +165,94 @@ def endless_batches(split: Split, batch_size: int, seed: int) -> Iterator[dict]:
   while True:
     yield from epoch_batches(split, batch_size, seed=seed, epoch=epoch)
     epoch += 1
+
+
+_POLL_S = 0.05  # how often a waiting side of `prefetch` checks whether the other has stopped
+_JOIN_S = 30.0  # how long closing `prefetch` waits for an item being loaded to finish
+_ITEM, _END, _ERROR = range(3)
+
+
+def prefetch(iterator: Iterable[T], depth: int = 2) -> Iterator[T]:
+  """The items of `iterator`, in order, loaded on a background thread up to `depth` ahead.
+
+      for batch in prefetch(epoch_batches(split, 32, seed=0, epoch=e)):
+        state, out = step(state, batch)
+
+  The jitted step returns before the device has finished, so the next batch can be read and
+  augmented while it runs: NumPy's array work and file reads release the GIL, and the
+  loader's time hides behind the step's instead of adding to it. The items, and their
+  order, are exactly the plain iterator's (one thread draws them one after the other, so an
+  `epoch_batches` pass is as deterministic as without it).
+
+  At most `depth` items are loaded (or being loaded) that the consumer has not taken yet,
+  so memory holds `depth` batches beyond the one in use. An exception raised by the
+  iterator is raised here, with its traceback, where its item would have been yielded.
+  Closing this generator (`close()`, leaving a `for` loop over it through `break` or an
+  exception such as KeyboardInterrupt, or dropping the last reference to it) stops the
+  thread: it loads no further item, closes `iterator` (if it has `close`) and is joined
+  (waiting for an item being loaded to finish, up to 30 s; the thread is a daemon). The
+  thread starts at the first `next()`, so nothing is read before the consumer asks.
+
+  Args:
+    iterator: an iterable of items (e.g. batches); it is iterated on the background thread
+      only.
+    depth: how many items may be loaded ahead (>= 1).
+
+  Returns:
+    A generator of the items.
+  """
+  if depth < 1:
+    raise ValueError(f"prefetch: depth must be at least 1, got {depth}.")
+  items = queue.Queue()  # bounded by `slots`: (kind, payload) entries
+  slots = threading.Semaphore(depth)
+  stop = threading.Event()
+
+  def produce():
+    source = None
+    try:
+      source = iter(iterator)
+      while True:
+        while not slots.acquire(timeout=_POLL_S):
+          if stop.is_set():
+            return
+        if stop.is_set():
+          return
+        try:
+          item = next(source)
+        except StopIteration:
+          items.put((_END, None))
+          return
+        items.put((_ITEM, item))
+    except BaseException as error:  # handed to the consumer, KeyboardInterrupt included
+      items.put((_ERROR, error))
+    finally:
+      close = getattr(source, "close", None)
+      if close is not None:
+        close()
+
+  return _consume(
+    threading.Thread(target=produce, name="prefetch", daemon=True), items, slots, stop
+  )
+
+
+def _consume(
+  thread: threading.Thread, items: queue.Queue, slots: threading.Semaphore, stop: threading.Event
+) -> Iterator:
+  thread.start()
+  try:
+    while True:
+      try:
+        kind, payload = items.get(timeout=_POLL_S)
+      except queue.Empty:
+        if not thread.is_alive() and items.empty():
+          raise RuntimeError("prefetch: the loading thread ended without a result.") from None
+        continue
+      if kind == _END:
+        return
+      if kind == _ERROR:
+        raise payload
+      slots.release()
+      yield payload
+  finally:
+    stop.set()
+    thread.join(_JOIN_S)
