@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import optax
 
+from ntkmtl_jax.models.layers import BatchNorm
 from ntkmtl_jax.models.multitask import LinearHeads, TaskFunctions, task_functions
 
 NUM_ATTRIBUTES = 40
@@ -16,13 +17,26 @@ _CONVS = tuple(zip((64, 128, 128, 256, 256, 512, 512),
 
 class CelebAEncoder(nn.Module):
   """Shared encoder: seven 3x3 convolutions with BatchNorm and ReLU (max-pool after the 1st,
-  3rd and 5th), global average pooling, then two 512-unit dense layers with BatchNorm."""
+  3rd and 5th), global average pooling, then two 512-unit dense layers with BatchNorm.
+
+  Attributes:
+    width: the dense layers' width.
+    unbiased_running_var: every BatchNorm keeps the running average of the unbiased batch
+      variance, the PyTorch convention of the authors' code; see
+      `ntkmtl_jax.models.layers.BatchNorm`. False: flax's (the biased variance).
+  """
 
   width: int = 512
+  unbiased_running_var: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+    norm = lambda: BatchNorm(
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      unbiased_running_var=self.unbiased_running_var,
+    )
     for features, pool in _CONVS:
       x = nn.relu(norm()(nn.Conv(features, (3, 3), padding=1, use_bias=False)(x)))
       if pool:
@@ -40,6 +54,17 @@ def attribute_losses(logits, batch):
   )
 
 
-def celeba_functions(num_tasks: int = NUM_ATTRIBUTES) -> TaskFunctions:
-  """The pure functions (loss_fn, encode, decode, ...) of the CelebA network."""
-  return task_functions(CelebAEncoder(), LinearHeads(num_tasks), attribute_losses)
+def celeba_functions(
+  num_tasks: int = NUM_ATTRIBUTES, *, unbiased_running_var: bool = False
+) -> TaskFunctions:
+  """The pure functions (loss_fn, encode, decode, ...) of the CelebA network.
+
+  Args:
+    num_tasks: the number of attributes (linear heads).
+    unbiased_running_var: the BatchNorm layers keep the running average of the unbiased
+      batch variance, the PyTorch convention of the authors' code; see
+      `ntkmtl_jax.models.layers.BatchNorm`. Only the running statistics (and so the
+      evaluation-mode outputs) change; the parameters and training-mode outputs do not.
+  """
+  encoder = CelebAEncoder(unbiased_running_var=unbiased_running_var)
+  return task_functions(encoder, LinearHeads(num_tasks), attribute_losses)

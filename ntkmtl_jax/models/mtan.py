@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ntkmtl_jax.models.layers import BatchNorm
 from ntkmtl_jax.models.multitask import TaskFunctions, task_functions
 
 FILTERS = (64, 128, 256, 512, 512)
@@ -83,18 +84,28 @@ def upsample_bilinear(x, factor: int = 2):
   return jnp.einsum("Hh,bhwc,Ww->bHWc", rows, x, cols)
 
 
+def _batch_norm(train: bool, unbiased_running_var: bool) -> BatchNorm:
+  """PyTorch's BatchNorm2d defaults (momentum 0.1, eps 1e-5) in flax's terms."""
+  return BatchNorm(
+    use_running_average=not train,
+    momentum=0.9,
+    epsilon=1e-5,
+    unbiased_running_var=unbiased_running_var,
+  )
+
+
 class ConvLayer(nn.Module):
   """3x3 convolution (with bias) + BatchNorm + ReLU, repeated `depth` times."""
 
   features: int
   depth: int = 1
+  unbiased_running_var: bool = False  # see `MTANEncoder`
 
   @nn.compact
   def __call__(self, x, train: bool):
     for _ in range(self.depth):
       x = nn.Conv(self.features, (3, 3), padding=1, kernel_init=_conv_init)(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
-      x = nn.relu(x)
+      x = nn.relu(_batch_norm(train, self.unbiased_running_var)(x))
     return x
 
 
@@ -103,10 +114,11 @@ class AttentionLayer(nn.Module):
 
   hidden: int
   features: int
+  unbiased_running_var: bool = False  # see `MTANEncoder`
 
   @nn.compact
   def __call__(self, x, train: bool):
-    bn = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+    bn = lambda: _batch_norm(train, self.unbiased_running_var)
     x = nn.relu(bn()(nn.Conv(self.hidden, (1, 1), kernel_init=_conv_init)(x)))
     return nn.sigmoid(bn()(nn.Conv(self.features, (1, 1), kernel_init=_conv_init)(x)))
 
@@ -119,10 +131,14 @@ class MTANEncoder(nn.Module):
     filters: widths of the stages (64, 128, 256, 512, 512 in the paper's network: five
       stages). Fewer entries give a shallower network of the same design (for smoke tests:
       it compiles much faster); the image sides must be multiples of 2 ** len(filters).
+    unbiased_running_var: every BatchNorm keeps the running average of the unbiased batch
+      variance, the PyTorch convention of the authors' code; see
+      `ntkmtl_jax.models.layers.BatchNorm`. False: flax's (the biased variance).
   """
 
   num_tasks: int = 3
   filters: Sequence[int] = FILTERS
+  unbiased_running_var: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -134,22 +150,18 @@ class MTANEncoder(nn.Module):
         f"multiples of {2**s}, got {x.shape[1:3]}."
       )
     last = s - 1
-    encoder_block = [ConvLayer(f[i], name=f"encoder_block_{i}") for i in range(s)]
-    conv_block_enc = [
-      ConvLayer(f[i], depth=1 if i < 2 else 2, name=f"conv_block_enc_{i}") for i in range(s)
-    ]
+    unbiased = self.unbiased_running_var
+    conv = lambda features, name, depth=1: ConvLayer(features, depth, unbiased, name=name)
+    encoder_block = [conv(f[i], f"encoder_block_{i}") for i in range(s)]
+    conv_block_enc = [conv(f[i], f"conv_block_enc_{i}", 1 if i < 2 else 2) for i in range(s)]
     # decoder_block[i] maps stage i+1's width down to stage i's (index 0 keeps f0).
-    decoder_block = [ConvLayer(f[max(i - 1, 0)], name=f"decoder_block_{i}") for i in range(s)]
+    decoder_block = [conv(f[max(i - 1, 0)], f"decoder_block_{i}") for i in range(s)]
     conv_block_dec = [
-      ConvLayer(f[max(i - 1, 0)], depth=1 if i < 2 else 2, name=f"conv_block_dec_{i}")
-      for i in range(s)
+      conv(f[max(i - 1, 0)], f"conv_block_dec_{i}", 1 if i < 2 else 2) for i in range(s)
     ]
-    encoder_block_att = [
-      ConvLayer(f[min(i + 1, last)], name=f"encoder_block_att_{i}") for i in range(s)
-    ]
+    encoder_block_att = [conv(f[min(i + 1, last)], f"encoder_block_att_{i}") for i in range(s)]
     decoder_block_att = [
-      ConvLayer(f[last] if i == last else f[max(i - 1, 0)], name=f"decoder_block_att_{i}")
-      for i in range(s)
+      conv(f[last] if i == last else f[max(i - 1, 0)], f"decoder_block_att_{i}") for i in range(s)
     ]
 
     # The shared SegNet.
@@ -177,14 +189,14 @@ class MTANEncoder(nn.Module):
       for j in range(s):
         hidden = f[0] if j == 0 else f[j]
         mask_in = g_encoder[j][0] if j == 0 else jnp.concatenate([g_encoder[j][0], a], -1)
-        mask = AttentionLayer(hidden, f[j], name=f"encoder_att_t{t}_{j}")(mask_in, train)
+        mask = AttentionLayer(hidden, f[j], unbiased, name=f"encoder_att_t{t}_{j}")(mask_in, train)
         a = encoder_block_att[j](mask * g_encoder[j][1], train)
         a = nn.max_pool(a, (2, 2), strides=(2, 2))
       for j in range(s):
         a = decoder_block_att[-j - 1](upsample_bilinear(a), train)
         stage = last - j  # decoder_att index in the original code
         width = f[max(stage - 1, 0)]
-        mask = AttentionLayer(width, width, name=f"decoder_att_t{t}_{stage}")(
+        mask = AttentionLayer(width, width, unbiased, name=f"decoder_att_t{t}_{stage}")(
           jnp.concatenate([g_upsampled[j], a], -1), train
         )
         a = mask * g_decoder[j]
@@ -249,11 +261,22 @@ def mtan_functions(
   num_classes: int = 13,
   tasks: Sequence[str] = ("segmentation", "depth", "normal"),
   filters: Sequence[int] = FILTERS,
+  *,
+  unbiased_running_var: bool = False,
 ) -> TaskFunctions:
   """The pure functions of SegNet-MTAN for the given tasks.
 
   The batch holds `image` (B, H, W, 3) and, per task, `label` (B, H, W) int (-1 = ignore),
   `depth` (B, H, W, 1) and `normal` (B, H, W, 3).
+
+  Args:
+    num_classes: the segmentation classes.
+    tasks: "segmentation", "depth" and/or "normal", in the order of the losses.
+    filters: the stages' widths (see `MTANEncoder`).
+    unbiased_running_var: the BatchNorm layers keep the running average of the unbiased
+      batch variance, the PyTorch convention of the authors' code; see
+      `ntkmtl_jax.models.layers.BatchNorm`. Only the running statistics (and so the
+      evaluation-mode outputs) change; the parameters and training-mode outputs do not.
   """
   tasks = tuple(tasks)
   channels = tuple({"segmentation": num_classes, "depth": 1, "normal": 3}[t] for t in tasks)
@@ -262,7 +285,7 @@ def mtan_functions(
     return jnp.stack([_LOSSES[t][1](out, batch[_LOSSES[t][0]]) for t, out in zip(tasks, outputs)])
 
   return task_functions(
-    MTANEncoder(len(tasks), tuple(filters)),
+    MTANEncoder(len(tasks), tuple(filters), unbiased_running_var),
     MTANHeads(channels, tasks),
     task_losses,
     input_key="image",
