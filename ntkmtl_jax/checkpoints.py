@@ -37,9 +37,14 @@ class RunMismatchError(ValueError):
 
 
 def fingerprint(config) -> dict:
-  """What identifies a run: benchmark, its data and model options, method, hparams, seed."""
+  """What identifies a run: benchmark, protocol, its data and model options, method, hparams,
+  seed, and how the loop batches and selects."""
   record = dict(
     benchmark=config.benchmark,
+    protocol=config.protocol,
+    selection=config.selection,
+    report_epochs=config.report_epochs,
+    drop_last=config.drop_last,
     data=config.data,
     model=config.model,
     method=config.method_key,

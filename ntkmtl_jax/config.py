@@ -18,6 +18,8 @@ from ntkmtl_jax._names import canonical
 
 SCHEDULES = ("constant", "cosine", "step", "plateau")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+PROTOCOLS = ("ours", "official")
+SELECTIONS = ("best", "best_or_later", "last_epochs")
 
 
 @dataclasses.dataclass
@@ -44,6 +46,10 @@ class Config:
       `lr_gamma` every `lr_step_size` epochs) or "plateau" (times `plateau_factor` when the
       validation score has not improved for `plateau_patience` epochs, not below
       `plateau_min_lr`).
+    plateau_threshold: the plateau schedule's improvement threshold, as PyTorch's
+      `ReduceLROnPlateau(mode="min", threshold_mode="rel")` applies it to the minimised
+      quantity (-score): an epoch improves when -score < -best * (1 - threshold); 0: any
+      strict improvement (torch's default is 1e-4).
     max_grad_norm: global-norm clip of the shared update for gradient-based methods (None:
       no clipping). That is what the NTKMTL and FairGrad repositories do for NTKMTL and
       FairGrad (inside their own backward passes) and the original nash-mtl repository for
@@ -52,6 +58,19 @@ class Config:
       and so run unclipped there. Loss-weighting methods are not clipped, as in those
       repositories.
     eval_batch_size: batch of the evaluation passes.
+    protocol: "ours" or "official": which protocol the benchmark's default run follows
+      (`benchmarks.get_config(name, protocol=...)`; see experiments/README.md). Set by the
+      benchmark; the fields below carry what it changes in the loop.
+    selection: how the reported model is chosen: "best" (the epoch with the best validation
+      score, the first of equal ones), "best_or_later" (the same, a later equal score
+      replacing an earlier one: the `<=` of the authors' QM9 trainer) or "last_epochs" (no
+      selection: the test metrics of each of the last `report_epochs` epochs, averaged, as
+      the MTAN code family reports NYUv2 and Cityscapes). Without a validation split "best"
+      reports the final model.
+    report_epochs: epochs averaged by `selection="last_epochs"`.
+    drop_last: drop each epoch's last partial training batch (fixed shapes: one compiled
+      step); False keeps it, as PyTorch's DataLoader does by default (one more compilation
+      for its shape).
     probe_every: for methods whose step does not produce the shared-parameter eigenvalues,
       compute lambda_i = ||g_i||^2 every `probe_every` steps outside the step (0: never).
     task_passes: how the task backward passes loop: "auto" (the backend's measured
@@ -64,6 +83,9 @@ class Config:
       `jax.random.key` impl); the paper benchmarks use "rbg": on XLA:CPU, initialising a
       network of a hundred layers with threefry keys spends tens of seconds compiling
       random-number code.
+    prefetch: training batches loaded ahead on a background thread while the jitted step
+      runs (`ntkmtl_jax.data.splits.prefetch`; 0: each batch is loaded when the loop asks).
+      The batches are the same either way.
     log_every: steps between progress-bar refreshes (and host transfers of the metrics).
     checkpoint_every: with a workdir, also checkpoint every this many steps (0: at epoch
       ends and where `max_steps` stops the run only).
@@ -92,16 +114,38 @@ class Config:
   plateau_factor: float = 0.7
   plateau_patience: int = 10
   plateau_min_lr: float = 1e-5
+  plateau_threshold: float = 0.0
   max_grad_norm: float | None = 1.0
   eval_batch_size: int = 64
+  protocol: str = "ours"
+  selection: str = "best"
+  report_epochs: int = 10
+  drop_last: bool = True
   probe_every: int = 0
   task_passes: str = "auto"
   materialize: bool | None = None
   seed: int = 0
   init_prng: str = "threefry2x32"
+  prefetch: int = 2
   log_every: int = 50
   checkpoint_every: int = 0
   checkpoint_min_interval: float = 0.0
+
+  def __post_init__(self):
+    for field, value, allowed in (
+      ("protocol", self.protocol, PROTOCOLS),
+      ("selection", self.selection, SELECTIONS),
+    ):
+      if value not in allowed:
+        raise ValueError(f"Config: {field}={value!r}; choose one of {', '.join(allowed)}.")
+    if int(self.report_epochs) < 1:
+      raise ValueError(f"Config: report_epochs={self.report_epochs}; it must be at least 1.")
+    if int(self.prefetch) < 0:
+      raise ValueError(f"Config: prefetch={self.prefetch}; it must be >= 0 (0: no prefetching).")
+    if self.plateau_threshold < 0:
+      raise ValueError(
+        f"Config: plateau_threshold={self.plateau_threshold}; it must be >= 0 (torch: 1e-4)."
+      )
 
   def replace(self, **changes) -> Config:
     return dataclasses.replace(self, **changes)

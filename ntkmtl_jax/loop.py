@@ -16,7 +16,8 @@ small hooks, each one concept:
   `log_every` steps (`Recorder`).
 - `Selection`: after every epoch (and where `max_steps` stops the run) a benchmark with a
   validation split is scored on it (`Benchmark.selection_score`); the best model is scored on
-  the test split, and that is the result; the plateau schedule reads the same score.
+  the test split, and that is the result (`Config.selection`: or no selection, the mean of
+  the last epochs' test metrics); the plateau schedule reads the same score.
 - `Checkpointing`: with a `workdir`, crash-safe checkpoints (`ntkmtl_jax.checkpoints`: state,
   history and the typed `RunState` in one orbax checkpoint) at epoch ends, where the run
   stops, every `checkpoint_every` steps and on Ctrl-C; a run started again with the same
@@ -45,7 +46,7 @@ import optax
 from ntkmtl_jax import io, kernel
 from ntkmtl_jax.checkpoints import RunCheckpoints, RunMismatchError, fingerprint
 from ntkmtl_jax.config import Config
-from ntkmtl_jax.data.splits import epoch_batches
+from ntkmtl_jax.data.splits import epoch_batches, prefetch
 from ntkmtl_jax.models.multitask import TaskFunctions
 from ntkmtl_jax.optimizer import (
   build_optimizer,
@@ -74,8 +75,9 @@ class RunState:
       score, epoch, validation metrics and test metrics (None before the first selection).
     plateau_scale, plateau_best, plateau_wait: the plateau schedule's factor, best score and
       epochs without improvement.
-    evaluations: one entry per validation pass (epoch, step, val, score, and test when
-      that model became the best).
+    evaluations: one entry per evaluation (epoch, step; val and score with a validation
+      split; test where that model became the best, or where it is reported).
+    reported: with `selection="last_epochs"`, the test metrics of the last epochs so far.
     step_times: wall seconds of the steps that were timed (the first ones and every
       `log_every`-th).
     fingerprint: what identifies the run's config (`checkpoints.fingerprint`).
@@ -92,6 +94,7 @@ class RunState:
   plateau_best: float = -math.inf
   plateau_wait: int = 0
   evaluations: list = dataclasses.field(default_factory=list)
+  reported: list = dataclasses.field(default_factory=list)
   step_times: list = dataclasses.field(default_factory=list)
   fingerprint: dict = dataclasses.field(default_factory=dict)
   finished: bool = False
@@ -354,40 +357,66 @@ class ProgressLog:
 
 
 class Selection:
-  """Model selection on the validation split, and the plateau schedule that reads its score."""
+  """Which model is the result (`Config.selection`), and the plateau schedule that reads the
+  validation score.
+
+  After every epoch (and where `max_steps` stops the run): with a validation split, the
+  model is scored on it (`Benchmark.selection_score`). "best" and "best_or_later" keep the
+  best-scoring model (an equal later score replacing it under "best_or_later") and score it
+  on the test split; "last_epochs" selects nothing: the test metrics of each of the last
+  `report_epochs` epochs of the run are kept and their mean is the result.
+  """
 
   def __init__(
     self,
     benchmark: Benchmark,
     config: Config,
     name: str,
+    num_epochs: int,
     checkpoints: RunCheckpoints | None,
     say: Callable[[str], None],
   ):
     self.benchmark, self.config, self.label = benchmark, config, f"{config.benchmark}/{name}"
     # An STL run is selected on its own task's metrics.
     self.stl_task = config.method_hyperparameters().get("task", 0) if name == "stl" else None
+    self.first_reported = num_epochs - config.report_epochs
     self.checkpoints, self.say = checkpoints, say
+
+  def _test(self, state: TrainState) -> dict:
+    return self.benchmark.evaluate(
+      state.params, state.model_state, "test", self.config.eval_batch_size
+    )
 
   def after_epoch(self, epoch: int, state: TrainState, run: RunState):
     bench, config = self.benchmark, self.config
+    entry = dict(epoch=epoch, step=int(state.step))
+    if config.selection == "last_epochs" and epoch >= self.first_reported:
+      entry["test"] = test = self._test(state)
+      run.reported = [*run.reported, test][-config.report_epochs :]
+      run.metrics = mean_metrics(run.reported)
+      self.say(
+        f"[{self.label}] epoch {epoch} step {int(state.step)} test "
+        + " ".join(f"{n}={v:.4g}" for n, v in test.items())
+      )
     if bench.val is None:
+      if "test" in entry:
+        run.evaluations.append(entry)
       return
     val = bench.evaluate(state.params, state.model_state, "val", config.eval_batch_size)
     score = bench.selection_score(val, task=self.stl_task)
-    entry = dict(epoch=epoch, step=int(state.step), val=val, score=score)
-    if score > run.best_score:
-      test = (
-        val
-        if bench.test is None
-        else bench.evaluate(state.params, state.model_state, "test", config.eval_batch_size)
-      )
+    entry.update(val=val, score=score)
+    better = (
+      score >= run.best_score if config.selection == "best_or_later" else score > run.best_score
+    )
+    if config.selection != "last_epochs" and better:
+      test = self._test(state) if bench.test is not None else val
       run.best_score, run.best_epoch, run.val_metrics, run.metrics = score, epoch, val, test
       entry["test"] = test
       if self.checkpoints is not None:
         self.checkpoints.save_best(state)
     if config.lr_schedule == "plateau":
-      if score > run.plateau_best:
+      # PyTorch's ReduceLROnPlateau(mode="min", threshold_mode="rel") on -score.
+      if -score < -run.plateau_best * (1.0 - config.plateau_threshold):
         run.plateau_best, run.plateau_wait = score, 0
       else:
         run.plateau_wait += 1
@@ -398,6 +427,12 @@ class Selection:
       f"[{self.label}] epoch {epoch} step {int(state.step)} val score {score:.4f} "
       + " ".join(f"{n}={v:.4g}" for n, v in val.items())
     )
+
+
+def mean_metrics(evaluations: list[dict]) -> dict:
+  """The metric-wise mean of several evaluations ({metric: value} each): the number the MTAN
+  code family reports for NYUv2 and Cityscapes over the last 10 epochs."""
+  return {name: float(np.mean([e[name] for e in evaluations])) for name in evaluations[0]}
 
 
 class Checkpointing:
@@ -543,7 +578,7 @@ def fit(
   probe = EigenvalueProbe(benchmark, 0 if in_step else config.probe_every, recorder)
   label = description or f"{name} seed {config.seed}"
   log = ProgressLog(config, total, int(state.step), label, progress, recorder)
-  select = Selection(benchmark, config, name, checkpoints, log.say)
+  select = Selection(benchmark, config, name, num_epochs, checkpoints, log.say)
   saving = Checkpointing(checkpoints, config, total, steps_per_epoch, recorder)
   taken = int(state.step)  # counted on the host: reading state.step would wait for the step
   interrupted = False
@@ -557,8 +592,15 @@ def fit(
         )
         stopped = taken >= total  # resumed where `max_steps` stopped an earlier run
         batches = epoch_batches(  # a generator: it reads nothing until iterated
-          benchmark.train, config.batch_size, seed=config.seed, epoch=epoch, skip=run.batch
+          benchmark.train,
+          config.batch_size,
+          seed=config.seed,
+          epoch=epoch,
+          skip=run.batch,
+          drop_last=config.drop_last,
         )
+        if config.prefetch and not stopped:  # loads the next batches while a step runs
+          batches = prefetch(batches, config.prefetch)
         for batch in () if stopped else batches:
           if sigint.requested:  # between steps: state, history and position agree
             raise KeyboardInterrupt
@@ -603,7 +645,8 @@ def fit(
 
 def run_length(benchmark: Benchmark, config: Config) -> tuple[int, int, int]:
   """(steps per epoch, epochs, steps) of a run of `config` on `benchmark`."""
-  steps_per_epoch = len(benchmark.train) // config.batch_size
+  n = len(benchmark.train)
+  steps_per_epoch = n // config.batch_size if config.drop_last else -(-n // config.batch_size)
   if steps_per_epoch < 1:
     raise ValueError(
       f"The training split has {len(benchmark.train)} examples, fewer than the "
@@ -635,6 +678,8 @@ def _result(
     val_metrics=run.val_metrics,
     best_epoch=run.best_epoch,
     evaluations=run.evaluations,
+    protocol=config.protocol,
+    selection=config.selection,
     step_time_s=float(np.median(times)) if times else None,
     params=state.params,
     model_state=state.model_state,

@@ -90,7 +90,8 @@ class RunResult:
     seed: the seed (parameter init and batch order).
     hparams: the hyper-parameters given to the method.
     metrics: test metrics of the selected model (the final one without a validation
-      split); {} when no step was taken.
+      split; with `Config.selection="last_epochs"` the mean over the last epochs); {} when
+      no step was taken.
     wall_time: seconds for the run, compilation and evaluation included.
     steps: the number of steps taken.
     skipped: steps skipped because something came out non-finite (`skipped_by_cause`).
@@ -98,8 +99,10 @@ class RunResult:
     history: the `History`.
     val_metrics: validation metrics of the selected model (None without validation).
     best_epoch: the epoch of the selected model (None without validation).
-    evaluations: one entry per validation pass: epoch, step, val, score (and test when
-      that model became the best).
+    evaluations: one entry per evaluation: epoch, step, val and score (with a validation
+      split), test (when that model became the best, or is one of the reported epochs).
+    protocol: the run's `Config.protocol` ("ours" or "official").
+    selection: the run's `Config.selection` (how `metrics` was chosen).
     step_time_s: median wall time of a train step after the first two.
     params, model_state: the final parameters and model state (not serialised).
   """
@@ -116,6 +119,8 @@ class RunResult:
   val_metrics: dict | None = None
   best_epoch: int | None = None
   evaluations: list = dataclasses.field(default_factory=list)
+  protocol: str = "ours"
+  selection: str = "best"
   step_time_s: float | None = None
   params: PyTree = None
   model_state: PyTree = None
@@ -146,6 +151,8 @@ class RunResult:
       val_metrics=self.val_metrics,
       best_epoch=self.best_epoch,
       evaluations=self.evaluations,
+      protocol=self.protocol,
+      selection=self.selection,
       step_time_s=self.step_time_s,
     )
     if with_history:
@@ -167,5 +174,7 @@ class RunResult:
       val_metrics=d.get("val_metrics"),
       best_epoch=d.get("best_epoch"),
       evaluations=d.get("evaluations", []),
+      protocol=d.get("protocol", "ours"),
+      selection=d.get("selection", "best"),
       step_time_s=d.get("step_time_s"),
     )

@@ -123,14 +123,21 @@ class Split:
 
 
 def epoch_batches(
-  split: Split, batch_size: int, *, seed: int | None, epoch: int = 0, skip: int = 0
+  split: Split,
+  batch_size: int,
+  *,
+  seed: int | None,
+  epoch: int = 0,
+  skip: int = 0,
+  drop_last: bool = True,
 ) -> Iterator[dict]:
   """Batches of one pass over `split`.
 
-  With a `seed`: a permutation drawn from (seed, epoch), full batches only (fixed shapes for
-  the jitted step); batch b's augmentation draws from its own generator (seed, epoch, b), so
-  `skip` (drop the first batches, to resume) yields exactly the batches a full pass yields
-  from there on. Without: the split in order, the last batch possibly smaller.
+  With a `seed`: a permutation drawn from (seed, epoch), full batches only unless
+  `drop_last=False` (then a last, smaller batch of the remaining examples, as PyTorch's
+  DataLoader gives); batch b's augmentation draws from its own generator (seed, epoch, b),
+  so `skip` (drop the first batches, to resume) yields exactly the batches a full pass
+  yields from there on. Without: the split in order, the last batch possibly smaller.
 
   Args:
     split: the `Split`.
@@ -138,6 +145,7 @@ def epoch_batches(
     seed: the shuffling seed, or None for the split in order.
     epoch: the pass number (a new permutation each).
     skip: batches to leave out at the start.
+    drop_last: with a seed, leave out the examples that do not fill a last batch.
 
   Returns:
     An iterator of batch dicts.
@@ -147,13 +155,14 @@ def epoch_batches(
     for start in range(0, n, batch_size):
       yield split.take(np.arange(start, min(start + batch_size, n)))
     return
-  if n < batch_size:
+  if n < batch_size and drop_last:
     raise ValueError(
       f"The training split has {n} examples, fewer than the batch size "
       f"{batch_size}; lower the batch size."
     )
   order = np.random.default_rng([seed, epoch]).permutation(n)
-  for b in range(skip, n // batch_size):
+  num_batches = n // batch_size if drop_last else -(-n // batch_size)
+  for b in range(skip, num_batches):
     yield split.take(
       order[b * batch_size : (b + 1) * batch_size], np.random.default_rng([seed, epoch, b])
     )
