@@ -13,8 +13,9 @@ A benchmark is a `Benchmark` record (see its docstring). Built in: the offline
 `multidigits` and `sines` (no download), and the paper's `celeba`, `qm9`, `multimnist`
 (tfds) and `nyuv2`, `cityscapes` (the MTAN `.npy` layout), whose factories take
 `data_dir` and their data and model options. A benchmark's runs start from its default
-`Config` (`default_config(**options)`, the published protocol) and its presets (`"tiny"`: a
-smoke run of a few steps), both known before any data is read. To add one, register a
+`Config` (`default_config(**options)`, the published setting, under our protocol or with
+`protocol="official"` the authors' trainers') and its presets (`"tiny"`: a smoke run of a
+few steps), both known before any data is read. To add one, register a
 factory that builds it, with keyword options that have defaults:
 
     @register_benchmark("mine", config=mine_config, presets={"tiny": shrink})
@@ -40,7 +41,7 @@ import jax
 
 from ntkmtl_jax import metrics as metrics_lib
 from ntkmtl_jax._names import canonical
-from ntkmtl_jax.config import Config
+from ntkmtl_jax.config import PROTOCOLS, Config
 from ntkmtl_jax.data.splits import Split, endless_batches, epoch_batches
 from ntkmtl_jax.models.multitask import TaskFunctions
 
@@ -118,11 +119,12 @@ class Benchmark:
       `has_state=True` conventions: `loss_fn(params, model_state, batch)`).
     train: the training `Split`.
     val: the validation `Split` for model selection (None: the final model is the result).
-    test: the test `Split` (None: `val` is the test set, as in the MTAN layout).
+    test: the test `Split` (None: `val` is the test set).
     new_accumulator: `() -> accumulator` with `update(outputs, batch)` (host NumPy
       outputs of `functions.predict`) and `result() -> {metric_name: value}`.
-    config: the default run (a `Config`): the official protocol of a paper
-      benchmark; the options the benchmark was built with are in its `data` and `model`.
+    config: the default run (a `Config`): the published setting of a paper benchmark
+      under the protocol it was built with; the options the benchmark was built with are in
+      its `data` and `model`.
     paper_rows: published rows of other methods (for reference in reports and tests).
   """
   name: str
@@ -184,7 +186,9 @@ class Benchmark:
     if isinstance(split, str):
       if split not in ("test", "val"):
         raise ValueError(f"split must be 'test', 'val' or a Split, got {split!r}.")
-      split = self.val if split == "val" or self.test is None else self.test
+      name, split = split, self.val if split == "val" or self.test is None else self.test
+      if split is None:
+        raise ValueError(f"Benchmark {self.name!r} has no {name} split.")
     predict = _jitted_predict(self.functions)
     accumulator = self.new_accumulator()
     for batch in epoch_batches(split, batch_size or self.config.eval_batch_size, seed=None):
@@ -224,6 +228,7 @@ class _Entry:
   factory: Callable[..., Benchmark] | str
   config: Callable[..., Config] | str | None
   presets: dict[str, Preset] | str
+  protocols: tuple[str, ...] = ("ours",)
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -231,7 +236,8 @@ _REGISTRY: dict[str, _Entry] = {}
 
 def register_benchmark(name: str, factory: Callable[..., Benchmark] | str | None = None, *,
                        config: Callable[..., Config] | str | None = None,
-                       presets: dict[str, Preset] | str | None = None):
+                       presets: dict[str, Preset] | str | None = None,
+                       protocols: Sequence[str] = ("ours",)):
   """Registers a benchmark factory (or a "module:attribute" path) under `name`.
 
   Usable as a decorator. The factory takes keyword options (all with defaults) and
@@ -244,10 +250,13 @@ def register_benchmark(name: str, factory: Callable[..., Benchmark] | str | None
       import path); None: the built benchmark's `config`.
     presets: named changes of the default run, `preset(config) -> config` (or the import
       path of such a dict); "default" is the default run itself.
+    protocols: the protocols `config(protocol=...)` and the factory's `protocol` option
+      know: "ours" always (called without the option), "official" where the benchmark
+      reproduces its authors' scripts.
   """
 
   def do(f):
-    entry = _Entry(f, config, presets or {})
+    entry = _Entry(f, config, presets or {}, tuple(protocols))
     if name in _REGISTRY and _REGISTRY[name] != entry:
       raise ValueError(f"A benchmark named {name!r} is already registered.")
     _REGISTRY[name] = entry
@@ -296,13 +305,17 @@ def preset_names(name: str) -> list[str]:
 
 
 def get_config(name: str, preset: str = "default", *, data_dir: str | None = None,
-               **options) -> Config:
+               protocol: str = "ours", **options) -> Config:
   """The run that preset `preset` of benchmark `name` describes, without reading any data.
 
   Args:
     name: the benchmark.
-    preset: "default" (the published protocol) or a registered preset (`preset_names`).
+    preset: "default" (the published run) or a registered preset (`preset_names`).
     data_dir: where the data lives.
+    protocol: "ours" (the default: e.g. model selection on a validation split carved from the
+      training data) or "official" (what the authors' scripts do, where a benchmark has them;
+      experiments/README.md lists the choices and what remains different). A preset changes
+      the size of a run, not its protocol.
     **options: data and model options: a name the preset's `model` has goes there, any other
       to `data` (an unknown one is refused when `from_config` builds the benchmark).
   """
@@ -311,8 +324,15 @@ def get_config(name: str, preset: str = "default", *, data_dir: str | None = Non
   if preset != "default" and preset not in presets:
     raise ValueError(f"Benchmark {name!r} has no preset {preset!r}; its presets: "
                      f"{', '.join(preset_names(name))}.")
-  config = (_resolve(entry.config)() if entry.config is not None
-            else get_benchmark(name).config)
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"Unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}.")
+  if protocol not in entry.protocols:
+    raise ValueError(f"Benchmark {name!r} has no {protocol!r} protocol (it has "
+                     f"{', '.join(entry.protocols)}): only the paper's benchmarks with the "
+                     "authors' trainers (celeba, qm9, nyuv2, cityscapes) have an official one.")
+  kwargs = {} if protocol == "ours" else {"protocol": protocol}
+  config = (_resolve(entry.config)(**kwargs) if entry.config is not None
+            else get_benchmark(name, **kwargs).config)
   if preset != "default":
     config = presets[preset](config)
   model = {k: v for k, v in options.items() if k in config.model}
@@ -326,6 +346,8 @@ def from_config(config: Config) -> Benchmark:
   options = {**config.data, **config.model}
   if config.data_dir is not None:
     options["data_dir"] = config.data_dir
+  if config.protocol != "ours":
+    options["protocol"] = config.protocol
   return get_benchmark(config.benchmark, **options)
 
 
@@ -337,4 +359,5 @@ for _name in ("multidigits", "sines"):
 for _name in ("celeba", "qm9", "nyuv2", "cityscapes", "multimnist"):
   register_benchmark(_name, f"ntkmtl_jax.benchmarks.{_name}:benchmark",
                      config=f"ntkmtl_jax.benchmarks.{_name}:default_config",
-                     presets=f"ntkmtl_jax.benchmarks.{_name}:PRESETS")
+                     presets=f"ntkmtl_jax.benchmarks.{_name}:PRESETS",
+                     protocols=("ours",) if _name == "multimnist" else ("ours", "official"))

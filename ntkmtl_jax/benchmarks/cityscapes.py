@@ -1,7 +1,7 @@
 """Cityscapes in the MTAN preprocessed `.npy` layout (see `ntkmtl_jax.data.mtan` for the layout
 and where to get it): 2,975 train / 500 test images of 128 x 256, 7 classes (`label_7`) and
-depth. The MTAN layout has no validation split: its `val/` folder is the test set
-on which the papers report (and select) results."""
+depth. The layout's `val/` folder is the test set on which
+the papers report results; our protocol selects on 375 training images held out."""
 
 from __future__ import annotations
 
@@ -31,5 +31,6 @@ PAPER_DELTA_M = {"ls": 22.60, "famo": 8.13, "fairgrad": 5.18, "nash_mtl": 6.82,
 DESCRIPTION = "Cityscapes: 7-class segmentation and depth, SegNet-MTAN (MTAN .npy layout)"
 SCORING = Scoring(METRICS, HIGHER_IS_BETTER, metric_tasks=(0, 0, 1, 1), stl_row=STL)
 DATASET = MTANDataset("cityscapes", DESCRIPTION, TASKS, NUM_CLASSES, LABEL_DIR, HOW_TO_GET,
-                      SCORING, PAPER_ROWS, batch_size=8, ntkmtl_exponent=0.5, sr_chunks=4)
+                      SCORING, PAPER_ROWS, batch_size=8, ntkmtl_exponent=0.5, sr_chunks=4,
+                      val_size=375)
 default_config, benchmark, PRESETS = DATASET.default_config, DATASET.benchmark, DATASET.presets
