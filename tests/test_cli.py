@@ -157,6 +157,9 @@ def test_train_and_spectrum(tmp_path, capsys):
     (["compare", "--seeds", "-1"], "--seeds must list seeds >= 0"),
     (["compare", "--seeds", "3x"], "--seeds must be comma-separated integers"),
     (["train", "--preset", "huge"], "has no preset 'huge'"),
+    (["train", "--protocol", "official"], "'multidigits' has no 'official' protocol"),
+    (["compare", "--benchmark", "multimnist", "--protocol", "official"], "no 'official'"),
+    (["train", "--benchmark", "mt10", "--protocol", "official"], "--protocol does not apply"),
   ],
 )
 def test_bad_arguments_give_one_line_and_exit_2(tmp_path, capsys, argv, message):
@@ -415,3 +418,18 @@ def test_symlinks_planted_in_the_output_directory_are_replaced_not_followed(tmp_
   for name in names[:3]:
     assert (out / name).is_file() and not (out / name).is_symlink(), name
   json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.parametrize("command", ["train", "compare", "spectrum"])
+def test_every_command_takes_the_protocol(command):
+  from ntkmtl_jax.cli import build_parser, flags
+
+  args = build_parser().parse_args([command, "--benchmark", "qm9", "--protocol", "official"])
+  config = flags.benchmark_config(args)
+  assert (config.protocol, config.data["scale_y"], config.selection) == (
+    "official",
+    "none",
+    "best_or_later",
+  )
+  args = build_parser().parse_args([command, "--benchmark", "qm9"])
+  assert flags.benchmark_config(args).protocol == "ours"

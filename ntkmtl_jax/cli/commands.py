@@ -77,13 +77,14 @@ def _run(args, command: str) -> int:
   out = _output_dir(args, command)
   print(
     f"ntkmtl {command}: {bench.name} ({bench.description}); {len(plan)} run(s) of {steps} "
-    f"steps; writing to {out}",
+    f"steps, protocol {base.protocol}; writing to {out}",
     flush=True,
   )
   report_config = dict(
     command=command,
     benchmark=bench.name,
     preset=args.preset,
+    protocol=base.protocol,
     options=flags.key_values(args.option, ""),
     methods=names,
     seeds=seeds,
@@ -100,7 +101,7 @@ def _run(args, command: str) -> int:
       plan,
       out=out,
       report_config=report_config,
-      title=f"{bench.name}: {bench.description}; {steps} steps",
+      title=f"{bench.name}: {bench.description}; {steps} steps, protocol {base.protocol}",
       progress=not args.quiet,
       plots=not args.no_plots,
       resume=args.resume,
@@ -122,6 +123,7 @@ _NOT_FOR_MT10 = (
   "task_passes",
   "materialize",
   "data_dir",
+  "protocol",
 )
 
 
@@ -133,8 +135,8 @@ def _run_mt10(args, names: list[str], seeds: list[int], hparams: dict[str, dict]
   if given:
     raise UsageError(
       f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to "
-      "mt10; set MT10Config fields with --option NAME=VALUE (e.g. "
-      "actor_lr=3e-4, batch_size_per_task=128)"
+      "mt10 (its one protocol is the paper's MTRL setting); set MT10Config fields with "
+      "--option NAME=VALUE (e.g. actor_lr=3e-4, batch_size_per_task=128)"
     )
   try:
     config = mt10.get_config(args.preset)

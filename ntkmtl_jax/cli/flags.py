@@ -3,7 +3,8 @@
 Every command that runs training (`ntkmtl train`, `ntkmtl compare`, `ntkmtl spectrum
 --train-steps`, MT10 through `--benchmark mt10`) takes the same flags for the same things:
 
-  --benchmark NAME   --preset NAME   --option NAME=VALUE   --data-dir DIR
+  --benchmark NAME   --preset NAME   --protocol ours|official   --option NAME=VALUE
+  --data-dir DIR
   --method NAME | --methods A,B   --seed S | --seeds 0,1,2   --hp NAME=VALUE
   --steps N   --epochs N   --batch-size N   --lr X   --optimizer   --schedule
   --max-grad-norm X   --task-passes   --materialize   --workdir DIR   --resume   --overwrite
@@ -17,7 +18,7 @@ import json
 import math
 
 from ntkmtl_jax._names import canonical
-from ntkmtl_jax.config import OPTIMIZERS, SCHEDULES, Config
+from ntkmtl_jax.config import OPTIMIZERS, PROTOCOLS, SCHEDULES, Config
 
 PASSES = ("auto", "vmap", "unroll", "chunked", "sequential")
 MATERIALIZE = {"auto": None, "yes": True, "no": False}
@@ -90,6 +91,13 @@ def add_benchmark_flags(p: argparse.ArgumentParser):
     metavar="NAME",
     help="the benchmark's preset run: default (its published protocol) or tiny "
     "(a smoke run of a few steps); mt10 also has short",
+  )
+  p.add_argument(
+    "--protocol",
+    choices=PROTOCOLS,
+    help="ours (the default: e.g. selection on a validation split held out from training) "
+    "or official (what the authors' trainers do: celeba, qm9, nyuv2, cityscapes; "
+    "experiments/README.md lists the differences)",
   )
   p.add_argument(
     "--option",
@@ -214,7 +222,13 @@ def benchmark_config(args) -> Config:
   if "data_dir" in options:
     raise UsageError("give the data directory as --data-dir DIR, not as an --option")
   try:
-    return benchmarks.get_config(args.benchmark, args.preset, data_dir=args.data_dir, **options)
+    return benchmarks.get_config(
+      args.benchmark,
+      args.preset,
+      data_dir=args.data_dir,
+      protocol=getattr(args, "protocol", None) or "ours",
+      **options,
+    )
   except ValueError as e:
     raise UsageError(str(e)) from e
 
