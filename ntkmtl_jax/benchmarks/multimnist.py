@@ -20,10 +20,12 @@ from ntkmtl_jax.data.splits import Split, open_tfds, read_examples
 from ntkmtl_jax.models.lenet import lenet_functions
 from ntkmtl_jax.config import Config
 
-HOW_TO_GET = ("on a machine with TensorFlow installed, `pip install tensorflow "
-              "tensorflow-datasets && tfds build mnist --file_format=array_record "
-              "--data_dir DIR` (or copy an existing DIR/mnist/3.0.1 prepared in array_record "
-              "format)")
+HOW_TO_GET = (
+  "on a machine with TensorFlow installed, `pip install tensorflow "
+  "tensorflow-datasets && tfds build mnist --file_format=array_record "
+  "--data_dir DIR` (or copy an existing DIR/mnist/3.0.1 prepared in array_record "
+  "format)"
+)
 CANVAS = 36
 OFFSET = 8
 
@@ -49,7 +51,7 @@ def overlay(left: np.ndarray, right: np.ndarray) -> np.ndarray:
   canvas = np.zeros((b, CANVAS, CANVAS), np.float32)
   canvas[:, :28, :28] = left / 255.0
   canvas[:, OFFSET:, OFFSET:] = np.maximum(canvas[:, OFFSET:, OFFSET:], right / 255.0)
-  image = np.einsum("Hh,bhw,Ww->bHW", _RESIZE, canvas, _RESIZE)
+  image = _RESIZE @ canvas @ _RESIZE.T  # two matmuls (a three-operand np.einsum is a naive loop)
   return np.clip(image, 0.0, 1.0)[..., None].astype(np.float32)
 
 
@@ -61,14 +63,17 @@ def make_split(images: np.ndarray, labels: np.ndarray, data_seed: int) -> Split:
   def take(indices, rng):
     del rng  # no augmentation
     other = partner[indices]
-    return {"image": overlay(images[indices], images[other]),
-            "labels": np.stack([labels[indices], labels[other]], axis=1).astype(np.int32)}
+    return {
+      "image": overlay(images[indices], images[other]),
+      "labels": np.stack([labels[indices], labels[other]], axis=1).astype(np.int32),
+    }
 
   return Split(len(images), take)
 
 
-def load_splits(data_dir: str | None, *, val_size: int = 10_000,
-                data_seed: int = 0) -> tuple[Split, Split, Split]:
+def load_splits(
+  data_dir: str | None, *, val_size: int = 10_000, data_seed: int = 0
+) -> tuple[Split, Split, Split]:
   """(train, val, test) MultiMNIST splits (see the module docstring)."""
   train_source = open_tfds("mnist", "train", data_dir, HOW_TO_GET)
   test_source = open_tfds("mnist", "test", data_dir, HOW_TO_GET)
@@ -78,9 +83,11 @@ def load_splits(data_dir: str | None, *, val_size: int = 10_000,
   if not 0 < val_size < n:
     raise ValueError(f"val_size must be in (0, {n}), got {val_size}.")
   cut = n - val_size
-  return (make_split(train["image"][:cut], train["label"][:cut], data_seed),
-          make_split(train["image"][cut:], train["label"][cut:], data_seed + 1),
-          make_split(test["image"], test["label"], data_seed + 2))
+  return (
+    make_split(train["image"][:cut], train["label"][:cut], data_seed),
+    make_split(train["image"][cut:], train["label"][cut:], data_seed + 1),
+    make_split(test["image"], test["label"], data_seed + 2),
+  )
 
 
 TASK_NAMES = ("left", "right")
@@ -101,16 +108,23 @@ class Accuracy:
     return {f"{t} acc": float(c / self.count * 100.0) for t, c in zip(TASK_NAMES, self.correct)}
 
 
-SCORING = Scoring(metric_names=("left acc", "right acc"), higher_is_better=(True, True),
-                  metric_tasks=(0, 1))
+SCORING = Scoring(
+  metric_names=("left acc", "right acc"), higher_is_better=(True, True), metric_tasks=(0, 1)
+)
 
 
 def default_config(*, val_size: int = 10_000, data_seed: int = 0) -> Config:
   """Not in the NTKMTL paper: the field's usual LeNet setting with Adam 1e-3, batch 256, 10
   epochs. No published STL row: Delta m % uses the STL runs of the same report."""
-  return Config(benchmark="multimnist", data=dict(val_size=val_size, data_seed=data_seed),
-                learning_rate=1e-3, batch_size=256, num_epochs=10, eval_batch_size=1000,
-                init_prng="rbg")
+  return Config(
+    benchmark="multimnist",
+    data=dict(val_size=val_size, data_seed=data_seed),
+    learning_rate=1e-3,
+    batch_size=256,
+    num_epochs=10,
+    eval_batch_size=1000,
+    init_prng="rbg",
+  )
 
 
 # tiny: 8 validation images, 3 batches of 8.
@@ -126,7 +140,14 @@ def benchmark(*, data_dir: str | None = None, **options) -> Benchmark:
   config = default_config(**options).replace(data_dir=data_dir)
   train, val, test = load_splits(data_dir, **config.data)
   return Benchmark(
-      name="multimnist", description="MultiMNIST: left and right digit of two overlaid MNIST "
-      "digits, LeNet", task_names=TASK_NAMES, scoring=SCORING,
-      functions=lenet_functions(len(TASK_NAMES)), train=train, val=val, test=test,
-      new_accumulator=Accuracy, config=config)
+    name="multimnist",
+    description="MultiMNIST: left and right digit of two overlaid MNIST digits, LeNet",
+    task_names=TASK_NAMES,
+    scoring=SCORING,
+    functions=lenet_functions(len(TASK_NAMES)),
+    train=train,
+    val=val,
+    test=test,
+    new_accumulator=Accuracy,
+    config=config,
+  )
