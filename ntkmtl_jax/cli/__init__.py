@@ -162,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   from ntkmtl_jax._optional import MissingExtraError
   from ntkmtl_jax.data.splits import DatasetMissingError
+  from ntkmtl_jax.interrupt import Terminated, exit_status, terminate_as_exception
+  from ntkmtl_jax.locking import WorkdirBusyError
+
+  terminate_as_exception()  # SIGTERM outside a training loop: clean up, exit 143
 
   if not getattr(args, "no_compilation_cache", True) and not os.environ.get(
     "NTKMTL_NO_COMPILATION_CACHE"
@@ -171,9 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     compilation_cache.enable()
   try:
     return COMMANDS[args.command](args)
-  except (UsageError, MissingExtraError, DatasetMissingError) as e:
+  except (UsageError, MissingExtraError, DatasetMissingError, WorkdirBusyError) as e:
     sys.stderr.write(f"ntkmtl {args.command}: error: {e}\n")
     return 2
+  except Terminated:
+    sys.stderr.write("\nTerminated (SIGTERM).\n")
+    return exit_status("SIGTERM")
   except KeyboardInterrupt:
     sys.stderr.write("\nInterrupted.\n")
     return 130

@@ -12,14 +12,23 @@ from ntkmtl_jax.cli.flags import UsageError
 
 
 def _output_dir(args, command: str) -> str:
-  out = args.workdir or os.path.join(
-    "runs", f"{args.benchmark}-{command}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-  )
+  """--workdir, or a new folder runs/<benchmark>-<command>-<time>[-n] that no other run has."""
+  out = args.workdir
   try:
+    if out is None:
+      stamp = f"{args.benchmark}-{command}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+      os.makedirs("runs", exist_ok=True)
+      for n in range(1, 10_000):  # makedirs without exist_ok: atomic, one winner per name
+        out = os.path.join("runs", stamp if n == 1 else f"{stamp}-{n}")
+        try:
+          os.makedirs(out)
+          break
+        except FileExistsError:
+          continue
     os.makedirs(out, exist_ok=True)
-    probe = os.path.join(out, ".ntkmtl-write-test")
-    with open(probe, "w") as f:
-      f.write("ok")
+    probe = os.path.join(out, f".ntkmtl-write-test-{os.getpid()}")
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0))
+    os.close(fd)
     os.remove(probe)
   except OSError as e:
     raise UsageError(f"output directory {out!r} is not writable ({e.strerror or e})") from e
@@ -94,19 +103,21 @@ def _run(args, command: str) -> int:
     run=dataclasses.asdict(base),
   )
   from ntkmtl_jax.checkpoints import RunMismatchError
+  from ntkmtl_jax.locking import workdir_lock
 
   try:
-    code, _ = runs.run_all(
-      bench,
-      plan,
-      out=out,
-      report_config=report_config,
-      title=f"{bench.name}: {bench.description}; {steps} steps, protocol {base.protocol}",
-      progress=not args.quiet,
-      plots=not args.no_plots,
-      resume=args.resume,
-      overwrite=args.overwrite,
-    )
+    with workdir_lock(out):
+      code, _ = runs.run_all(
+        bench,
+        plan,
+        out=out,
+        report_config=report_config,
+        title=f"{bench.name}: {bench.description}; {steps} steps, protocol {base.protocol}",
+        progress=not args.quiet,
+        plots=not args.no_plots,
+        resume=args.resume,
+        overwrite=args.overwrite,
+      )
   except RunMismatchError as error:
     raise UsageError(str(error)) from None
   return code

@@ -88,12 +88,21 @@ def validate_plan(bench, plan: list[Config]) -> None:
 
 
 def skip_status(runs) -> int:
-  """3, after one line per run that skipped most of its steps; else 0."""
+  """The exit status of finished runs: 3 when any run skipped more than half of its steps
+  (`results.MAX_SKIPPED_FRACTION`; one error line per such run), else 0. A run that skipped
+  fewer steps gets one warning line (how many, and why) and does not change the status."""
   from ntkmtl_jax.results import skip_report
 
   reports = [r for r in map(skip_report, runs) if r]
   for line in reports:
     sys.stderr.write(f"ntkmtl: error: {line}\n")
+  for run in runs:
+    if run.skipped and not skip_report(run):
+      causes = ", ".join(f"non-finite {k}: {n}" for k, n in run.skipped_by_cause.items() if n)
+      sys.stderr.write(
+        f"ntkmtl: warning: {run.method} seed {run.seed} skipped {run.skipped} of its "
+        f"{run.steps} steps ({causes}); the others trained as configured.\n"
+      )
   return 3 if reports else 0
 
 
@@ -126,12 +135,13 @@ def run_all(
     resume, overwrite: what to do with a run a workdir already holds (`loop.fit`'s).
 
   Returns:
-    (exit status: 0; 130 when interrupted; 3 when a run skipped most of its steps (see
-    `results.skip_report`); the `RunResult`s).
+    (exit status: 0; 130 when interrupted by SIGINT, 143 by SIGTERM; 3 when a run skipped
+    most of its steps (see `results.skip_report`); the `RunResult`s).
   """
   from ntkmtl_jax import loop, report
+  from ntkmtl_jax.interrupt import Terminated, exit_status
 
-  runs, interrupted = [], False
+  runs, interrupted, stop_signal = [], False, None
   start = time.perf_counter()
   try:
     for index, config in enumerate(plan):
@@ -149,7 +159,7 @@ def run_all(
       )
       runs.append(result)
       if result.interrupted:
-        interrupted = True
+        interrupted, stop_signal = True, result.stop_signal
         break
       if out:
         report.write_results(
@@ -160,9 +170,12 @@ def run_all(
           summary={},
           interrupted=True,
         )
-  except KeyboardInterrupt:
-    interrupted = True
+  except KeyboardInterrupt as error:
+    interrupted, stop_signal = True, "SIGTERM" if isinstance(error, Terminated) else "SIGINT"
   total = time.perf_counter() - start
+  finished = sum(not r.interrupted for r in runs)
+  if interrupted:  # marks the runs that did not finish, in results.json
+    report_config["unfinished_runs"] = [run_label(c) for c in plan[finished:]]
   report_config["wall_time_total"] = total
   summary = report.summarize(
     runs, bench.metric_names, bench.higher_is_better, bench.metric_tasks, bench.stl_row
@@ -178,7 +191,7 @@ def run_all(
         f"\nInterrupted while writing the reports; results.json in {out} holds the finished runs.",
         file=sys.stderr,
       )
-      return 130, runs
+      return exit_status(stop_signal), runs
   baseline = "the paper's STL row" if bench.stl_row is not None else "the STL runs"
   print()
   print(
@@ -194,9 +207,11 @@ def run_all(
     print(f"\nWrote {', '.join(os.path.basename(p) for p in paths)} to {out}")
   if interrupted:
     print(
-      f"Interrupted: kept the {sum(not r.interrupted for r in runs)} finished runs"
-      + (f" in {out}." if out else "."),
+      f"Interrupted ({stop_signal or 'SIGINT'}): kept the {finished} finished run(s)"
+      + (f" in {out}" if out else "")
+      + f"; {len(plan) - finished} not finished"
+      + (" (rerun with --resume to continue)." if out else "."),
       file=sys.stderr,
     )
-    return 130, runs
+    return exit_status(stop_signal), runs
   return skip_status(runs), runs

@@ -11,6 +11,8 @@ import jax
 import numpy as np
 
 from ntkmtl_jax import checkpoints
+from ntkmtl_jax.interrupt import StopRequests, Terminated
+from ntkmtl_jax.locking import workdir_lock
 from ntkmtl_jax.benchmarks.mt10 import environments, report, sac
 from ntkmtl_jax.benchmarks.mt10.config import MT10Config
 
@@ -165,7 +167,9 @@ def train_and_evaluate(config: MT10Config, workdir: str | None, *, envs=None,
     bar = tqdm(steps, desc=f"MT10 {config.method}", unit="step", initial=start_step,
                total=config.num_train_steps, mininterval=2.0)
     steps = bar
-  for step in steps:
+
+  def _train_step(step):
+    nonlocal state, obs, metrics, last_losses, updates_time, updates_done, env_time
     if step % config.eval_freq == 0 and not (history and history[-1]["step"] == step):
       row = record_evaluation(step)
       rate = updates_done / max(updates_time, 1e-9)
@@ -203,8 +207,16 @@ def train_and_evaluate(config: MT10Config, workdir: str | None, *, envs=None,
                         actor=f"{last_losses['actor_loss']:.3g}",
                         alpha=f"{last_losses['alpha']:.3g}",
                         updates_per_s=f"{updates_done / max(updates_time, 1e-9):.2f}")
-  if bar is not None:
-    bar.close()
+
+  with StopRequests() as stop:
+    try:
+      for step in steps:
+        if stop.requested:  # SIGINT / SIGTERM: checkpoint here, at a step boundary, and stop
+          _stop_at(step, stop.signal_name, manager, state, buffer, history, bar, start_step)
+        _train_step(step)
+    finally:
+      if bar is not None:
+        bar.close()
   if not (history and history[-1]["step"] == config.num_train_steps):
     record_evaluation(config.num_train_steps)
   if manager:
@@ -221,6 +233,17 @@ def train_and_evaluate(config: MT10Config, workdir: str | None, *, envs=None,
     report.write_run_report(result, workdir)
   result["state"] = state
   return result
+
+
+def _stop_at(step, signal_name, manager, state, buffer, history, bar, start_step):
+  """Saves the checkpoint of `step` (the steps before it taken) and raises the interrupt."""
+  say = bar.write if bar is not None else print
+  if manager is not None and step > start_step:
+    save_checkpoint(manager, step, state, buffer, history)
+    manager.close()
+    say(f"Interrupted at step {step}: saved a checkpoint in {manager.directory} "
+        f"({signal_name}); run again with the same workdir to continue.")
+  raise Terminated if signal_name == "SIGTERM" else KeyboardInterrupt
 
 
 def run(config: MT10Config, methods: list[str], seeds: list[int], workdir: str | None, *,
@@ -242,7 +265,19 @@ def run(config: MT10Config, methods: list[str], seeds: list[int], workdir: str |
 
   Returns:
     The `train_and_evaluate` result of every run, methods outer, seeds inner.
+
+  Raises:
+    KeyboardInterrupt, interrupt.Terminated: SIGINT or SIGTERM stopped a run (it
+      checkpointed first); the finished runs' reports are in their folders.
+    locking.WorkdirBusyError: another process runs in `workdir`.
   """
+  if workdir:
+    with workdir_lock(workdir):
+      return _run_all(config, methods, seeds, workdir, progress)
+  return _run_all(config, methods, seeds, workdir, progress)
+
+
+def _run_all(config, methods, seeds, workdir, progress) -> list[dict]:
   results = []
   for method in (m.strip() for m in methods):
     for seed in seeds:
