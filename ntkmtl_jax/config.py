@@ -12,6 +12,7 @@ its flags (`ntkmtl_jax.cli.flags`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 from ntkmtl_jax._names import canonical
@@ -19,6 +20,19 @@ from ntkmtl_jax._names import canonical
 SCHEDULES = ("constant", "cosine", "step", "plateau")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PROTOCOLS = ("ours", "official")
+# Settings a resumed run may change (recorded in results.json): how long it runs, where the
+# data live, how often it reports and checkpoints. Every other field defines the run.
+RESUMABLE = frozenset(
+  {
+    "num_epochs",
+    "max_steps",
+    "data_dir",
+    "log_every",
+    "checkpoint_every",
+    "checkpoint_min_interval",
+    "prefetch",
+  }
+)
 SELECTIONS = ("best", "best_or_later", "last_epochs")
 
 
@@ -138,6 +152,28 @@ class Config:
     ):
       if value not in allowed:
         raise ValueError(f"Config: {field}={value!r}; choose one of {', '.join(allowed)}.")
+
+    def finite(x):
+      return isinstance(x, (int, float)) and math.isfinite(x)
+
+    checks = (
+      ("learning_rate", finite(self.learning_rate) and self.learning_rate > 0, "> 0 and finite"),
+      ("weight_decay", finite(self.weight_decay) and self.weight_decay >= 0, ">= 0 and finite"),
+      ("seed", isinstance(self.seed, int) and self.seed >= 0, "an integer >= 0"),
+      ("batch_size", isinstance(self.batch_size, int) and self.batch_size >= 1, "an integer >= 1"),
+      ("eval_batch_size", int(self.eval_batch_size) >= 1, ">= 1"),
+      (
+        "max_grad_norm",
+        self.max_grad_norm is None or (finite(self.max_grad_norm) and self.max_grad_norm > 0),
+        "None (no clipping) or > 0",
+      ),
+      ("probe_every", int(self.probe_every) >= 0, ">= 0"),
+      ("log_every", int(self.log_every) >= 1, ">= 1"),
+      ("checkpoint_every", int(self.checkpoint_every) >= 0, ">= 0"),
+    )
+    for field, ok, rule in checks:
+      if not ok:
+        raise ValueError(f"Config: {field}={getattr(self, field)!r}; it must be {rule}.")
     if int(self.report_epochs) < 1:
       raise ValueError(f"Config: report_epochs={self.report_epochs}; it must be at least 1.")
     if int(self.prefetch) < 0:
@@ -146,6 +182,11 @@ class Config:
       raise ValueError(
         f"Config: plateau_threshold={self.plateau_threshold}; it must be >= 0 (torch: 1e-4)."
       )
+
+  def fingerprint(self) -> dict:
+    """Every setting of the run, as JSON reads it back (tuples as lists): what a resume
+    checks (`RESUMABLE` fields may differ)."""
+    return json.loads(json.dumps(dataclasses.asdict(self), default=list))
 
   def replace(self, **changes) -> Config:
     return dataclasses.replace(self, **changes)

@@ -30,11 +30,11 @@ own, `ntkmtl_jax.benchmarks.mt10`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -44,8 +44,10 @@ import numpy as np
 import optax
 
 from ntkmtl_jax import io, kernel
-from ntkmtl_jax.checkpoints import RunCheckpoints, RunMismatchError, fingerprint
-from ntkmtl_jax.config import Config
+from ntkmtl_jax.interrupt import StopRequests
+from ntkmtl_jax.locking import workdir_lock
+from ntkmtl_jax.checkpoints import RunCheckpoints, RunMismatchError
+from ntkmtl_jax.config import RESUMABLE, Config
 from ntkmtl_jax.data.splits import epoch_batches, prefetch
 from ntkmtl_jax.models.multitask import TaskFunctions
 from ntkmtl_jax.optimizer import (
@@ -80,7 +82,9 @@ class RunState:
     reported: with `selection="last_epochs"`, the test metrics of the last epochs so far.
     step_times: wall seconds of the steps that were timed (the first ones and every
       `log_every`-th).
-    fingerprint: what identifies the run's config (`checkpoints.fingerprint`).
+    fingerprint: the run's config (`Config.fingerprint`), checked on resume.
+    changes_on_resume: the settings of `config.RESUMABLE` a resume changed: one entry per
+      resume that changed any, {"step": ..., "changes": {field: [old, new]}}.
     finished: whether the run took all its steps.
   """
 
@@ -97,6 +101,7 @@ class RunState:
   reported: list = dataclasses.field(default_factory=list)
   step_times: list = dataclasses.field(default_factory=list)
   fingerprint: dict = dataclasses.field(default_factory=dict)
+  changes_on_resume: list = dataclasses.field(default_factory=list)
   finished: bool = False
 
   def to_dict(self) -> dict:
@@ -174,31 +179,6 @@ class Recorder:
       eigen_source=source,
       skip_cause=a["skip_cause"],
     )
-
-
-class StopOnSigint:
-  """While entered (in the main thread), a first SIGINT (Ctrl-C) only asks the loop to stop
-  at the next step boundary, where the loop checkpoints a consistent state; a second one
-  interrupts at once."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def _handle(self, signum, frame):
-    if self.requested:
-      raise KeyboardInterrupt
-    self.requested = True
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGINT, self._handle)
-    return self
-
-  def __exit__(self, *unused):
-    if self._previous is not None:
-      signal.signal(signal.SIGINT, self._previous)
-      self._previous = None
 
 
 # The jitted functions of a model and the train steps of (model, method, optimiser)
@@ -467,6 +447,46 @@ class Checkpointing:
       self.save(state, run, taken)
 
 
+def _finished_results(workdir: str) -> bool:
+  """Whether `workdir/results.json` records a run that took all its steps."""
+  try:
+    with open(os.path.join(workdir, "results.json")) as f:
+      return not json.load(f).get("interrupted", True)
+  except (OSError, ValueError):
+    return False
+
+
+CONFIG_FILE = "config.json"
+
+
+def _saved_config(workdir: str) -> dict | None:
+  """The fingerprint `fit` wrote to `workdir/config.json` (None: none there)."""
+  try:
+    with open(os.path.join(workdir, CONFIG_FILE)) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _refuse_other_config(workdir: str, saved: dict | None, wanted: dict) -> list[str]:
+  """The fields in which `saved` differs from `wanted`; raises RunMismatchError when one of
+  them may not change on resume (not in `RESUMABLE`)."""
+  if saved is None:
+    return []
+  unset = "<unset>"
+  differ = sorted(
+    k for k in set(wanted) | set(saved) if saved.get(k, unset) != wanted.get(k, unset)
+  )
+  refused = [k for k in differ if k not in RESUMABLE]
+  if refused:
+    shown = ", ".join(f"{k} {saved.get(k, unset)!r} -> {wanted.get(k, unset)!r}" for k in refused)
+    raise RunMismatchError(
+      f"{workdir} holds another run (different {shown}); choose another directory, or pass "
+      "overwrite=True (--overwrite) to discard it."
+    )
+  return differ
+
+
 def resume_run(
   checkpoints: RunCheckpoints | None,
   config: Config,
@@ -476,38 +496,47 @@ def resume_run(
   overwrite: bool,
 ) -> tuple[TrainState, RunState]:
   """The state and run state to start from, after checking what the workdir holds (a fresh
-  run without checkpoints)."""
-  fresh = state, RunState(fingerprint=fingerprint(config))
-  if checkpoints is None or not checkpoints.steps():
+  run without checkpoints).
+
+  A resume continues only a run of the same configuration: every field of `Config` but those
+  of `config.RESUMABLE` (which may change, and are recorded in `changes_on_resume`). With
+  `overwrite`, an unfinished run is discarded whatever differs; a finished one never is
+  (whether or not its checkpoints restore into this config): delete its directory by name.
+  """
+  fresh = state, RunState(fingerprint=config.fingerprint())
+  if checkpoints is None:
     return fresh
   workdir = checkpoints.workdir
-  restored = checkpoints.restore(state)
-  if restored is None:
-    if not overwrite:
+  finished = _finished_results(workdir)
+  if not checkpoints.steps():
+    if finished:
       raise RunMismatchError(
-        f"{workdir} holds checkpoints but none restores; pass "
-        "overwrite=True (--overwrite) to start the run over."
+        f"{workdir} holds the results.json of a finished run (its checkpoints are gone); "
+        "refusing to write over it: delete that directory yourself or choose another one."
+      )
+    return fresh
+  wanted = fresh[1].fingerprint
+  if not overwrite:  # compare the configs before restoring anything
+    _refuse_other_config(workdir, _saved_config(workdir), wanted)
+  restored = checkpoints.restore(state)
+  if restored is not None:
+    finished = finished or RunState.from_dict(restored[1]).finished
+  if overwrite:
+    if finished:
+      raise RunMismatchError(
+        f"{workdir} holds a finished run; refusing to overwrite it: delete that directory "
+        "yourself to start over, or choose another one."
       )
     checkpoints.clear()
     return fresh
+  if restored is None:
+    raise RunMismatchError(
+      f"{workdir} holds checkpoints but none restores into this config; choose another "
+      "directory, or pass overwrite=True (--overwrite) to start the run over."
+    )
   saved_state, saved, history = restored
   saved = RunState.from_dict(saved)
-  wanted = fresh[1].fingerprint
-  if overwrite:
-    if saved.finished:
-      raise RunMismatchError(
-        f"{workdir} holds a finished run; refusing to overwrite it: "
-        "delete it or choose another directory."
-      )
-    checkpoints.clear()
-    return fresh
-  if saved.fingerprint != wanted:
-    differ = sorted(k for k in wanted if saved.fingerprint.get(k) != wanted[k])
-    raise RunMismatchError(
-      f"{workdir} holds another run (different {', '.join(differ)}); "
-      "choose another directory, or pass overwrite=True (--overwrite) to "
-      "discard it."
-    )
+  differ = _refuse_other_config(workdir, saved.fingerprint, wanted)
   if not resume:
     raise RunMismatchError(
       f"{workdir} holds a run of this config; pass resume=True "
@@ -515,11 +544,23 @@ def resume_run(
       "start over."
     )
   recorder.load(history)
+  changes = {k: [saved.fingerprint.get(k), wanted[k]] for k in differ}
   print(
     f"Resuming {config.benchmark}/{config.method} at epoch {saved.epoch}, batch "
-    f"{saved.batch} (step {int(saved_state.step)})."
+    f"{saved.batch} (step {int(saved_state.step)})"
+    + (
+      ""
+      if not changes
+      else "; changed: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+    )
+    + "."
   )
-  return saved_state, dataclasses.replace(saved, finished=False)
+  log = saved.changes_on_resume + (
+    [dict(step=int(saved_state.step), changes=changes)] if changes else []
+  )
+  return saved_state, dataclasses.replace(
+    saved, finished=False, fingerprint=wanted, changes_on_resume=log
+  )
 
 
 def fit(
@@ -537,12 +578,13 @@ def fit(
 ) -> RunResult:
   """Trains `config.method` on `benchmark` and returns the run's record.
 
-  Ctrl-C (SIGINT, or a KeyboardInterrupt) during training stops the run cleanly: the result
-  has `interrupted=True`, the history of the steps taken, and metrics of the best model so far
-  (or of the current one, scored then). With a `workdir`, a SIGINT stops at the next step
-  boundary and checkpoints there, so nothing trained is lost; started again, the run resumes
-  from the newest usable checkpoint and ends with the parameters an uninterrupted run ends
-  with.
+  Ctrl-C (SIGINT, or a KeyboardInterrupt) or SIGTERM during training stops the run cleanly:
+  the result has `interrupted=True` (`stop_signal` names the signal), the history of the steps
+  taken, and metrics of the best model so far (or of the current one, scored then). With a
+  `workdir`, the signal stops the run at the next step boundary and checkpoints there, so
+  nothing trained is lost; started again, the run resumes from the newest usable checkpoint
+  and ends with the parameters an uninterrupted run ends with. While it runs, `workdir` is
+  locked (`ntkmtl_jax.locking`): a second process on it fails at once.
 
   Args:
     benchmark: the `Benchmark` (model functions, splits, metrics, selection rule).
@@ -563,9 +605,29 @@ def fit(
     A `RunResult`.
 
   Raises:
-    RunMismatchError: `workdir` holds a run of another config (without `overwrite`), a run
-      of this one (with neither `resume` nor `overwrite`), or a finished run to overwrite.
+    RunMismatchError: `workdir` holds a run of another config (without `overwrite`; settings
+      in `config.RESUMABLE` may change on resume), a run of this one (with neither `resume`
+      nor `overwrite`), or a finished run to overwrite.
+    WorkdirBusyError: another process is running in `workdir`.
   """
+  with workdir_lock(workdir) if workdir else contextlib.nullcontext():
+    return _fit(
+      benchmark,
+      config,
+      workdir,
+      method,
+      optimizer,
+      progress,
+      description,
+      callback,
+      resume,
+      overwrite,
+    )
+
+
+def _fit(
+  benchmark, config, workdir, method, optimizer, progress, description, callback, resume, overwrite
+) -> RunResult:
   started = time.perf_counter()
   steps_per_epoch, num_epochs, total = run_length(benchmark, config)
   name = config.method_key if method is None else method.name
@@ -574,6 +636,8 @@ def fit(
   recorder = Recorder(benchmark.num_tasks)
   checkpoints = RunCheckpoints(workdir) if workdir else None
   state, run = resume_run(checkpoints, config, state, recorder, resume, overwrite)
+  if workdir:
+    io.write_json(os.path.join(workdir, CONFIG_FILE), run.fingerprint)
   in_step = eigenvalues_in_step(method, state)
   probe = EigenvalueProbe(benchmark, 0 if in_step else config.probe_every, recorder)
   label = description or f"{name} seed {config.seed}"
@@ -581,8 +645,9 @@ def fit(
   select = Selection(benchmark, config, name, num_epochs, checkpoints, log.say)
   saving = Checkpointing(checkpoints, config, total, steps_per_epoch, recorder)
   taken = int(state.step)  # counted on the host: reading state.step would wait for the step
-  interrupted = False
-  with StopOnSigint() as sigint:
+  interrupted = None  # the signal that stopped the run ("SIGINT" for any KeyboardInterrupt)
+  batches = None
+  with StopRequests() as stop:
     try:
       for epoch in range(run.epoch, num_epochs):
         if taken >= total and run.batch == 0:
@@ -602,7 +667,7 @@ def fit(
         if config.prefetch and not stopped:  # loads the next batches while a step runs
           batches = prefetch(batches, config.prefetch)
         for batch in () if stopped else batches:
-          if sigint.requested:  # between steps: state, history and position agree
+          if stop.requested:  # between steps: state, history and position agree
             raise KeyboardInterrupt
           probe.before_step(taken, state, batch)
           step_started = time.perf_counter()
@@ -616,21 +681,27 @@ def fit(
             stopped = run.batch < steps_per_epoch
             break
           saving.periodic(state, run, taken)
+        if hasattr(batches, "close"):
+          batches.close()  # stops a prefetching thread now, not when `fit` returns
         if not stopped:
           run.epoch, run.batch = epoch + 1, 0
         select.after_epoch(epoch, state, run)
         saving.epoch_end(state, run, taken, last=stopped or run.epoch >= num_epochs)
         if stopped:
           break
-    except KeyboardInterrupt:
-      interrupted = True
-      if sigint.requested and checkpoints is not None:
+    except KeyboardInterrupt as error:
+      interrupted = stop.signal_name or (
+        "SIGTERM" if type(error).__name__ == "Terminated" else "SIGINT"
+      )
+      if stop.requested and checkpoints is not None:
         saving.save(state, run, taken)
         log.say(
-          f"Interrupted at step {taken}: saved a checkpoint in {workdir}; run again "
-          "with it to resume."
+          f"Interrupted at step {taken}: saved a checkpoint in {workdir} ({interrupted}); run "
+          "again with it (--resume) to continue."
         )
     finally:
+      if hasattr(batches, "close"):
+        batches.close()
       log.close()
   if run.metrics is None and taken > 0:
     # No validation split, or interrupted before its first pass: score the current model.
@@ -661,7 +732,7 @@ def _result(
   state: TrainState,
   run: RunState,
   history: History,
-  interrupted: bool,
+  interrupted: str | None,
   started: float,
 ) -> RunResult:
   times = run.step_times[2:] or run.step_times
@@ -673,7 +744,9 @@ def _result(
     wall_time=time.perf_counter() - started,
     steps=int(state.step),
     skipped=int(state.skipped),
-    interrupted=interrupted,
+    interrupted=interrupted is not None,
+    stop_signal=interrupted,
+    changes_on_resume=run.changes_on_resume,
     history=history,
     val_metrics=run.val_metrics,
     best_epoch=run.best_epoch,

@@ -95,7 +95,9 @@ class RunResult:
     wall_time: seconds for the run, compilation and evaluation included.
     steps: the number of steps taken.
     skipped: steps skipped because something came out non-finite (`skipped_by_cause`).
-    interrupted: whether the run was stopped (Ctrl-C) before its end.
+    interrupted: whether the run was stopped (Ctrl-C, SIGTERM) before its end.
+    stop_signal: the signal that stopped it ("SIGINT" or "SIGTERM"; None: not stopped).
+    changes_on_resume: the settings that resumes changed (`loop.RunState.changes_on_resume`).
     history: the `History`.
     val_metrics: validation metrics of the selected model (None without validation).
     best_epoch: the epoch of the selected model (None without validation).
@@ -116,6 +118,8 @@ class RunResult:
   skipped: int
   interrupted: bool
   history: History
+  stop_signal: str | None = None
+  changes_on_resume: list = dataclasses.field(default_factory=list)
   val_metrics: dict | None = None
   best_epoch: int | None = None
   evaluations: list = dataclasses.field(default_factory=list)
@@ -148,6 +152,8 @@ class RunResult:
       skipped=self.skipped,
       skipped_by_cause=self.skipped_by_cause,
       interrupted=self.interrupted,
+      stop_signal=self.stop_signal,
+      changes_on_resume=self.changes_on_resume,
       val_metrics=self.val_metrics,
       best_epoch=self.best_epoch,
       evaluations=self.evaluations,
@@ -171,6 +177,8 @@ class RunResult:
       skipped=d["skipped"],
       interrupted=d["interrupted"],
       history=History.from_dict(d["history"]),
+      stop_signal=d.get("stop_signal"),
+      changes_on_resume=d.get("changes_on_resume", []),
       val_metrics=d.get("val_metrics"),
       best_epoch=d.get("best_epoch"),
       evaluations=d.get("evaluations", []),

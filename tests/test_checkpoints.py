@@ -132,7 +132,7 @@ def test_another_run_or_a_finished_one_is_not_overwritten(tmp_path):
   bench, config = _tiny()
   finished = str(tmp_path / "finished")
   loop.fit(bench, config.replace(max_steps=3), finished, progress=False)
-  with pytest.raises(RunMismatchError, match=r"another run \(different seed\).*--overwrite"):
+  with pytest.raises(RunMismatchError, match=r"another run \(different seed 0 -> 1\).*--overwrite"):
     loop.fit(bench, config.replace(seed=1), finished, progress=False)
   with pytest.raises(RunMismatchError, match="--resume"):
     loop.fit(bench, config, finished, progress=False, resume=False)

@@ -196,6 +196,10 @@ SINES = [
     (["train", "--seed", "-1"], "--seed must be >= 0"),
     (["train", "--option", "data_dir=/data"], "--data-dir DIR, not as an --option"),
     (["train", "--option", "no_such_option=1"], "bad option for benchmark 'sines'"),
+    (
+      ["train", "--option", "hidden=(8,)"],
+      "--option hidden takes a JSON list such as hidden=[64, 64]",
+    ),
     (["train", "--lr", "nan"], "--lr finite"),
     (["train", "--lr", "inf"], "--lr finite"),
     (["train", "--max-grad-norm", "nan"], "--max-grad-norm must be a finite norm"),

@@ -14,6 +14,7 @@ Every command that runs training (`ntkmtl train`, `ntkmtl compare`, `ntkmtl spec
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 
@@ -221,12 +222,24 @@ def benchmark_config(args) -> Config:
   options = key_values(args.option, "--option")
   if "data_dir" in options:
     raise UsageError("give the data directory as --data-dir DIR, not as an --option")
+  protocol = getattr(args, "protocol", None) or "ours"
+  try:
+    defaults = benchmarks.get_config(args.benchmark, args.preset, protocol=protocol)
+  except ValueError as e:
+    raise UsageError(str(e)) from e
+  for name, value in options.items():
+    default = {**defaults.data, **defaults.model}.get(name)
+    if isinstance(default, tuple) and not isinstance(value, tuple):
+      raise UsageError(
+        f"--option {name} takes a JSON list such as {name}={json.dumps(list(default))}, "
+        f"got {value!r}"
+      )
   try:
     return benchmarks.get_config(
       args.benchmark,
       args.preset,
       data_dir=args.data_dir,
-      protocol=getattr(args, "protocol", None) or "ours",
+      protocol=protocol,
       **options,
     )
   except ValueError as e:
@@ -268,13 +281,17 @@ def training_config(args, config: Config, num_train: int) -> Config:
         f"--max-grad-norm must be a finite norm >= 0 (0: no clipping), got {args.max_grad_norm}"
       )
     changes["max_grad_norm"] = args.max_grad_norm or None
-  config = config.replace(**changes)
+  merged = {**dataclasses.asdict(config), **changes}
   if (
-    any(v is not None and v <= 0 for v in (config.max_steps, config.num_epochs))
-    or config.batch_size < 1
-    or not 0 < config.learning_rate < math.inf
+    any(v is not None and v <= 0 for v in (merged["max_steps"], merged["num_epochs"]))
+    or merged["batch_size"] < 1
+    or not 0 < merged["learning_rate"] < math.inf
   ):
     raise UsageError("--steps, --epochs, --batch-size and --lr must be positive (and --lr finite)")
+  try:
+    config = config.replace(**changes)
+  except ValueError as e:
+    raise UsageError(str(e)) from e
   if config.batch_size > num_train:
     raise UsageError(
       f"--batch-size {config.batch_size} is larger than the training split ({num_train} examples)"

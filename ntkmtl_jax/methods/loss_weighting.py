@@ -8,6 +8,8 @@ the same weighted gradient (`Weighting`'s default `head_gradients="weighted"`).
 
 from __future__ import annotations
 
+import math
+
 from typing import NamedTuple
 
 import jax
@@ -336,6 +338,10 @@ def famo(num_tasks: int, *, learning_rate: float = 0.025, gamma: float = 0.01,
     Liu, Feng, Stone, Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023.
   """
   check_num_tasks(num_tasks)
+  if not (math.isfinite(learning_rate) and learning_rate > 0):
+    raise ValueError(f"FAMO: learning_rate={learning_rate!r}; it must be > 0 and finite.")
+  if not (math.isfinite(gamma) and gamma >= 0):
+    raise ValueError(f"FAMO: gamma={gamma!r}; it must be >= 0 and finite (weight decay).")
   tx = (optax.chain(optax.add_decayed_weights(gamma), optax.adam(learning_rate))
         if optimizer is None else optimizer)
   lower = (jnp.zeros(num_tasks, jnp.float32) if min_losses is None
