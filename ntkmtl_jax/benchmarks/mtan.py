@@ -17,7 +17,8 @@ import numpy as np
 from ntkmtl_jax import metrics
 from ntkmtl_jax.benchmarks import Benchmark, Scoring, smoke_preset
 from ntkmtl_jax.data import mtan as layout
-from ntkmtl_jax.data.splits import Split, missing_dataset
+from ntkmtl_jax.data.splits import missing_dataset
+from ntkmtl_jax.data.validation import check_bad_examples
 from ntkmtl_jax.models.mtan import FILTERS, mtan_functions
 from ntkmtl_jax.config import Config
 
@@ -43,6 +44,10 @@ class DenseMetrics:
   The two agree for abs err, rel err, mean angle and the % within thresholds when every
   batch holds as many valid pixels (tests/test_benchmarks_nyuv2.py), and differ otherwise
   (an uneven last batch, pixels without depth); medians differ in general.
+
+  Non-finite predictions are refused (a ValueError naming the task and its metrics), not
+  scored: a NaN would make abs err, rel err and the mean angle NaN, and NumPy's histogram
+  and comparisons count a NaN angle as 0 degrees (within every threshold).
   """
 
   def __init__(self, tasks: Sequence[str], num_classes: int, pooling: str = "pixels"):
@@ -57,9 +62,12 @@ class DenseMetrics:
     self.histogram = 0
     self.angle_sum = 0.0
     self.per_batch = {"depth": [], "normal": []}
+    self.batches = 0
 
   def update(self, outputs, batch):
+    self.batches += 1
     for task, out in zip(self.tasks, outputs):
+      _refuse_non_finite(task, out, self.batches)
       if task == "segmentation":
         self.confusion += self.metrics.confusion_matrix(np.argmax(out, -1), batch["label"],
                                                         self.num_classes)
@@ -98,14 +106,25 @@ class DenseMetrics:
     return out
 
 
+PREDICTIONS = {"segmentation": ("segmentation logits", "mIoU and pix acc"),
+               "depth": ("depth predictions", "abs err and rel err"),
+               "normal": ("surface normal predictions", "angle errors")}
+
+
+def _refuse_non_finite(task: str, out, batch: int):
+  finite = np.isfinite(out)
+  if not finite.all():
+    what, scores = PREDICTIONS[task]
+    bad = int(finite.size - finite.sum())
+    raise ValueError(
+        f"The model's {what} are not finite on the split being evaluated ({bad:,} of "
+        f"{finite.size:,} values NaN or infinite in evaluation batch {batch}), so its "
+        f"{scores} cannot be scored: the model has diverged (lower the learning rate, or "
+        "look at the run's skipped steps).")
+
+
 def _mean(rows: list, width: int) -> np.ndarray:
   return np.mean(rows, axis=0) if rows else np.full(width, np.nan)
-
-
-def subset(split: Split, indices: np.ndarray) -> Split:
-  """The examples `indices` of `split`, as a split of their own."""
-  indices = np.asarray(indices, np.int64)
-  return Split(len(indices), lambda i, rng: split.take(indices[i], rng))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +162,8 @@ class MTANDataset:
   def default_config(self, *, protocol: str = "ours", augment: bool = True,
                      filters: tuple[int, ...] = FILTERS, val_size: int | None = None,
                      split_seed: int = 0, metric_pooling: str | None = None,
-                     unbiased_running_var: bool | None = None) -> Config:
+                     unbiased_running_var: bool | None = None,
+                     bad_examples: str = "error") -> Config:
     """The run of the MTAN trainers: Adam 1e-4, StepLR(100, 0.5), 200 epochs, batch
     `batch_size`, augmentation; under the protocol `protocol`:
 
@@ -157,7 +177,12 @@ class MTANDataset:
 
     Options: `augment` (random scale-crop and flip of training images), `filters`
     (SegNet-MTAN's widths), `val_size`, `split_seed`, `metric_pooling` ("pixels" or
-    "batches") and `unbiased_running_var` (None: the protocol's).
+    "batches"), `unbiased_running_var` (None: the protocol's) and `bad_examples`: "error"
+    (a file that fails its checks stops the run with a `DataFileError` naming it) or "skip"
+    (its example is replaced by the next good one of its split, so batches keep their
+    shape, and warned about; see `ntkmtl_jax.data.mtan.LayoutSplit`). `bad_examples` is in
+    `data` only when it is "skip", so the configs, and the resumes, of earlier runs are
+    unchanged.
     """
     official = protocol == "official"
     if protocol not in ("ours", "official"):
@@ -168,9 +193,10 @@ class MTANDataset:
       metric_pooling = "batches" if official else "pixels"
     if unbiased_running_var is None:
       unbiased_running_var = official
+    skip = {"bad_examples": "skip"} if check_bad_examples(bad_examples) == "skip" else {}
     return Config(benchmark=self.name, protocol=protocol,
                   data=dict(augment=augment, val_size=int(val_size), split_seed=split_seed,
-                            metric_pooling=metric_pooling),
+                            metric_pooling=metric_pooling, **skip),
                   model=dict(filters=tuple(filters),
                              unbiased_running_var=bool(unbiased_running_var)),
                   learning_rate=1e-4, batch_size=self.batch_size, num_epochs=200,
@@ -201,9 +227,10 @@ class MTANDataset:
     if not data_dir:
       raise missing_dataset(f"The {self.description.split(':')[0]} data (MTAN layout)",
                             "no data_dir", self.how_to_get)
-    make = lambda split, augment: layout.make_split(data_dir, split, self.label_dir,
-                                                    self.tasks, augment, self.how_to_get)
     data = config.data
+    make = lambda split, augment: layout.make_split(
+        data_dir, split, self.label_dir, self.tasks, augment, self.how_to_get,
+        num_classes=self.num_classes, bad_examples=data.get("bad_examples", "error"))
     train, val = make("train", bool(data["augment"])), None
     if data["val_size"]:
       if not 0 < data["val_size"] < len(train):
@@ -211,8 +238,10 @@ class MTANDataset:
                          f"{len(train)} training images.")
       order = np.random.default_rng(int(data["split_seed"])).permutation(len(train))
       held_out = np.sort(order[:data["val_size"]])
-      val = subset(make("train", False), held_out)
-      train = subset(train, np.sort(order[data["val_size"]:]))
+      # Subsets of one reading of train/: a bad example is replaced from its own subset (no
+      # held-out image in training) and warned about once.
+      val = train.subset(held_out, augmented=False)
+      train = train.subset(np.sort(order[data["val_size"]:]))
     pooling = data["metric_pooling"]
     DenseMetrics(self.tasks, self.num_classes, pooling)  # refuses an unknown pooling now
     functions = mtan_functions(self.num_classes, self.tasks, config.model["filters"],

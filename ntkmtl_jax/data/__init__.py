@@ -11,8 +11,10 @@ from ntkmtl_jax.data.splits import (
   open_tfds,
   read_examples,
 )
+from ntkmtl_jax.data.validation import DataFileError
 
 __all__ = [
+  "DataFileError",
   "DatasetMissingError",
   "OfflineDataset",
   "Split",

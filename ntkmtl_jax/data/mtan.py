@@ -20,16 +20,34 @@ Training augmentation (the trainers' default): a random scale in {1.0, 1.2, 1.5}
 1/scale of the image, resized back: bilinear for image and normals, nearest for labels and
 depth, depth divided by the scale) and a horizontal flip with probability 1/2 (the normals'
 x component negated).
+
+Checks: every file is checked where it is read, at the batch that reads it (a readable `.npy`
+of real numbers, the shapes above with one image size per split, finite values, labels whole
+numbers in [-1, classes)); a bad one is a `DataFileError` naming the file, the problem and the
+fix. With `bad_examples="skip"` its example is replaced by the next good one of the split
+instead, which keeps every batch's shape (`LayoutSplit`).
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
 from ntkmtl_jax.data.splits import Split, missing_dataset
+from ntkmtl_jax.data.validation import (
+  BadExampleWarning,
+  DataFileError,
+  check_bad_examples,
+  check_finite,
+  check_labels,
+  file_error,
+  read_npy,
+  read_npy_header,
+)
 
 SCALES = (1.0, 1.2, 1.5)
 
@@ -114,14 +132,192 @@ def count_files(folder: str) -> int:
   return len([f for f in os.listdir(folder) if f.endswith(".npy")])
 
 
+REMOVE = (
+  "Re-export this file from the original data, or remove example {index} (its file in every "
+  "task folder, renumbering the later ones so that each folder holds 0.npy .. N-1.npy)"
+)
+FIX = REMOVE + (
+  ", or pass the data option bad_examples='skip' (--option bad_examples=skip) to replace it by "
+  "the next good example."
+)
+
+
+class _Files:
+  """The files of one folder of the layout (`ROOT/train` or `ROOT/val`), read and checked
+  example by example; under `bad_examples="skip"`, which examples were found bad.
+
+  Checks of each file as it is read (`DataFileError` naming the file, in `load`): a readable
+  `.npy` of real numbers, of the expected shape (image (H, W, 3) with the H x W of the
+  folder's first image, label (H, W), depth (H, W) or (H, W, 1), normal (H, W, 3)), finite
+  values, and labels that are whole numbers in [-1, num_classes) (-1 = unlabelled; no range
+  check without `num_classes`).
+  """
+
+  def __init__(self, folder, subdirs, size, num_classes, bad_examples):
+    self.folder, self.subdirs, self.size = folder, dict(subdirs), int(size)
+    self.num_classes = None if num_classes is None else int(num_classes)
+    self.skip = check_bad_examples(bad_examples) == "skip"
+    self.bad: dict[int, str] = {}  # example -> "PATH: PROBLEM" (skip mode)
+    self.lock = threading.Lock()
+    self.reference = None  # (index, (H, W)) of the first image that can set the size
+    for index in range(self.size):
+      try:
+        shape = self._image_header(index)
+      except DataFileError as error:
+        if not self.skip:
+          raise
+        self._mark_bad(index, error)
+        continue
+      self.reference = index, shape[:2]
+      break
+    if self.reference is None:
+      raise self.none_good()
+
+  def path(self, key: str, index: int) -> str:
+    return os.path.join(self.folder, self.subdirs[key], f"{index}.npy")
+
+  def _image_header(self, index: int) -> tuple[int, ...]:
+    path = self.path("image", index)
+    shape = read_npy_header(path, FIX.format(index=index))[0]
+    if len(shape) != 3 or shape[2] != 3:
+      raise file_error(path, f"an image of shape {shape}, not (H, W, 3)", FIX.format(index=index))
+    return shape
+
+  def load(self, index: int) -> dict:
+    """Example `index`, every file checked (float32 arrays; depth (H, W, 1))."""
+    fix = FIX.format(index=index)
+    ref_index, (height, width) = self.reference
+    shapes = {
+      "image": ((height, width, 3),),
+      "label": ((height, width),),
+      "depth": ((height, width), (height, width, 1)),
+      "normal": ((height, width, 3),),
+    }
+    example = {}
+    for key in self.subdirs:
+      path = self.path(key, index)
+      array = read_npy(path, fix)
+      want = shapes[key]
+      if array.shape not in want:
+        shapes = " or ".join(str(s) for s in want)
+        whose = (
+          f"every image of a split has the size of its first, {self.path('image', ref_index)}"
+          if key == "image"
+          else f"the size of its image {self.path('image', index)}"
+        )
+        raise file_error(path, f"shape {array.shape}; it must be {shapes} ({whose})", fix)
+      array = array.astype(np.float32, copy=False)
+      check_finite(array, path, fix)
+      if key == "label":
+        array = check_labels(array, path, fix, self.num_classes)
+      example[key] = array
+    if example["depth"].ndim == 2:
+      example["depth"] = example["depth"][..., None]
+    return example
+
+  def example(self, index: int) -> dict | None:
+    """`load(index)`; under skip mode None for a bad example (warned about the first time)."""
+    if index in self.bad:
+      return None
+    try:
+      return self.load(index)
+    except DataFileError as error:
+      if not self.skip:
+        raise
+      self._mark_bad(index, error)
+      return None
+
+  def _mark_bad(self, index: int, error: DataFileError):
+    with self.lock:
+      if index in self.bad:
+        return
+      self.bad[index] = f"{error.path}: {error.problem}"
+    warnings.warn(
+      f"bad_examples='skip': example {index} of {self.folder} is replaced by the next good "
+      f"example in its batches ({error.path}: {error.problem}).",
+      BadExampleWarning,
+      stacklevel=2,
+    )
+
+  def none_good(self) -> DataFileError:
+    first = min(self.bad)
+    return DataFileError(
+      f"{self.folder}: every example of the split is bad (bad_examples='skip' has none to "
+      f"replace them with); the first: {self.bad[first]}. {REMOVE.format(index=first)}."
+    )
+
+
+class LayoutSplit(Split):
+  """A split of the MTAN layout: the examples `indices` (file numbers) of one folder.
+
+  Under `bad_examples="skip"` an example whose files fail a check is replaced by the next
+  good example of this split (cyclically, in the split's order): every batch keeps its
+  shape, and the replacement depends only on the files, so a resumed run reads the same
+  batches. In an evaluation split the replacement is scored in its place (twice). Each bad
+  example is warned about once (`BadExampleWarning`); `bad_examples_skipped` counts those
+  of this split found so far (in the batches read up to now) and `skipped_examples` says
+  which and why.
+  """
+
+  def __init__(self, files: _Files, indices, augmented: bool):
+    self.files = files
+    self.indices = np.asarray(indices, np.int64)
+    self.augmented = bool(augmented)
+    super().__init__(len(self.indices), self._take)
+
+  def subset(self, positions, *, augmented: bool | None = None) -> LayoutSplit:
+    """The examples at `positions` of this split, as a split of their own (replacements
+    drawn from them only); `augmented` None keeps this split's."""
+    augmented = self.augmented if augmented is None else augmented
+    return LayoutSplit(self.files, self.indices[np.asarray(positions, np.int64)], augmented)
+
+  @property
+  def skipped_examples(self) -> dict[int, str]:
+    """{file number: "PATH: PROBLEM"} of this split's examples found bad so far."""
+    with self.files.lock:  # the loading thread of `prefetch` may be adding one
+      bad = dict(self.files.bad)
+    mine = set(self.indices.tolist())
+    return {i: why for i, why in sorted(bad.items()) if i in mine}
+
+  @property
+  def bad_examples_skipped(self) -> int:
+    return len(self.skipped_examples)
+
+  def _example(self, position: int) -> dict:
+    for step in range(len(self.indices)):
+      example = self.files.example(int(self.indices[(position + step) % len(self.indices)]))
+      if example is not None:
+        return example
+    raise self.files.none_good()
+
+  def _take(self, positions, rng):
+    examples = [self._example(int(p)) for p in positions]
+    if self.augmented and rng is not None:
+      examples = [augment(e, rng) for e in examples]
+    batch = {k: np.stack([e[k] for e in examples]) for k in self.files.subdirs}
+    batch["label"] = np.rint(batch["label"]).astype(np.int32)
+    return batch
+
+
 def make_split(
-  root: str, split: str, label_dir: str, tasks: Sequence[str], augmented: bool, how: str
-) -> Split:
+  root: str,
+  split: str,
+  label_dir: str,
+  tasks: Sequence[str],
+  augmented: bool,
+  how: str,
+  *,
+  num_classes: int | None = None,
+  bad_examples: str = "error",
+) -> LayoutSplit:
   """A split of the MTAN layout under `root/split`, read file by file.
 
   Batches hold `image` (B, H, W, 3), `label` (B, H, W) int32 (-1 = ignore), `depth`
   (B, H, W, 1) and, when "normal" is a task, `normal` (B, H, W, 3), all float32 but the
-  labels.
+  labels. Every file is checked where it is read (see `_Files`): a bad one is a
+  `DataFileError` naming it, at the batch that reads it, or under `bad_examples="skip"`
+  the example is replaced (see `LayoutSplit`). The first image's header is read here, so
+  the split's image size is known before training.
   """
   folder = os.path.join(os.path.expanduser(root), split)
   subdirs = {"image": "image", "label": label_dir, "depth": "depth"}
@@ -133,25 +329,8 @@ def make_split(
   size = count_files(os.path.join(folder, "image"))
   if size == 0:
     raise missing_dataset(f"Images (.npy) in {split}/image", root, how)
-
-  def load(index: int) -> dict:
-    example = {
-      k: np.load(os.path.join(folder, sub, f"{index}.npy")).astype(np.float32, copy=False)
-      for k, sub in subdirs.items()
-    }
-    if example["depth"].ndim == 2:
-      example["depth"] = example["depth"][..., None]
-    return example
-
-  def take(indices, rng):
-    examples = [load(int(i)) for i in indices]
-    if augmented and rng is not None:
-      examples = [augment(e, rng) for e in examples]
-    batch = {k: np.stack([e[k] for e in examples]) for k in subdirs}
-    batch["label"] = np.rint(batch["label"]).astype(np.int32)
-    return batch
-
-  return Split(size, take)
+  files = _Files(folder, subdirs, size, num_classes, bad_examples)
+  return LayoutSplit(files, np.arange(size), augmented)
 
 
 def write_example_files(
