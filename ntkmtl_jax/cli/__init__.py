@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   from ntkmtl_jax._optional import MissingExtraError
   from ntkmtl_jax.data.splits import DatasetMissingError
+  from ntkmtl_jax.data.validation import DataFileError
   from ntkmtl_jax.interrupt import Terminated, exit_status, terminate_as_exception
   from ntkmtl_jax.locking import WorkdirBusyError
 
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     compilation_cache.enable()
   try:
     return COMMANDS[args.command](args)
-  except (UsageError, MissingExtraError, DatasetMissingError, WorkdirBusyError) as e:
+  except (UsageError, MissingExtraError, DatasetMissingError, DataFileError, WorkdirBusyError) as e:
     sys.stderr.write(f"ntkmtl {args.command}: error: {e}\n")
     return 2
   except Terminated:

@@ -250,8 +250,12 @@ def build_benchmark(config: Config):
   """The benchmark `config` names; a bad option is a `UsageError`."""
   from ntkmtl_jax import benchmarks
 
+  from ntkmtl_jax.data.validation import DataFileError
+
   try:
     return benchmarks.from_config(config)
+  except DataFileError:
+    raise  # names the file and the fix itself
   except (TypeError, ValueError) as e:
     raise UsageError(f"bad option for benchmark {config.benchmark!r}: {e}") from e
   except FileNotFoundError as e:  # a paper benchmark whose data is not there
