@@ -54,17 +54,23 @@ def weighting(row, k):
 @pytest.mark.parametrize("row", EXACT_ROWS)
 def test_first_step_matches_the_reference_on_every_hard_case(row):
   # Every seed in one test, so that each method compiles once per k.
-  worst = {}
+  worst, uncertified, total = {}, [], 0
   for k in cases.NUM_TASKS:
     method, weights_fn = weighting(row, k)
     for case in cases.hard_cases(ks=(k,), seeds=SEEDS):
-      expected = references.reference_direction(row, case)
+      total += 1
+      try:
+        expected = references.reference_direction(row, case)
+      except references.ReferenceError:  # SciPy could not certify its own answer here
+        uncertified.append(case.name)
+        continue
       if expected is None:  # no unique answer (IMTL-G's singular system)
         continue
       weights, _ = weights_fn(stats_of(case), method.init(None))
       direction = np.asarray(weights) @ case.jacobian
       worst[case.name] = cases.relative_error(direction, expected, case.jacobian)
   assert worst, row
+  assert len(uncertified) <= total // 10, f"{row}: no certified reference on {uncertified}"
   bad = {name: f"{e:.1e}" for name, e in worst.items() if not e <= TOLERANCE}
   assert not bad, f"{row}: relative error above {TOLERANCE:.0e} on {bad}"
 
