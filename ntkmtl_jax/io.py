@@ -124,8 +124,9 @@ def replaced_file(path: str, mode: str = "w", *, size: int | None = None, **open
 
   Args:
     path: the file to write.
-    mode, open_kwargs: as for `open` ("w", "wb", newline=...).
+    mode: as for `open` ("w", "wb").
     size: the bytes to be written, when known: a failure on a full disk says it.
+    **open_kwargs: more arguments of `open` (newline=...).
 
   Raises:
     OutputWriteError: the file could not be created, written or renamed (a full disk, a

@@ -76,7 +76,9 @@ def summarize(
 
   Args:
     runs: the `RunResult`s (STL runs carry their task in `hparams["task"]`).
-    metric_names, higher_is_better, metric_tasks: the benchmark's metrics.
+    metric_names: the benchmark's metrics.
+    higher_is_better: per metric, whether larger is better.
+    metric_tasks: per metric, the task it scores (the STL run it is read from).
     stl_row: the published STL metrics, the baseline of Delta m % (None: the STL runs'
       seed mean, and the STL row's own Delta m is 0 by definition). Without STL runs the
       STL row shows this one.

@@ -178,7 +178,8 @@ class Benchmark:
     """The metrics of the model on a split, its batches in order.
 
     Args:
-      params, model_state: the model.
+      params: the model's parameters.
+      model_state: its state (batch statistics; {} for a stateless model).
       split: "test" (the test split, or the validation split where the layout has no test
         split), "val", or a `Split`.
       batch_size: the evaluation batch (default: `config.eval_batch_size`).

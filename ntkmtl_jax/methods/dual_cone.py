@@ -153,7 +153,16 @@ def dualproj(num_tasks: int, *, pref_vector: Sequence[float] | None = None,
   Solved on the Gram matrix as `upgrad`'s problems (`dual_cone_weights`).
 
   Args:
-    As `upgrad`.
+    num_tasks: k.
+    pref_vector: the weights u of the sum that is projected (default 1/k each: the mean).
+    norm_eps: as in `upgrad`.
+    reg_eps: as in `upgrad`.
+    ridge: as in `upgrad`.
+    max_iters: as in `upgrad`.
+    tol: as in `upgrad`.
+    shared: which parameters are shared: None (all), a pytree of bools or a function.
+    head_gradients: "sum" (task-specific parameters get their plain gradients) or
+      "weighted".
 
   Returns:
     A `Weighting` (needs "gram") with state `SolverState`.

@@ -149,7 +149,15 @@ def mgda_ub(num_tasks: int, *, normalization: str = "none", scale_by_num_tasks: 
   weighted backward pass.
 
   Args:
-    As `mgda`.
+    num_tasks: k.
+    normalization: as in `mgda`.
+    scale_by_num_tasks: as in `mgda`.
+    solver: as in `mgda`.
+    max_iters: as in `mgda`.
+    tol: as in `mgda`.
+    shared: which parameters are shared: None (all), a pytree of bools or a function.
+    head_gradients: "weighted" (the backward of the weighted loss, as the reference code)
+      or "sum".
 
   Returns:
     A `Weighting` with state `SolverState`.
@@ -556,8 +564,10 @@ def moco(num_tasks: int, *, beta: float = 0.5, beta_sigma: float = 0.5, gamma: f
 
   Args:
     num_tasks: k.
-    beta, beta_sigma: step size of the tracking variables and its decay exponent.
-    gamma, gamma_sigma: step size of the weights and its decay exponent.
+    beta: step size of the tracking variables.
+    beta_sigma: its decay exponent.
+    gamma: step size of the weights.
+    gamma_sigma: its decay exponent.
     rho: ridge in the weights' objective.
     simplex_map: "softmax" or "projection".
     shared: which parameters are shared.

@@ -163,7 +163,9 @@ def ntkmtl_sr(num_tasks: int, *, exponent: float = 0.5, normalization: str = "su
 
   Args:
     num_tasks: k.
-    exponent, normalization, eigenvalue_ema: as in `ntkmtl`.
+    exponent: as in `ntkmtl`.
+    normalization: as in `ntkmtl`.
+    eigenvalue_ema: as in `ntkmtl`.
     num_chunks: n, the number of chunks of the batch (official default 4; 2 on NYUv2).
     shared: which parameters are shared.
     head_gradients: "weighted" (the backward of the weighted loss, as the official code)
