@@ -111,3 +111,4 @@ from ntkmtl_jax.methods import fair_allocation as _fair_allocation  # noqa: E402
 from ntkmtl_jax.methods import dual_cone as _dual_cone  # noqa: E402,F401
 from ntkmtl_jax.methods import alignment as _alignment  # noqa: E402,F401
 from ntkmtl_jax.methods import conflict as _conflict  # noqa: E402,F401
+from ntkmtl_jax.methods import robust as _robust  # noqa: E402,F401
