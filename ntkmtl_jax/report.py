@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 
 import numpy as np
@@ -144,6 +145,11 @@ def _number(value: float, width: int = 0) -> str:
   return f"{value:.4f}" if magnitude < 10 else f"{value:.2f}"
 
 
+def _mean_pm_std(mean: float, std: float, seeds: int) -> str:
+  """ "mean ± std" over two or more seeds; the value alone for one (no spread to show)."""
+  return f"{mean:.2f} ± {std:.2f}" if seeds >= 2 else f"{mean:.2f}"
+
+
 def format_table(
   summary: dict,
   metric_names: Sequence[str],
@@ -153,13 +159,24 @@ def format_table(
 ) -> str:
   """A plain-text table laid out like the paper's: metrics (arrow = better), MR, Delta m %.
 
-  Metrics are seed means; Delta m % is mean +- std over seeds; time is the mean wall time
-  of one seed's run in seconds (STL: its k runs together).
+  Metrics are seed means; time is the mean wall time of one seed's run in seconds (STL: its
+  k runs together). Delta m % is a column only when some row has one (there are STL runs or a
+  published STL row to score against); it is mean ± std over seeds, the value alone for a
+  method with one seed.
+
+  Args:
+    summary: the rows of `summarize`.
+    metric_names: the benchmark's metrics.
+    higher_is_better: per metric, whether larger is better.
+    title: a line above the table.
   """
+  with_delta = any(r["delta_m_mean"] is not None for k, r in summary.items() if k != STL)
   headers = (
     ["Method"]
     + [f"{m} {'↑' if h else '↓'}" for m, h in zip(metric_names, higher_is_better)]
-    + ["MR ↓", "Δm% ↓", "time s"]
+    + ["MR ↓"]
+    + (["Δm% ↓"] if with_delta else [])
+    + ["time s"]
   )
   body = []
   for name, row in summary.items():
@@ -167,16 +184,14 @@ def format_table(
     dm = (
       "-"
       if is_stl or row["delta_m_mean"] is None
-      else f"{row['delta_m_mean']:.2f} ± {row['delta_m_std']:.2f}"
+      else _mean_pm_std(row["delta_m_mean"], row["delta_m_std"], len(row["seeds"]))
     )
     body.append(
       [name.upper() if is_stl else name]
       + [_number(v) for v in row["metrics_mean"]]
-      + [
-        "-" if row["mean_rank"] is None else f"{row['mean_rank']:.2f}",
-        dm,
-        f"{row['wall_time_mean']:.1f}",
-      ]
+      + ["-" if row["mean_rank"] is None else f"{row['mean_rank']:.2f}"]
+      + ([dm] if with_delta else [])
+      + [f"{row['wall_time_mean']:.1f}"]
     )
   widths = [max(len(str(r[j])) for r in [headers] + body) for j in range(len(headers))]
   line = lambda cells: "  ".join(
@@ -190,6 +205,14 @@ def format_table(
       out.append(rule)
   out.append(rule)
   return "\n".join(out)
+
+
+def delta_m_baseline(summary: dict, stl_row: Sequence[float] | None) -> str | None:
+  """What the table's Delta m % is scored against, in words: "the paper's STL row", "the STL
+  runs", or None when there is neither (and the table has no Delta m % column)."""
+  if stl_row is not None:
+    return "the paper's STL row"
+  return "the STL runs" if STL in summary else None
 
 
 def write_results(
@@ -256,12 +279,13 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
   return np.convolve(padded, kernel, mode="valid")
 
 
-def _seed_mean(arrays: list[np.ndarray]) -> np.ndarray | None:
-  arrays = [a for a in arrays if len(a)]
+def _seed_stack(arrays: list[np.ndarray]) -> np.ndarray | None:
+  """(seeds, T, ...) of the seeds' arrays cut to the shortest, or None without any."""
+  arrays = [np.asarray(a, np.float64) for a in arrays if len(a)]
   if not arrays:
     return None
   length = min(len(a) for a in arrays)
-  return np.mean([a[:length] for a in arrays], axis=0)
+  return np.stack([a[:length] for a in arrays])
 
 
 def _runs_by_label(runs):
@@ -271,24 +295,70 @@ def _runs_by_label(runs):
   return out
 
 
-def plot_training_curves(path: str, runs: Sequence[RunResult], task_names: Sequence[str]):
-  """One panel per task: its training loss over steps for every method (seed mean).
+def _seed_count(runs: Sequence[RunResult]) -> int:
+  return len({r.seed for r in runs})
 
-  The STL curve of task i comes from the run trained on task i alone.
+
+def _band_note(seeds: int) -> str:
+  """The figure's word on what the lines are: a mean with its min-max band, or one seed."""
+  if seeds < 2:
+    return "1 seed"
+  return f"mean over {seeds} seeds, band: min to max over seeds"
+
+
+def _line_with_band(ax, x, stack: np.ndarray, window: int, **style):
+  """The seed mean of `stack` (seeds, T) and, with two or more seeds, its min-max band."""
+  (line,) = ax.plot(x, _smooth(stack.mean(axis=0), window), **style)
+  if len(stack) > 1:
+    lo = _smooth(stack.min(axis=0), window)
+    hi = _smooth(stack.max(axis=0), window)
+    ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.18, linewidth=0)
+  return line
+
+
+def _suptitle(fig, title: str, notes: Sequence[str]):
+  """The figure's title, and under it what the lines are, wrapped to the figure's width."""
+  width = max(40, int(fig.get_figwidth() * 12))
+  lines = textwrap.wrap("; ".join(notes), width) if notes else []
+  fig.suptitle("\n".join([title, *lines]), fontsize=10)
+  return len(lines)
+
+
+def _shared_legend(fig, handles, labels, ncol: int):
+  """One legend for the whole figure, below the panels."""
+  fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+
+
+def _save(fig, plt, path: str, legend_rows: int):
+  bottom = 0.3 * (legend_rows + 0.5) / fig.get_figheight()  # room for the legend, in inches
+  fig.tight_layout(rect=(0, bottom, 1, 1))
+  with replaced_file(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=110)
+  plt.close(fig)
+
+
+def plot_training_curves(path: str, runs: Sequence[RunResult], task_names: Sequence[str]):
+  """One panel per task: its training loss over steps for every method, one legend.
+
+  Lines are seed means with a min-max band over seeds (the seed count is in the title); the
+  STL curve of task i comes from the runs trained on task i alone.
   """
   plt = _pyplot()
   k = len(task_names)
-  fig, axes = plt.subplots(1, k, figsize=(4.2 * k, 3.6), squeeze=False)
+  fig, axes = plt.subplots(1, k, figsize=(4.2 * k, 3.9), squeeze=False)
+  legend: dict[str, object] = {}
   for label, group in _runs_by_label(runs).items():
     for i in range(k):
       members = [r for r in group if label != STL or int(r.hparams.get("task", 0)) == i]
-      curve = _seed_mean([r.history.losses[:, i] for r in members if r.history.losses.size])
-      if curve is None:
+      stack = _seed_stack([r.history.losses[:, i] for r in members if r.history.losses.size])
+      if stack is None:
         continue
-      window = max(1, len(curve) // 40)
-      axes[0, i].plot(
-        np.arange(1, len(curve) + 1),
-        _smooth(curve, window),
+      length = stack.shape[1]
+      legend[label] = _line_with_band(
+        axes[0, i],
+        np.arange(1, length + 1),
+        stack,
+        max(1, length // 40),
         label=label,
         linestyle="--" if label == STL else "-",
         linewidth=1.3,
@@ -299,96 +369,156 @@ def plot_training_curves(path: str, runs: Sequence[RunResult], task_names: Seque
     ax.set_xlabel("step")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-  if axes[0, -1].get_legend_handles_labels()[0]:
-    axes[0, -1].legend(fontsize=7, ncol=2)
-  fig.tight_layout()
-  with replaced_file(path, "wb") as f:
-    fig.savefig(f, format="png", dpi=110)
-  plt.close(fig)
+  _suptitle(fig, "Training loss per task", [_band_note(_seed_count(runs))])
+  ncol = min(len(legend), 8) or 1
+  if legend:
+    _shared_legend(fig, list(legend.values()), list(legend), ncol)
+  _save(fig, plt, path, math.ceil(len(legend) / ncol))
+
+
+def _constant_weights(weights: np.ndarray) -> bool:
+  return bool(np.all(np.isclose(weights, weights[:1], rtol=1e-6, atol=0)))
 
 
 def plot_task_weights(path: str, runs: Sequence[RunResult], task_names: Sequence[str]):
-  """One panel per multi-task method: each task's weight over training (seed mean)."""
+  """One panel per multi-task method whose weights move: each task's weight over training.
+
+  Methods with constant weights (LS) get no panel: the figure names them and their weights
+  instead. Seed means with a min-max band; one legend (the tasks).
+  """
   plt = _pyplot()
   groups = {k: v for k, v in _runs_by_label(runs).items() if k != STL}
-  if not groups:
-    groups = _runs_by_label(runs)
-  cols = min(4, len(groups))
-  rows = math.ceil(len(groups) / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-  for ax in axes.flat[len(groups) :]:
+  stacks = {}
+  for label, group in groups.items():
+    stack = _seed_stack([r.history.weights for r in group if r.history.weights.size])
+    if stack is not None:
+      stacks[label] = stack
+  constant = {m: w for m, w in stacks.items() if _constant_weights(w)}
+  moving = {m: w for m, w in stacks.items() if m not in constant}
+  cols = max(1, min(4, len(moving)))
+  rows = max(1, math.ceil(len(moving) / cols))
+  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows + 0.6), squeeze=False)
+  for ax in axes.flat[len(moving) :]:
     ax.set_visible(False)
-  for ax, (label, group) in zip(axes.flat, groups.items()):
-    weights = _seed_mean([r.history.weights for r in group if r.history.weights.size])
-    if weights is None:
-      continue
-    window = max(1, len(weights) // 40)
+  handles = {}
+  for ax, (label, stack) in zip(axes.flat, moving.items()):
+    length = stack.shape[1]
     for i, name in enumerate(task_names):
-      ax.plot(np.arange(1, len(weights) + 1), _smooth(weights[:, i], window), label=name)
-    if np.all(weights > 0):
+      handles[name] = _line_with_band(
+        ax, np.arange(1, length + 1), stack[:, :, i], max(1, length // 40), label=name
+      )
+    if np.all(stack > 0):
       ax.set_yscale("log")
     ax.set_title(f"{label}: task weights w_i")
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-  if axes.flat[0].get_legend_handles_labels()[0]:
-    axes.flat[0].legend(fontsize=8)
-  fig.tight_layout()
-  with replaced_file(path, "wb") as f:
-    fig.savefig(f, format="png", dpi=110)
-  plt.close(fig)
+  if not moving:
+    axes[0, 0].set_visible(True)
+    axes[0, 0].axis("off")
+  notes = [_band_note(_seed_count(runs))]
+  if constant:
+    notes.append(
+      "constant weights, not drawn: "
+      + "; ".join(
+        f"{m} ({', '.join(f'{float(v):g}' for v in w[0, 0])})" for m, w in constant.items()
+      )
+    )
+  _suptitle(fig, "Task weights over training", notes)
+  if handles:
+    _shared_legend(fig, list(handles.values()), list(handles), len(handles))
+  _save(fig, plt, path, 1)
+
+
+def _common_grid(members_by_label: dict[str, list[RunResult]]) -> np.ndarray:
+  """The eigenvalue steps every method has: the sparsest method's steps (a probe every
+  `probe_every` steps) where another method has them at every step."""
+  grids = [
+    np.asarray(members[0].history.eigen_steps[: min(len(r.history.eigen_steps) for r in members)])
+    for members in members_by_label.values()
+  ]
+  grid = min(grids, key=len)
+  for other in grids:
+    grid = grid[np.isin(grid, other)]
+  return grid
 
 
 def plot_eigenvalues(
   path: str,
   runs: Sequence[RunResult],
   task_names: Sequence[str],
-  methods: Sequence[str] = ("ls", "ntkmtl"),
+  methods: Sequence[str] | None = None,
 ):
-  """lambda_i over training for the given methods (LS vs NTKMTL by default).
+  """lambda_i over training for every method that recorded eigenvalues (or `methods`).
 
-  Top row: lambda_i, the largest eigenvalue of task i's NTK block over the shared
-  parameters (||g_i||^2 for n = 1). Bottom row: w_i^2 lambda_i, the eigenvalue of the
-  kernel the weighted update actually follows: equal across tasks for NTKMTL (the
-  imbalance it closes), lambda_i itself for LS. Returns False when no run has eigenvalues.
+  Top panel of each method: lambda_i, the largest eigenvalue of task i's NTK block over the
+  shared parameters (||g_i||^2 for n = 1; NTKMTL records it in its step, the others by a
+  probe every `probe_every` steps). Bottom panel: w_i^2 lambda_i, the eigenvalue of the kernel
+  the weighted update actually follows: equal across tasks for NTKMTL (the imbalance it
+  closes). A method whose weights are all 1 (LS) has no bottom panel: it would repeat the top
+  one. Every method is drawn at the same steps (those of the sparsest record); seed means with
+  a min-max band. Methods without eigenvalues are named in the figure. Returns False when no
+  run has eigenvalues.
   """
   plt = _pyplot()
-  groups = _runs_by_label(runs)
-  chosen = [
-    m for m in methods if m in groups and any(r.history.eigenvalues.size for r in groups[m])
-  ]
-  if not chosen:
-    chosen = [m for m, g in groups.items() if any(r.history.eigenvalues.size for r in g)][:2]
-  if not chosen:
+  groups = {k: v for k, v in _runs_by_label(runs).items() if k != STL}
+  wanted = list(groups) if methods is None else [m for m in methods if m in groups]
+  members = {
+    m: [r for r in groups[m] if r.history.eigenvalues.size]
+    for m in wanted
+    if any(r.history.eigenvalues.size for r in groups[m])
+  }
+  if not members:
     return False
-  fig, axes = plt.subplots(
-    2, len(chosen), figsize=(5 * len(chosen), 6.4), squeeze=False, sharey="row"
-  )
-  for col, label in enumerate(chosen):
-    members = [r for r in groups[label] if r.history.eigenvalues.size]
-    length = min(len(r.history.eigen_steps) for r in members)
-    steps = members[0].history.eigen_steps[:length]
-    lam = np.mean([r.history.eigenvalues[:length] for r in members], axis=0)
-    index = np.clip(steps.astype(int) - 1, 0, None)
-    weights = np.mean(
-      [r.history.weights[np.minimum(index, len(r.history.weights) - 1)] for r in members], axis=0
+  missing = [m for m in wanted if m not in members]
+  grid = _common_grid(members)
+  if not len(grid):
+    return False
+  panels = []
+  for label, group in members.items():
+    index = [np.searchsorted(r.history.eigen_steps, grid) for r in group]
+    lam = np.stack([r.history.eigenvalues[i] for r, i in zip(group, index)])  # (seeds, E, k)
+    step_index = np.clip(grid.astype(int) - 1, 0, None)
+    weights = np.stack(
+      [r.history.weights[np.minimum(step_index, len(r.history.weights) - 1)] for r in group]
     )
-    window = max(1, length // 40)
+    unit = bool(np.all(weights == 1.0))
+    panels.append((label, lam, None if unit else weights**2 * lam))
+  cols = min(4, len(panels))
+  blocks = math.ceil(len(panels) / cols)
+  fig, axes = plt.subplots(
+    2 * blocks, cols, figsize=(4.3 * cols, 5.6 * blocks + 0.8), squeeze=False, sharex=True
+  )
+  handles = {}
+  for n, (label, lam, weighted) in enumerate(panels):
+    top, bottom = axes[2 * (n // cols), n % cols], axes[2 * (n // cols) + 1, n % cols]
     for i, name in enumerate(task_names):
       # Distinct dashes keep equal curves (NTKMTL's bottom row) visible on top of each other.
       style = dict(label=name, linestyle=("-", "--", ":", "-.")[i % 4], linewidth=1.4)
-      axes[0, col].plot(steps, _smooth(lam[:, i], window), **style)
-      axes[1, col].plot(steps, _smooth(weights[:, i] ** 2 * lam[:, i], window), **style)
-    axes[0, col].set_title(f"{label}: λ_i (largest eigenvalue of K_ii)")
-    axes[1, col].set_title(f"{label}: w_i² λ_i (what the update follows)")
-    for row in range(2):
-      axes[row, col].set_yscale("log")
-      axes[row, col].set_xlabel("step")
-      axes[row, col].grid(alpha=0.3)
-  axes[0, 0].legend(fontsize=8)
-  fig.tight_layout()
-  with replaced_file(path, "wb") as f:
-    fig.savefig(f, format="png", dpi=110)
-  plt.close(fig)
+      handles[name] = _line_with_band(top, grid, lam[:, :, i], 1, **style)
+      if weighted is not None:
+        _line_with_band(bottom, grid, weighted[:, :, i], 1, **style)
+    top.set_title(f"{label}: λ_i (largest eigenvalue of K_ii)", fontsize=9)
+    if weighted is None:
+      bottom.set_visible(False)
+      top.set_title(f"{label}: λ_i = w_i² λ_i (w_i = 1)", fontsize=9)
+    else:
+      bottom.set_title(f"{label}: w_i² λ_i (what the update follows)", fontsize=9)
+    for ax in (top, bottom):
+      ax.set_yscale("log")
+      ax.set_xlabel("step")
+      ax.tick_params(labelbottom=True)
+      ax.grid(alpha=0.3)
+  for n in range(len(panels), blocks * cols):
+    axes[2 * (n // cols), n % cols].set_visible(False)
+    axes[2 * (n // cols) + 1, n % cols].set_visible(False)
+  every = int(np.median(np.diff(grid))) if len(grid) > 2 else 1
+  notes = [_band_note(_seed_count([r for g in members.values() for r in g]))]
+  notes.append(f"every method at the same steps, every {every}")
+  if missing:
+    notes.append(f"no eigenvalues recorded: {', '.join(missing)}")
+  _suptitle(fig, "Largest eigenvalue λ_i of each task's NTK block", notes)
+  _shared_legend(fig, list(handles.values()), list(handles), len(handles))
+  _save(fig, plt, path, 1)
   return True
 
 

@@ -193,3 +193,121 @@ def test_plots_are_written_and_readable(tmp_path, seed):
     image = image_lib.imread(p)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     assert image[..., :3].std() > 0.01  # not a blank canvas
+
+
+# The table's rules and the figures' structure.
+
+
+def _table_lines(summary):
+  return report.format_table(summary, METRICS, HIGHER).splitlines()
+
+
+def test_delta_m_column_only_with_a_baseline(seed):
+  rng = np.random.default_rng(seed)
+  runs = _runs(rng, seeds=2, methods=("ls", "ntkmtl"))
+  with_stl = report.summarize(runs, METRICS, HIGHER, (0, 1, 2))
+  assert "Δm% ↓" in _table_lines(with_stl)[1]
+  assert report.delta_m_baseline(with_stl, None) == "the STL runs"
+  no_stl = report.summarize([r for r in runs if r.method != "stl"], METRICS, HIGHER, (0, 1, 2))
+  lines = _table_lines(no_stl)
+  assert "Δm" not in "\n".join(lines) and "±" not in "\n".join(lines)
+  assert lines[1].split()[-1] == "s" and "MR ↓" in lines[1]  # the other columns stay
+  assert report.delta_m_baseline(no_stl, None) is None
+  # A published STL row is a baseline without STL runs.
+  published = report.summarize(
+    [r for r in runs if r.method != "stl"], METRICS, HIGHER, (0, 1, 2), stl_row=[0.9, 0.9, 0.5]
+  )
+  assert "Δm% ↓" in _table_lines(published)[1]
+  assert report.delta_m_baseline(published, [0.9, 0.9, 0.5]) == "the paper's STL row"
+
+
+def test_plus_minus_only_with_two_or_more_seeds(seed):
+  rng = np.random.default_rng(seed)
+  runs = _runs(rng, seeds=2, methods=("ls", "ntkmtl"))
+  runs = [r for r in runs if not (r.method == "ntkmtl" and r.seed == 1)]  # ntkmtl: one seed
+  summary = report.summarize(runs, METRICS, HIGHER, (0, 1, 2))
+  lines = _table_lines(summary)
+  ls_line = next(line for line in lines if line.startswith("ls "))
+  ntk_line = next(line for line in lines if line.startswith("ntkmtl "))
+  assert f"{summary['ls']['delta_m_mean']:.2f} ± {summary['ls']['delta_m_std']:.2f}" in ls_line
+  assert "±" not in ntk_line and f"{summary['ntkmtl']['delta_m_mean']:.2f}" in ntk_line
+
+
+@pytest.fixture
+def figures(monkeypatch):
+  """The figures the plot functions make, kept open instead of written."""
+  pytest.importorskip("matplotlib")
+  made = []
+  monkeypatch.setattr(report, "_save", lambda fig, plt, path, rows: made.append(fig))
+  yield made
+  import matplotlib.pyplot as plt
+
+  for fig in made:
+    plt.close(fig)
+
+
+def _visible_axes(fig):
+  return [ax for ax in fig.axes if ax.get_visible()]
+
+
+def _plotted_labels(ax):
+  return [line.get_label() for line in ax.get_lines()]
+
+
+def test_training_curves_one_legend_and_seed_bands(figures, seed):
+  rng = np.random.default_rng(seed)
+  runs = _runs(rng, seeds=3, steps=40)
+  report.plot_training_curves("unused.png", runs, TASKS)
+  (fig,) = figures
+  axes = _visible_axes(fig)
+  assert [ax.get_title() for ax in axes] == [f"task {t}: training loss" for t in TASKS]
+  assert len(fig.legends) == 1 and not any(ax.get_legend() for ax in axes)
+  legend = [t.get_text() for t in fig.legends[0].get_texts()]
+  assert legend == ["stl", "ls", "ntkmtl", "famo"]
+  assert "3 seeds" in fig._suptitle.get_text()
+  for ax in axes:  # a band (PolyCollection) per method and task
+    assert _plotted_labels(ax) == legend and len(ax.collections) == len(legend)
+  # One seed: no band, and the title says so.
+  figures.clear()
+  report.plot_training_curves("unused.png", [r for r in runs if r.seed == 0], TASKS)
+  assert "1 seed" in figures[0]._suptitle.get_text()
+  assert all(not ax.collections for ax in _visible_axes(figures[0]))
+
+
+def test_task_weights_leave_out_constant_weights(figures, seed):
+  rng = np.random.default_rng(seed)
+  runs = _runs(rng, seeds=2, steps=30)
+  for run in runs:
+    if run.method == "ls":
+      run.history.weights[:] = 1.0
+  report.plot_task_weights("unused.png", runs, TASKS)
+  (fig,) = figures
+  titles = [ax.get_title() for ax in _visible_axes(fig)]
+  assert titles == ["ntkmtl: task weights w_i", "famo: task weights w_i"]
+  assert "constant weights, not drawn: ls (1, 1, 1)" in fig._suptitle.get_text()
+  assert len(fig.legends) == 1 and [t.get_text() for t in fig.legends[0].get_texts()] == list(TASKS)
+
+
+def test_eigenvalues_every_method_same_steps(figures, seed):
+  rng = np.random.default_rng(seed)
+  runs = _runs(rng, seeds=2, steps=41)
+  for run in runs:
+    if run.method == "ls":
+      run.history.weights[:] = 1.0
+    if run.method == "ntkmtl":  # recorded in the step, every step
+      run.history.eigen_steps = np.arange(1, 42, dtype=float)
+      run.history.eigenvalues = rng.uniform(0.1, 1e3, (41, len(TASKS)))
+  assert report.plot_eigenvalues("unused.png", runs, TASKS)
+  (fig,) = figures
+  titles = [ax.get_title() for ax in _visible_axes(fig)]
+  # LS's weights are 1: one panel (the bottom one would repeat it); famo has no eigenvalues.
+  assert titles == [
+    "ls: λ_i = w_i² λ_i (w_i = 1)",
+    "ntkmtl: λ_i (largest eigenvalue of K_ii)",
+    "ntkmtl: w_i² λ_i (what the update follows)",
+  ]
+  text = fig._suptitle.get_text().replace("\n", " ")
+  assert "no eigenvalues recorded: famo" in text and "2 seeds" in text and "every 5" in text
+  assert len(fig.legends) == 1
+  steps = [tuple(line.get_xdata()) for ax in _visible_axes(fig) for line in ax.get_lines()]
+  assert len(set(steps)) == 1 and steps[0] == tuple(np.arange(1, 42, 5, dtype=float))

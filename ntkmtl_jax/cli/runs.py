@@ -192,15 +192,15 @@ def run_all(
         file=sys.stderr,
       )
       return exit_status(stop_signal), runs
-  baseline = "the paper's STL row" if bench.stl_row is not None else "the STL runs"
+  baseline = report.delta_m_baseline(summary, bench.stl_row)
+  against = f", Delta m % against {baseline}" if baseline else ""
   print()
   print(
     report.format_table(
       summary,
       bench.metric_names,
       bench.higher_is_better,
-      title=f"{title}; seeds {sorted({r.seed for r in runs})}, Delta m % "
-      f"against {baseline}, total {total:.0f} s",
+      title=f"{title}; seeds {sorted({r.seed for r in runs})}{against}, total {total:.0f} s",
     )
   )
   if paths:
