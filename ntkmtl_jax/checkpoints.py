@@ -272,7 +272,7 @@ class _OrbaxReports(logging.Filter):
 _SPEC = re.compile(r"\s*\[(tensorstore_spec|source locations)=.*$")
 
 
-def _short(error: BaseException) -> str:
+def short_error(error: BaseException) -> str:
   """The first line of `error`'s message without tensorstore's spec, at most about 300
   characters: a longer one keeps its beginning (what failed) and its end (why)."""
   text = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
@@ -312,9 +312,9 @@ def _write_failure(error: BaseException) -> tuple[BaseException, int | None] | N
   for e in chain:
     code = _OS_ERROR_CODE.search(str(e))
     if code:
-      return RuntimeError(_short(e)), int(next(g for g in code.groups() if g))
+      return RuntimeError(short_error(e)), int(next(g for g in code.groups() if g))
     if _WRITE_STATUS.search(str(e)):
-      return RuntimeError(_short(e)), None
+      return RuntimeError(short_error(e)), None
   return None
 
 
@@ -501,7 +501,7 @@ def restore_step(
       restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as error:
       reports.drop()
-      raise DamagedCheckpointError(f"it cannot be read ({_short(error)})") from None
+      raise DamagedCheckpointError(f"it cannot be read ({short_error(error)})") from None
   got = {name: {k: np.asarray(v) for k, v in dict(restored[name]).items()} for name in expected}
   got.update({name: {k: np.asarray(v) for k, v in dict(restored[name]).items()} for name in arrays})
   for name in expected:
@@ -592,7 +592,8 @@ class RunCheckpoints:
           raise ValueError(f"it holds the state of step {int(state.step)}")
         return state, run, restored["history"]
       except Exception as error:  # any failure to read one checkpoint: try the one before
-        say(f"Skipped the checkpoint of step {step} in {self.latest.directory}: {_short(error)}")
+        where = f"step {step} in {self.latest.directory}"
+        say(f"Skipped the checkpoint of {where}: {short_error(error)}")
     return None
 
   def restore_best(self, template, say=print):

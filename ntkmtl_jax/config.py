@@ -21,13 +21,15 @@ SCHEDULES = ("constant", "cosine", "step", "plateau")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PROTOCOLS = ("ours", "official")
 # Settings a resumed run may change (recorded in results.json): how long it runs, where the
-# data live, how often it reports and checkpoints. Every other field defines the run.
+# data live, how often it reports, probes eigenvalues (an observation outside the step: the
+# training is the same) and checkpoints. Every other field defines the run.
 RESUMABLE = frozenset(
   {
     "num_epochs",
     "max_steps",
     "data_dir",
     "log_every",
+    "probe_every",
     "checkpoint_every",
     "checkpoint_min_interval",
     "prefetch",

@@ -16,6 +16,8 @@ import contextlib
 import os
 import time
 
+from ntkmtl_jax import io
+
 try:
   import fcntl
 except ImportError:  # pragma: no cover - not on POSIX
@@ -35,13 +37,21 @@ def workdir_lock(workdir: str):
   Raises:
     WorkdirBusyError: another process holds it; the message names the directory and the
       holder.
+    OutputWriteError: the directory or its lock file cannot be created or written (a full
+      disk, no permission, a symlink planted at the lock's name); names the path.
   """
-  os.makedirs(workdir, exist_ok=True)
-  if fcntl is None:
+  path = os.path.join(workdir, LOCK_NAME)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    if fcntl is None:
+      fd = None
+    else:
+      fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+  except OSError as error:
+    raise io.write_error(path, error, what="the lock file") from None
+  if fd is None:
     yield
     return
-  path = os.path.join(workdir, LOCK_NAME)
-  fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -50,8 +60,12 @@ def workdir_lock(workdir: str):
       raise WorkdirBusyError(
         f"{workdir} is in use by {holder}; wait for it to finish or choose another directory."
       ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"process {os.getpid()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})".encode(), 0)
+    holder = f"process {os.getpid()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})"
+    try:
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, holder.encode(), 0)
+    except OSError as error:
+      raise io.write_error(path, error, what="the lock file", size=len(holder)) from None
     yield
   finally:
     os.close(fd)  # releases the lock

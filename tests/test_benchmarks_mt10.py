@@ -3,7 +3,9 @@ per-task replay sampler, real Meta-World steps and updates, the aggregated updat
 per-task gradients, checkpoints and resume through `run`, and importing without the rl
 extra."""
 
+import glob
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +17,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import ntkmtl_jax  # noqa: E402
+from ntkmtl_jax import checkpoints  # noqa: E402
 from ntkmtl_jax._optional import MissingExtraError  # noqa: E402
 from ntkmtl_jax.benchmarks import mt10  # noqa: E402
 from ntkmtl_jax.benchmarks.mt10 import environments, loop, sac  # noqa: E402
@@ -340,6 +343,20 @@ def test_checkpoint_restores_agent_and_replay_and_resumes(mt10_env, tmp_path, mo
   other = environments.MultiTaskReplayBuffer(10, config.replay_capacity_per_task // 2, 49, 4)
   with pytest.raises(ValueError, match="resume with the config that wrote it"):
     loop.restore_checkpoint(manager, template, other)
+  manager.close()
+  # A damaged copy of the one checkpoint is called damaged (not another config's), naming it.
+  damaged = tmp_path / "damaged"
+  shutil.copytree(workdir, damaged)
+  files = glob.glob(
+    str(damaged / "checkpoints" / "12" / "replay_buffer" / "**" / "d" / "*"), recursive=True
+  )
+  path = max(files, key=os.path.getsize)
+  data = bytearray(open(path, "rb").read())
+  data[len(data) // 2 : len(data) // 2 + 64] = bytes(b ^ 0xFF for b in data[len(data) // 2 :][:64])
+  open(path, "wb").write(bytes(data))
+  manager = loop.checkpoint_manager(str(damaged))
+  with pytest.raises(checkpoints.DamagedCheckpointError, match="12 is damaged: its digest"):
+    loop.restore_checkpoint(manager, template, buffer)
   manager.close()
   # Resumed through `run` (what the command line calls), on the fixture's environments.
   monkeypatch.setattr(environments, "make_mt10_env", lambda *args, **kwargs: mt10_env)

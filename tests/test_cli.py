@@ -301,7 +301,35 @@ def test_non_writable_output_directory(tmp_path, capsys):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
   argv = ["compare", "--methods", "ls", "--workdir", str(blocker / "sub")] + TINY
-  _fails_with_one_line(capsys, argv, "not writable")
+  where = f"Could not write to the output directory {blocker / 'sub'}: not a directory"
+  _fails_with_one_line(capsys, argv, where)
+
+
+def test_a_write_that_fails_mid_run_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
+  """A full disk while writing results.json (or a checkpoint, a plot): one line naming the path,
+  the cause and the free space, exit status 1; nothing half-written is left at that path."""
+  import errno
+
+  from ntkmtl_jax import io, loop
+
+  write_json = io.write_json
+
+  def full_disk(path, data):  # the disk fills up after training, at results.json
+    if os.path.basename(path) != "results.json":
+      return write_json(path, data)
+    raise io.write_error(path, OSError(errno.ENOSPC, "No space left on device"), size=1234)
+
+  monkeypatch.setattr(loop.io, "write_json", full_disk)
+  out = tmp_path / "run"
+  code = cli.main(["train", *SINES, "--workdir", str(out)])
+  err = capsys.readouterr().err
+  assert code == 1, err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1, err
+  assert lines[0].startswith(f"ntkmtl train: error: Could not write {out}"), err
+  assert "results.json: no space left on device (" in lines[0], err
+  assert "free there now, 1.2 KiB to write)" in lines[0], err
+  assert not list(out.rglob("results.json")) and list(out.rglob("config.json"))
 
 
 @pytest.mark.parametrize(

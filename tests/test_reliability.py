@@ -180,7 +180,6 @@ def _tiny():
   [
     (dict(batch_size=8), "batch_size 16 -> 8"),
     (dict(task_passes="vmap"), "task_passes 'auto' -> 'vmap'"),
-    (dict(probe_every=2), "probe_every 0 -> 2"),
     (dict(optimizer="sgd"), "optimizer 'adam' -> 'sgd'"),
     (dict(learning_rate=1e-2), "learning_rate 0.003 -> 0.01"),
     (dict(max_grad_norm=0.5), "max_grad_norm None -> 0.5"),
@@ -203,10 +202,13 @@ def test_a_resume_may_extend_the_run_and_the_change_is_recorded(tmp_path, capsys
   bench, config = _tiny()
   workdir = str(tmp_path / "run")
   loop.fit(bench, config.replace(max_steps=3), workdir, progress=False)
-  longer = loop.fit(bench, config.replace(log_every=1), workdir, progress=False)
-  assert "changed: log_every 10 -> 1, max_steps 3 -> 6" in capsys.readouterr().out
+  # (the command line's automatic eigenvalue-probe interval grows with --steps)
+  longer = loop.fit(bench, config.replace(log_every=1, probe_every=2), workdir, progress=False)
+  assert "changed: log_every 10 -> 1, max_steps 3 -> 6, probe_every 0 -> 2" in (
+    capsys.readouterr().out
+  )
   assert longer.changes_on_resume == [
-    {"step": 3, "changes": {"log_every": [10, 1], "max_steps": [3, 6]}}
+    {"step": 3, "changes": {"log_every": [10, 1], "max_steps": [3, 6], "probe_every": [0, 2]}}
   ]
   with open(os.path.join(workdir, "results.json")) as f:
     assert json.load(f)["changes_on_resume"] == longer.changes_on_resume
@@ -296,3 +298,34 @@ def test_a_run_that_skipped_a_few_steps_says_so(tmp_path, capsys):
     "ntkmtl: warning: ls seed 0 skipped 1 of its 4 steps (non-finite losses: 1); the others "
     "trained as configured."
   ]
+
+
+def test_the_lock_file_is_never_written_through_a_link_and_a_full_disk_is_one_error(
+  tmp_path, monkeypatch
+):
+  """A symlink planted at the lock's name is refused (its target untouched); a lock that cannot
+  be written (a full disk) is an OutputWriteError naming the lock file and the free space."""
+  import errno
+
+  from ntkmtl_jax import io, locking
+
+  target = tmp_path / "target.txt"
+  target.write_text("keep me")
+  planted = tmp_path / "planted"
+  planted.mkdir()
+  os.symlink(target, planted / locking.LOCK_NAME)
+  with pytest.raises(io.OutputWriteError, match=rf"Could not write the lock file {planted}/"):
+    with workdir_lock(str(planted)):
+      pass
+  assert target.read_text() == "keep me"
+
+  def full(fd, data, offset):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(locking.os, "pwrite", full)
+  with pytest.raises(io.OutputWriteError, match=r"no space left on device \(.* free there now"):
+    with workdir_lock(str(tmp_path / "full")):
+      pass
+  monkeypatch.undo()
+  with workdir_lock(str(tmp_path / "full")):  # the failed attempt left no lock held
+    pass

@@ -161,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.print_help()
     return 2
   from ntkmtl_jax._optional import MissingExtraError
+  from ntkmtl_jax.checkpoints import DamagedCheckpointError
   from ntkmtl_jax.data.splits import DatasetMissingError
   from ntkmtl_jax.data.validation import DataFileError
   from ntkmtl_jax.interrupt import Terminated, exit_status, terminate_as_exception
+  from ntkmtl_jax.io import OutputWriteError
   from ntkmtl_jax.locking import WorkdirBusyError
 
   terminate_as_exception()  # SIGTERM outside a training loop: clean up, exit 143
@@ -179,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
   except (UsageError, MissingExtraError, DatasetMissingError, DataFileError, WorkdirBusyError) as e:
     sys.stderr.write(f"ntkmtl {args.command}: error: {e}\n")
     return 2
+  except (OutputWriteError, DamagedCheckpointError) as e:  # a full disk, a damaged best model
+    sys.stderr.write(f"ntkmtl {args.command}: error: {e}\n")
+    return 1
   except Terminated:
     sys.stderr.write("\nTerminated (SIGTERM).\n")
     return exit_status("SIGTERM")

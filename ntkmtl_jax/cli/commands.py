@@ -12,12 +12,16 @@ from ntkmtl_jax.cli.flags import UsageError
 
 
 def _output_dir(args, command: str) -> str:
-  """--workdir, or a new folder runs/<benchmark>-<command>-<time>[-n] that no other run has."""
+  """--workdir, or a new folder runs/<benchmark>-<command>-<time>[-n] that no other run has;
+  proven to take files (`io.check_writable`: no symlink in it is written through). One that
+  cannot be made or written is refused as a bad argument, before anything runs."""
+  from ntkmtl_jax import io
+
   out = args.workdir
   try:
     if out is None:
       stamp = f"{args.benchmark}-{command}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-      os.makedirs("runs", exist_ok=True)
+      io.check_writable("runs")
       for n in range(1, 10_000):  # makedirs without exist_ok: atomic, one winner per name
         out = os.path.join("runs", stamp if n == 1 else f"{stamp}-{n}")
         try:
@@ -25,14 +29,11 @@ def _output_dir(args, command: str) -> str:
           break
         except FileExistsError:
           continue
-    os.makedirs(out, exist_ok=True)
-    probe = os.path.join(out, f".ntkmtl-write-test-{os.getpid()}")
-    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0))
-    os.close(fd)
-    os.remove(probe)
-  except OSError as e:
-    raise UsageError(f"output directory {out!r} is not writable ({e.strerror or e})") from e
-  return out
+        except OSError as error:
+          raise io.write_error(out, error, what="the output directory") from None
+    return io.check_writable(out)
+  except io.OutputWriteError as error:
+    raise UsageError(str(error)) from None
 
 
 def _require_plots():

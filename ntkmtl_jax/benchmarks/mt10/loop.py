@@ -69,19 +69,27 @@ def restore_checkpoint(manager, template: sac.SACState,
   None when there is none.
 
   Raises:
+    DamagedCheckpointError: the checkpoint cannot be read or does not match the digests
+      written with it (MT10 keeps one checkpoint, so there is none to fall back to).
     ValueError: the checkpoint does not restore into this run (another config wrote it).
   """
   step = manager.latest_step()
   if step is None:
     return None
+  path = checkpoints.step_path(manager, step)
   try:
     restored = checkpoints.restore_step(
         manager, step, trees=dict(agent=template, replay_buffer=buffer.arrays()),
         json_items=("meta",))
+  except checkpoints.DamagedCheckpointError as error:
+    raise checkpoints.DamagedCheckpointError(
+        f"The checkpoint {path} is damaged: {error}. MT10 keeps one checkpoint, so the run "
+        "cannot resume; delete that directory to train from the start (or use another "
+        "workdir).") from None
   except Exception as error:
     raise ValueError(f"The checkpoint of step {step} in {manager.directory} does not restore "
-                     f"into this run ({error}); resume with the config that wrote it, or use "
-                     "another workdir.") from error
+                     f"into this run ({checkpoints.short_error(error)}); resume with the config "
+                     "that wrote it, or use another workdir.") from error
   meta = restored["meta"]
   buffer.restore(restored["replay_buffer"], meta["replay_sampler"])
   return jax.device_put(restored["agent"]), meta["step"], meta["history"]
