@@ -6,6 +6,7 @@ extra."""
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -371,3 +372,40 @@ def test_checkpoint_restores_agent_and_replay_and_resumes(mt10_env, tmp_path, mo
     assert (tmp_path / name).exists(), name
   printed = capsys.readouterr().out
   assert "ls seed 0: mean success" in printed and "| ls | 1 |" in printed
+
+
+class _TerminatedAt:
+  """`env` that sends this process SIGTERM (what a batch scheduler sends) at its `at`-th step."""
+
+  def __init__(self, env, at: int):
+    self.env, self.at, self.calls = env, at, 0
+
+  def __getattr__(self, name):
+    return getattr(self.env, name)
+
+  def step(self, action):
+    self.calls += 1
+    if self.calls == self.at:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return self.env.step(action)
+
+
+def test_sigterm_checkpoints_at_the_step_boundary_and_the_run_resumes(mt10_env, tmp_path, capsys):
+  pytest.importorskip("orbax.checkpoint")
+  from ntkmtl_jax.interrupt import Terminated
+
+  config = mt10.get_config("tiny").replace(
+    num_train_steps=12, init_steps=4, eval_freq=6, max_episode_steps=6
+  )
+  workdir = tmp_path / "run"
+  with pytest.raises(Terminated):
+    mt10.train_and_evaluate(
+      config, str(workdir), envs=(_TerminatedAt(mt10_env, 8), mt10_env), progress=False
+    )
+  (stopped,) = os.listdir(workdir / "checkpoints")
+  assert int(stopped) in (8, 9)  # the boundary after the step the signal arrived in
+  assert f"Interrupted at step {stopped}: saved a checkpoint" in capsys.readouterr().out
+  assert not (workdir / "results.json").exists()
+  resumed = mt10.train_and_evaluate(config, str(workdir), envs=(mt10_env, mt10_env), progress=False)
+  assert [row["step"] for row in resumed["history"]] == [0, 6, 12]
+  assert int(resumed["state"].step) > 0 and (workdir / "results.json").exists()
