@@ -28,9 +28,9 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from optax.experimental import aggregating
 
 from ntkmtl_jax import _tree
+from ntkmtl_jax._optax_compat import Aggregator  # optax's, or the same shape on optax < 0.2.7
 from ntkmtl_jax._tree import PyTree, SharedSpec
 
 # What a method's update is computed from (see `Needs`).
@@ -214,9 +214,9 @@ class Weighting:
     return combine(task_grads, weights, mask, self.head_gradients), new_state
 
   @property
-  def aggregator(self) -> aggregating.Aggregator:
+  def aggregator(self) -> Aggregator:
     """The method as a plain optax Aggregator, for `optax.chain` and hand-written steps."""
-    return aggregating.Aggregator(self.init, self.update)
+    return Aggregator(self.init, self.update)
 
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
@@ -263,9 +263,9 @@ class GradientRule:
                         mask, task_grads), new_state
 
   @property
-  def aggregator(self) -> aggregating.Aggregator:
+  def aggregator(self) -> Aggregator:
     """The method as a plain optax Aggregator, for `optax.chain` and hand-written steps."""
-    return aggregating.Aggregator(self.init, self.update)
+    return Aggregator(self.init, self.update)
 
 
 # Every multi-task method is one of these two.
