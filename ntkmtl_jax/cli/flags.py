@@ -61,11 +61,13 @@ def seed_list(text: str) -> list[int]:
 
 
 def method_list(names: list[str]) -> list[str]:
-  """The registry names of `names`, in order, without repeats; refuses unknown ones."""
+  """The registry names of `names`, in order, without repeats; refuses unknown ones.
+  "all" stands for every registered method, in the registry's order."""
   from ntkmtl_jax import methods
 
   known = methods.names()
   keys = [canonical(n) for n in names if n.strip()]
+  keys = [m for n in keys for m in (known if n == "all" else [n])]
   unknown = [n for n in keys if n not in known]
   if unknown:
     raise UsageError(f"unknown method {unknown[0]!r} (known: {', '.join(known)})")
@@ -122,7 +124,7 @@ def add_method_flags(p: argparse.ArgumentParser, *, many: bool, default_method: 
       "--methods",
       "-m",
       metavar="LIST",
-      help="comma-separated method names (stl runs one model per task); see `ntkmtl list`",
+      help="comma-separated method names, or all (stl runs one model per task); see `ntkmtl list`",
     )
     p.add_argument(
       "--seeds", default="0,1,2", metavar="LIST", help="comma-separated seeds (default: 0,1,2)"
