@@ -482,7 +482,9 @@ def plot_eigenvalues(
       [r.history.weights[np.minimum(step_index, len(r.history.weights) - 1)] for r in group]
     )
     unit = bool(np.all(weights == 1.0))
-    panels.append((label, lam, None if unit else weights**2 * lam))
+    # A task weighted 0 (MGDA may drop one) has w_i^2 lambda_i = 0: a gap on the log axis.
+    weighted = weights**2 * lam
+    panels.append((label, lam, None if unit else np.where(weighted > 0, weighted, np.nan)))
   cols = min(4, len(panels))
   blocks = math.ceil(len(panels) / cols)
   fig, axes = plt.subplots(
@@ -502,7 +504,8 @@ def plot_eigenvalues(
       bottom.set_visible(False)
       top.set_title(f"{label}: λ_i = w_i² λ_i (w_i = 1)", fontsize=9)
     else:
-      bottom.set_title(f"{label}: w_i² λ_i (what the update follows)", fontsize=9)
+      zeros = " (gaps: w_i = 0)" if np.isnan(weighted).any() else ""
+      bottom.set_title(f"{label}: w_i² λ_i (what the update follows){zeros}", fontsize=9)
     for ax in (top, bottom):
       ax.set_yscale("log")
       ax.set_xlabel("step")
