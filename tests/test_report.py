@@ -274,12 +274,17 @@ def test_training_curves_one_legend_and_seed_bands(figures, seed):
   assert all(not ax.collections for ax in _visible_axes(figures[0]))
 
 
-def test_task_weights_leave_out_constant_weights(figures, seed):
-  rng = np.random.default_rng(seed)
-  runs = _runs(rng, seeds=2, steps=30)
+def _runs_ls_unweighted(rng, steps):
+  """Two seeds of runs in which LS's weights are all 1, as LS's are."""
+  runs = _runs(rng, seeds=2, steps=steps)
   for run in runs:
     if run.method == "ls":
       run.history.weights[:] = 1.0
+  return runs
+
+
+def test_task_weights_leave_out_constant_weights(figures, seed):
+  runs = _runs_ls_unweighted(np.random.default_rng(seed), steps=30)
   report.plot_task_weights("unused.png", runs, TASKS)
   (fig,) = figures
   titles = [ax.get_title() for ax in _visible_axes(fig)]
@@ -290,10 +295,8 @@ def test_task_weights_leave_out_constant_weights(figures, seed):
 
 def test_eigenvalues_every_method_same_steps(figures, seed):
   rng = np.random.default_rng(seed)
-  runs = _runs(rng, seeds=2, steps=41)
+  runs = _runs_ls_unweighted(rng, steps=41)
   for run in runs:
-    if run.method == "ls":
-      run.history.weights[:] = 1.0
     if run.method == "ntkmtl":  # recorded in the step, every step
       run.history.eigen_steps = np.arange(1, 42, dtype=float)
       run.history.eigenvalues = rng.uniform(0.1, 1e3, (41, len(TASKS)))
