@@ -117,3 +117,23 @@ def test_refuses_bad_hyperparameters():
     methods.get("cr_mogm", 3, alpha=0.0)
   with pytest.raises(ValueError, match="gamma"):
     methods.get("modo", 3, gamma=-1.0)
+
+
+def test_modo_double_sampling_through_the_gram_argument(seed):
+  # The paper's estimator: lambda steps on G_1 G_2^T (two independent batches), the update
+  # combines a third batch's gradients.
+  import jax
+
+  rng = np.random.default_rng(seed)
+  j1, j2, j3 = (random_jacobian(rng, k=3, p=12) for _ in range(3))
+  agg = methods.get("modo", 3, gamma=0.05)
+  params = {"w": jnp.zeros(12)}
+  out, state = jax.jit(agg.update)(
+    {"w": jnp.asarray(j3, jnp.float32)},
+    agg.init(params),
+    params,
+    gram=jnp.asarray(j1 @ j2.T, jnp.float32),
+  )
+  lam = numpy_simplex_projection(np.ones(3) / 3 - 0.05 * (j1 @ j2.T @ (np.ones(3) / 3) + 0.1 / 3))
+  np.testing.assert_allclose(np.asarray(state.simplex_weights), lam, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(out["w"]), lam @ j3, rtol=1e-4, atol=1e-5)
