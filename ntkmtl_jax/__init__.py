@@ -1,6 +1,7 @@
 """ntkmtl-jax: multi-task optimisation in JAX, with NTKMTL and NTKMTL-SR as typed weightings."""
 
 from ntkmtl_jax import methods
+from ntkmtl_jax._tree import AllSharedWarning, shared_mask
 from ntkmtl_jax.kernel import (
   NTKWeights,
   diagonal_blocks,
@@ -26,6 +27,7 @@ from ntkmtl_jax.strategy import Passes, Strategy, default_strategy
 __version__ = "0.1.0"
 
 __all__ = [
+  "AllSharedWarning",
   "GradientRule",
   "Method",
   "NTKMTLState",
@@ -55,6 +57,7 @@ __all__ = [
   "representation_eigenvalues",
   "shard_batch",
   "shard_process_batch",
+  "shared_mask",
   "task_jacobian",
   "weights_from_eigenvalues",
 ]

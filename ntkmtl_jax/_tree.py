@@ -2,43 +2,280 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+import re
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
-# A mask of shared parameters: None (every parameter is shared), a pytree of bools with the
-# structure of the parameters, or a function params -> such a pytree (the optax idiom).
-SharedSpec = None | PyTree | Callable[[PyTree], PyTree]
+# A mask of shared parameters: None (every parameter is shared; the methods whose update
+# depends on the mask warn), True (every parameter is shared, said explicitly), a pytree of
+# bools with the structure of the parameters or a prefix of it (as `optax.masked` takes), or
+# a function params -> such a pytree (the optax idiom).
+SharedSpec = None | bool | PyTree | Callable[[PyTree], PyTree]
+# A path pattern of `shared_mask`: a key name or "a/b" run of names, a compiled regular
+# expression, or a predicate (path, leaf) -> bool.
+PathPattern = str | re.Pattern | Callable[[tuple[str, ...], Any], bool]
+
+_MASK_FORMS = (
+  "give one bool per parameter array or per subtree (a prefix of the parameters, as "
+  "optax.masked takes), a function params -> mask, or build it with "
+  "ntkmtl_jax.shared_mask(params, include=...)"
+)
+
+
+class AllSharedWarning(UserWarning):
+  """`shared=None` where the mask changes the numbers: every parameter, heads included, is
+  treated as shared. Pass a mask, or `shared=True` to say that every parameter is shared."""
+
+
+_WARNED_ALL_SHARED: set[str] = set()
+
+
+def warn_all_shared(name: str, consequence: str, stacklevel: int = 3) -> None:
+  """Warns once per process and `name` that `shared=None` treats the heads as shared."""
+  if name in _WARNED_ALL_SHARED:
+    return
+  _WARNED_ALL_SHARED.add(name)
+  warnings.warn(
+    f"{name}: shared=None treats every parameter as shared, the task heads included: "
+    f"{consequence}. Pass shared= the mask of the shared parameters (a pytree or prefix of "
+    "bools, a function params -> mask, ntkmtl_jax.shared_mask(params, include=...), or a "
+    "TaskFunctions' .shared), or shared=True if every parameter really is shared.",
+    AllSharedWarning,
+    stacklevel=stacklevel,
+  )
+
+
+def key_name(entry) -> str:
+  """The name of one key-path entry (a dict key, a sequence index or an attribute name)."""
+  for attr in ("key", "idx", "name"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def _where(path: tuple) -> str:
+  return jax.tree_util.keystr(path) if path else "the top level"
+
+
+def _children(node):
+  """(key, child) pairs one level down and the one-level treedef; None for a leaf."""
+  pairs, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+  if node is not None and jax.tree_util.treedef_is_leaf(treedef):
+    return None, None
+  return [(path[0], child) for path, child in pairs], treedef
+
+
+def _describe(x) -> str:
+  shape = getattr(x, "shape", None)
+  if shape is not None:
+    return f"an array of shape {tuple(shape)} and dtype {getattr(x, 'dtype', '?')}"
+  return f"a {type(x).__name__} ({x!r:.40})"
+
+
+def _is_flag(m) -> bool:
+  if isinstance(m, (bool, int, np.bool_, np.integer)):
+    return True
+  dtype = getattr(m, "dtype", None)
+  return (
+    getattr(m, "shape", None) == ()
+    and dtype is not None
+    and (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.integer))
+  )
+
+
+def _broadcast_mask(mask, params, path: tuple, origin: str):
+  """The bools of a full or prefix `mask`, with the structure of `params`."""
+  if _is_flag(mask):
+    flag = bool(mask)
+    return jax.tree.map(lambda _: flag, params)
+  mask_children, _ = _children(mask)
+  if mask_children is None:
+    raise ValueError(
+      f"{origin} has {_describe(mask)} at {_where(path)}, where a bool (True: shared) or a "
+      f"subtree of bools belongs: {_MASK_FORMS}."
+    )
+  param_children, param_def = _children(params)
+  mask_keys = sorted(key_name(k) for k, _ in mask_children)
+  if param_children is None:
+    raise ValueError(
+      f"{origin} does not match the parameter tree at {_where(path)}: the mask has keys "
+      f"{mask_keys} where the parameters have {_describe(params)}; {_MASK_FORMS}."
+    )
+  by_name = {key_name(k): child for k, child in mask_children}
+  param_keys = sorted(key_name(k) for k, _ in param_children)
+  if mask_keys != param_keys:
+    missing = sorted(set(param_keys) - set(mask_keys))
+    extra = sorted(set(mask_keys) - set(param_keys))
+    detail = "; ".join(
+      part
+      for part in (
+        f"missing from the mask: {missing}" if missing else "",
+        f"not in the parameters: {extra}" if extra else "",
+      )
+      if part
+    )
+    raise ValueError(
+      f"{origin} does not match the parameter tree at {_where(path)}: the mask has keys "
+      f"{mask_keys}, the parameters have keys {param_keys} ({detail}); {_MASK_FORMS}."
+    )
+  resolved = [
+    _broadcast_mask(by_name[key_name(k)], child, path + (k,), origin) for k, child in param_children
+  ]
+  return param_def.unflatten(resolved)
 
 
 def resolve_mask(shared: SharedSpec, params: PyTree) -> PyTree:
-  """Returns a pytree of Python bools with the structure of `params`."""
+  """Returns a pytree of Python bools with the structure of `params`.
+
+  `shared` is None or True (every parameter), a pytree of bools with the structure of
+  `params` or a prefix of it (`{"params": {"trunk": True, "heads": False}}`: one bool for a
+  whole subtree, as `optax.masked` takes), or a function params -> such a pytree. A mask
+  that does not fit raises a ValueError naming the first key path where the two trees
+  differ and both trees' keys there.
+  """
   if shared is None:
     return jax.tree.map(lambda _: True, params)
-  mask = shared(params) if callable(shared) else shared
-  leaves, treedef = jax.tree.flatten(params)
-  try:
+  from_fn = callable(shared)
+  mask = shared(params) if from_fn else shared
+  origin = "The mask that `shared(params)` returned" if from_fn else "The `shared` mask"
+  treedef = jax.tree.structure(params)
+  try:  # the common case, a full mask: one flatten
     mask_leaves = treedef.flatten_up_to(mask)
-  except (ValueError, TypeError) as e:
+  except (ValueError, TypeError):
+    mask_leaves = None
+  if mask_leaves is not None and all(_is_flag(m) for m in mask_leaves):
+    result = jax.tree.unflatten(treedef, [bool(m) for m in mask_leaves])
+  else:
+    result = _broadcast_mask(mask, params, (), origin)
+  if not any(jax.tree.leaves(result)):
     raise ValueError(
-      "The `shared` mask does not match the parameter tree: give a pytree of bools with "
-      "the same structure as the parameters, or a function params -> mask. "
-      f"Parameter structure: {treedef}"
-    ) from e
-  bools = []
-  for m in mask_leaves:
-    if not isinstance(m, (bool, int)) and not (hasattr(m, "shape") and m.shape == ()):
-      raise ValueError(f"`shared` mask leaves must be Python bools, got {type(m).__name__}.")
-    bools.append(bool(m))
+      f"{origin} selects no parameter: at least one parameter must be shared between tasks."
+    )
+  return result
+
+
+def _pattern_matcher(pattern) -> Callable[[tuple[str, ...], Any], bool]:
+  if isinstance(pattern, str):
+    run = tuple(part for part in re.split(r"[/.]", pattern) if part)
+    if not run:
+      raise ValueError(f"shared_mask: the pattern {pattern!r} names no key.")
+    n = len(run)
+    return lambda names, _: any(names[i : i + n] == run for i in range(len(names) - n + 1))
+  if isinstance(pattern, re.Pattern):
+    return lambda names, _: pattern.search("/".join(names)) is not None
+  if callable(pattern):
+    return lambda names, leaf: bool(pattern(names, leaf))
+  raise TypeError(
+    "shared_mask patterns are key names or 'a/b' runs of names (str), compiled regular "
+    f"expressions (re.compile) or functions (path, leaf) -> bool; got {type(pattern).__name__}."
+  )
+
+
+def _patterns(value, argument: str) -> list:
+  if value is None:
+    return []
+  if isinstance(value, (str, re.Pattern)) or not isinstance(value, Sequence):
+    return [value]  # one pattern (`_pattern_matcher` refuses what is none)
+  if not value:
+    raise ValueError(
+      f"shared_mask: {argument} is empty; give a pattern, a sequence of them, or None."
+    )
+  return list(value)
+
+
+def shared_mask(
+  params: PyTree = None,
+  *,
+  include: PathPattern | Sequence[PathPattern] | None = None,
+  exclude: PathPattern | Sequence[PathPattern] | None = None,
+):
+  """The shared-parameter mask from parameter paths (a `shared=` value for every method).
+
+  A parameter's path is the tuple of key names that lead to it, e.g. `("params", "trunk",
+  "Dense_0", "kernel")` for a flax linen model, `("encoder", "layers", "0", "kernel")` for
+  an NNX one. A pattern is a key name or a run of consecutive names joined by "/" or "."
+  ("trunk", "trunk/Dense_0"), matching every path that contains it; a compiled regular
+  expression (`re.compile(r"^params/(trunk|stem)/")`), searched in the path joined by "/";
+  or a function `(path, leaf) -> bool`. A parameter is shared when it matches an `include`
+  pattern (every parameter when `include` is None) and no `exclude` pattern.
+
+    shared = ntkmtl_jax.shared_mask(params, include="trunk")
+    shared = ntkmtl_jax.shared_mask(include="trunk")          # a function params -> mask
+    shared = ntkmtl_jax.shared_mask(params, exclude=re.compile(r"head_\\d+"))
+
+  Args:
+    params: the parameters; None returns a function params -> mask instead.
+    include: the pattern(s) of the shared parameters.
+    exclude: the pattern(s) of parameters that are not shared (the task heads).
+
+  Returns:
+    A pytree of bools with the structure of `params` (or a function making it).
+
+  Raises:
+    ValueError: a pattern matches no parameter (a misspelt name; the message lists the
+      paths), or no parameter is left shared.
+  """
+  includes = [(p, _pattern_matcher(p)) for p in _patterns(include, "include")]
+  excludes = [(p, _pattern_matcher(p)) for p in _patterns(exclude, "exclude")]
+  if params is None:
+    return lambda p: shared_mask(p, include=include, exclude=exclude)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  paths = [tuple(key_name(e) for e in path) for path, _ in flat]
+  leaves = [leaf for _, leaf in flat]
+
+  def matches(matchers):
+    hits = [[m(names, leaf) for names, leaf in zip(paths, leaves)] for _, m in matchers]
+    for (pattern, _), row in zip(matchers, hits):
+      if not any(row):
+        shown = ["/".join(names) for names in paths[:8]]
+        more = f" and {len(paths) - 8} more" if len(paths) > 8 else ""
+        raise ValueError(
+          f"shared_mask: the pattern {pattern!r} matches no parameter; the parameter paths "
+          f"are {shown}{more}."
+        )
+    return [any(column) for column in zip(*hits)] if hits else None
+
+  included = matches(includes) or [True] * len(paths)
+  excluded = matches(excludes) or [False] * len(paths)
+  bools = [i and not e for i, e in zip(included, excluded)]
   if not any(bools):
     raise ValueError(
-      "The `shared` mask selects no parameter: at least one parameter must be shared between tasks."
+      f"shared_mask(include={include!r}, exclude={exclude!r}) leaves no parameter shared: at "
+      "least one parameter must be shared between tasks."
     )
-  del leaves
   return jax.tree.unflatten(treedef, bools)
+
+
+def takes_positional(fn: Callable, count: int) -> bool | None:
+  """Whether `fn` accepts `count` positional arguments (None when its signature is unknown)."""
+  try:
+    signature = inspect.signature(fn)
+  except (TypeError, ValueError):
+    return None
+  try:
+    signature.bind(*([None] * count))
+  except TypeError:
+    return False
+  return True
+
+
+def check_float_params(params: PyTree, where: str) -> None:
+  """Raises a TypeError naming the first parameter that is not floating point."""
+  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(
+        f"{where}: the parameter at {_where(path)} has dtype {dtype}, and only "
+        "floating-point parameters have gradients; cast it (x.astype(jnp.float32)) or keep "
+        "integer arrays (counts, indices, keys) in the batch or the model state."
+      )
 
 
 def split(tree: PyTree, mask: PyTree) -> tuple[PyTree, PyTree]:

@@ -328,6 +328,21 @@ class NTKWeights(NamedTuple):
   jacobian: PyTree | None = None
 
 
+def _check_ntk_arguments(apply_fn, params, shared) -> None:
+  """Refuses what `ntk_weights` cannot differentiate, with the fix, before any tracing."""
+  if not callable(apply_fn) and hasattr(apply_fn, "losses_at"):
+    raise TypeError("ntk_weights takes apply_fn(params, batch) -> (k,), not a TaskFunctions: "
+                    "pass fns.losses_at(model_state).")
+  if _tree.takes_positional(apply_fn, 2) is False and _tree.takes_positional(apply_fn, 3):
+    raise TypeError("ntk_weights calls apply_fn(params, batch), but apply_fn takes (params, "
+                    "model_state, batch), a has_state=True loss such as TaskFunctions.loss_fn: "
+                    "pass fns.losses_at(model_state), or lambda p, b: loss_fn(p, state, b)[0].")
+  _tree.check_float_params(params, "ntk_weights")
+  if shared is None:
+    _tree.warn_all_shared("ntk_weights", "the kernel blocks, eigenvalues and weights are "
+                          "taken over the heads' parameters too", stacklevel=4)
+
+
 def ntk_weights(apply_fn: Callable, params: PyTree, batch: PyTree, *, num_chunks: int = 1,
                 exponent: float = 0.5, normalization: str = "sum", shared: SharedSpec = None,
                 strategy: Strategy | str = "auto", eigen_method: str = "auto",
@@ -348,7 +363,10 @@ def ntk_weights(apply_fn: Callable, params: PyTree, batch: PyTree, *, num_chunks
     num_chunks: n, the number of chunks (rows of each J_i).
     exponent: the weight exponent (0.5 by default; 0.75 leans harder toward slow tasks).
     normalization: "sum" (code) or "mean" (paper), see `weights_from_eigenvalues`.
-    shared: which parameters are shared: None (all), a pytree of bools or a function.
+    shared: which parameters are shared: a pytree of bools (or a prefix of the parameters,
+      as `optax.masked` takes), a function params -> mask (`shared_mask` builds one from
+      parameter paths), True (all); None also means all, with an `AllSharedWarning` (once),
+      since the heads' parameters then change the kernel.
     strategy: how the k*n backward passes loop, a `Strategy` or a name (see
       `task_jacobian`): "auto" (the backend's measured default, `default_strategy()`),
       "vmap" (jax.vmap(jax.jacrev), the reference), "unroll", "chunked" or "sequential".
@@ -368,6 +386,7 @@ def ntk_weights(apply_fn: Callable, params: PyTree, batch: PyTree, *, num_chunks
     An `NTKWeights`.
   """
   check_statistic(statistic, top_r, eigen_method)
+  _check_ntk_arguments(apply_fn, params, shared)
   losses, jac = task_jacobian(apply_fn, params, batch, num_chunks=num_chunks, shared=shared,
                               strategy=resolve(strategy, name="ntk_weights"))
   eigenvalues = eigenvalues_from_jacobian(jac, eigen_method=eigen_method,

@@ -18,6 +18,7 @@ statistics streamed, is the step's resolved `strategy.Strategy` (`strategy.resol
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -147,15 +148,53 @@ class Observation(NamedTuple):
   task_grads: PyTree | None = None
 
 
+def _check_calling_convention(name: str, fn: Callable | None, has_state: bool) -> None:
+  """Refuses, before any tracing, a function whose arguments do not fit `has_state`."""
+  if fn is None:
+    return
+  with_state, without = _tree.takes_positional(fn, 3), _tree.takes_positional(fn, 2)
+  if has_state and with_state is False and without:
+    raise TypeError(
+      f"has_state=True calls {name}(params, model_state, batch), but {name} takes "
+      "(params, batch): pass has_state=False (the default) for a model without state."
+    )
+  if not has_state and without is False and with_state:
+    raise TypeError(
+      f"has_state=False calls {name}(params, batch), but {name} takes three arguments "
+      "(params, model_state, batch), like the functions of task_functions and "
+      "nnx_task_functions: pass has_state=True, or give make_train_step the TaskFunctions "
+      "object itself."
+    )
+
+
 def _normalise_model(loss_fn, encode, decode, has_state) -> Model:
   if loss_fn is None and (encode is None or decode is None):
     raise ValueError(
       "Give either loss_fn(params, batch) -> (k,) losses, or both "
       "encode(params, batch) -> z and decode(params, z, batch) -> (k,)."
     )
+  _check_calling_convention("loss_fn", loss_fn, has_state)
+  _check_calling_convention("encode", encode, has_state)
+  if decode is not None and _tree.takes_positional(decode, 3) is False:
+    raise TypeError(
+      "make_train_step calls decode(params, z, batch) (it carries no model state); the "
+      "decode given does not take those three arguments."
+    )
   enc = None
   if encode is not None:
-    enc = encode if has_state else (lambda p, s, b: (encode(p, b), s))
+
+    def enc(p, s, b):
+      _tree.check_float_params(p, "make_train_step")
+      if not has_state:
+        return encode(p, b), s
+      out = encode(p, s, b)
+      if not (isinstance(out, tuple) and len(out) == 2):
+        raise ValueError(
+          "With has_state=True, encode(params, model_state, batch) must return "
+          "(z, new_model_state); pass has_state=False for encode(params, batch) -> z."
+        )
+      return out
+
   if loss_fn is None:
 
     def losses_with_state(p, s, b):
@@ -167,16 +206,37 @@ def _normalise_model(loss_fn, encode, decode, has_state) -> Model:
     losses_with_state = lambda p, s, b: (loss_fn(p, b), s)
 
   def checked(p, s, b):
+    _tree.check_float_params(p, "make_train_step")
     out = losses_with_state(p, s, b)
     if not (isinstance(out, tuple) and len(out) == 2):
       raise ValueError(
         "With has_state=True, loss_fn(params, model_state, batch) must return "
-        "(losses, new_model_state)."
+        "(losses, new_model_state); pass has_state=False for loss_fn(params, batch) -> (k,)."
       )
     _tree.check_losses(out[0])
     return out
 
   return Model(checked, enc, decode)
+
+
+def _is_task_functions(value) -> bool:
+  """Whether `value` is a model's bundle of functions (`models.TaskFunctions` or alike)."""
+  return not callable(value) and all(
+    hasattr(value, field) for field in ("loss_fn", "encode", "decode", "shared", "has_state")
+  )
+
+
+def _mask_changes_update(method) -> str | None:
+  """What `shared=None` changes for `method` (None when its update does not read the mask)."""
+  parts = []
+  if method.needs.task_gradients:
+    parts.append(
+      "the task-gradient statistics (norms, Gram, kernel eigenvalues) and so the weights are "
+      "taken over the heads' parameters too"
+    )
+  if method.head_gradients != "weighted":
+    parts.append("the heads get the method's combined update instead of their plain gradients")
+  return ", and ".join(parts) or None
 
 
 def _mean_over_chunks(tree):
@@ -358,12 +418,12 @@ def _floating_finite(tree) -> jax.Array:
 
 
 def make_train_step(
-  loss_fn: Callable | None,
+  loss_fn: Callable | Any | None,
   method: Method,
   optimizer: optax.GradientTransformation,
   *,
   strategy: Strategy | str = "auto",
-  has_state: bool = False,
+  has_state: bool | None = None,
   encode: Callable | None = None,
   decode: Callable | None = None,
   chunk_size: int | None = None,
@@ -384,10 +444,20 @@ def make_train_step(
   unchanged and increments `skipped` (like `optax.apply_if_finite`, but covering what the
   optimiser made too).
 
+  Which parameters are shared is the method's `shared` mask. With `shared=None` every
+  parameter counts as shared, the task heads included; for the methods whose update reads
+  the mask (every method that takes task gradients, NTKMTL and MGDA among them, and any with
+  `head_gradients="sum"`, such as NTKMTL-SR built so) that changes the numbers, so the step
+  warns once (`AllSharedWarning`); pass a mask, or `shared=True` when every parameter
+  really is shared. Given a `TaskFunctions`, a method without a mask takes its `shared`.
+
   Args:
     loss_fn: `loss_fn(params, batch) -> (k,)` task losses, or with `has_state=True`
       `loss_fn(params, model_state, batch) -> ((k,), new_model_state)` (flax mutable
-      collections such as `batch_stats`). May be None when `encode`/`decode` are given.
+      collections such as `batch_stats`). May be None when `encode`/`decode` are given. Or
+      the `models.TaskFunctions` of a model (`task_functions`, `nnx_task_functions`): its
+      `loss_fn`, `encode`, `decode` and `has_state` are used, and its `shared` mask when the
+      method has none (`fns.train_step(method, optimizer)` is the same call).
     method: a `Weighting` or `GradientRule` (e.g. `ntkmtl(k)`, `methods.get("ls", k)`), or
       any optax aggregator of task gradients stacked on axis 0 (`method.aggregator`,
       wrapped in `optax.chain`, `optax.inject_hyperparams` or copied with `_replace`): the
@@ -403,7 +473,8 @@ def make_train_step(
       that need the task gradients themselves). "auto" (`default_strategy()`) unrolls the
       passes and holds the gradients on CPU, and on GPU/TPU runs one compiled VJP body task
       after task, streaming the statistics where the method allows it.
-    has_state: whether the model carries mutable state (see `loss_fn`).
+    has_state: whether the model carries mutable state (see `loss_fn`); None: False, or
+      the `TaskFunctions`' own. A function whose arguments do not fit it is refused here.
     encode: `encode(params, batch) -> z` (or `(params, model_state, batch) -> (z, state)`),
       the shared encoder; needed for NTKMTL-SR and MGDA-UB.
     decode: `decode(params, z, batch) -> (k,)` task losses from the representation.
@@ -415,9 +486,29 @@ def make_train_step(
   Returns:
     A `TrainStep`.
   """
+  if _is_task_functions(loss_fn):
+    functions = loss_fn
+    if has_state is not None and bool(has_state) != bool(functions.has_state):
+      raise ValueError(
+        f"has_state={has_state} contradicts the TaskFunctions given, whose functions have "
+        f"has_state={functions.has_state}: leave has_state out when passing the object."
+      )
+    if encode is not None or decode is not None:
+      raise ValueError(
+        "Give make_train_step either a TaskFunctions (its encode and decode are used) or "
+        "encode=/decode=, not both."
+      )
+    loss_fn, encode, decode = functions.loss_fn, functions.encode, functions.decode
+    has_state = functions.has_state
+    if is_method(method) and method.shared is None and functions.shared is not None:
+      method = dataclasses.replace(method, shared=functions.shared)
+  has_state = bool(has_state)
   if is_method(method):
     needs: Needs = method.needs
     name, shared = method.name, method.shared
+    consequence = _mask_changes_update(method) if shared is None else None
+    if consequence:
+      _tree.warn_all_shared(name, consequence)
   elif callable(getattr(method, "init", None)) and callable(getattr(method, "update", None)):
     # A plain optax aggregator (e.g. `optax.chain(ntkmtl(k).aggregator, clip)`, an
     # `inject_hyperparams` one, a `_replace`d copy): it gets the stacked task gradients.

@@ -16,8 +16,10 @@ randomness fixed by the seed of the model's `nnx.Rngs`.
     model = MultiTask(rngs=nnx.Rngs(0))                    # .encoder (shared), .heads
     fns = nnx_task_functions(model, task_losses, trunk="encoder")
     params, model_state = fns.init()
-    step = make_train_step(fns.loss_fn, ntkmtl(k, shared=fns.shared), optax.adam(1e-3),
-                           has_state=True, encode=fns.encode, decode=fns.decode)
+    step = make_train_step(fns, ntkmtl(k), optax.adam(1e-3))  # or fns.train_step(...)
+
+The `TaskFunctions` object carries `has_state=True`, `encode`, `decode` and the `shared`
+mask of the trunk, which a method built without a mask takes.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from typing import Any
 import jax
 from flax import nnx
 
-from ntkmtl_jax.models.multitask import TaskFunctions
+from ntkmtl_jax import _tree
+from ntkmtl_jax.models.multitask import TaskFunctions, model_input
 
 PyTree = Any
 
@@ -52,13 +55,6 @@ def _with_values(template, pure: PyTree):
   if pure:
     nnx.replace_by_pure_dict(state, pure)
   return state
-
-
-def _key_name(entry) -> str:
-  for attr in ("key", "idx", "name"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
 
 
 def _trunk_paths(trunk: str | Sequence[str]) -> tuple[tuple[str, ...], ...]:
@@ -110,19 +106,23 @@ def nnx_task_functions(
       both `encode` and `decode`, the losses are `task_losses(decode(encode(x)))` and the
       representation methods (NTKMTL-SR, MGDA-UB) work; without, the losses are
       `task_losses(model(x))` and `encode`/`decode` are None.
-    input_key: the batch entry fed to the model.
+    input_key: the batch entry fed to the model; a batch without it raises an error naming
+      this option.
 
   Returns:
     A `TaskFunctions` over (params, model_state) as pure nested dicts (see the module
-    docstring); `init()` returns the model's own values. `decode(params, z, batch)` carries
-    no model state, so it needs heads that write none (no BatchNorm in training mode, no
-    Dropout in the heads: keep those in the trunk); it raises a ValueError otherwise.
+    docstring), `has_state=True`; give it to `make_train_step` as it is (it brings its
+    `encode`, `decode` and `shared` mask). `init()` returns the model's own values.
+    `decode(params, z, batch)` carries no model state, so it needs heads that write none
+    (no BatchNorm in training mode, no Dropout in the heads: keep those in the trunk); it
+    raises a ValueError otherwise.
   """
   if not isinstance(model, nnx.Module):
     raise TypeError(
       f"model must be a flax.nnx.Module, got {type(model).__name__}; for "
       "flax.linen modules use models.multitask.task_functions."
     )
+  x_of = lambda batch: model_input(batch, input_key, "nnx_task_functions")
   graphdef, params_template, state_template = nnx.split(model, nnx.Param, ...)
   params0 = nnx.to_pure_dict(params_template)
   state0 = nnx.to_pure_dict(state_template) or None
@@ -159,12 +159,12 @@ def nnx_task_functions(
 
   def loss_fn(params, model_state, batch):
     module = build(params, model_state, train=True)
-    losses = task_losses(outputs(module, batch[input_key]), batch)
+    losses = task_losses(outputs(module, x_of(batch)), batch)
     return losses, state_of(module)
 
   def encode_with_state(params, model_state, batch):
     module = build(params, model_state, train=True)
-    z = encode_fn(module, batch[input_key])
+    z = encode_fn(module, x_of(batch))
     return z, state_of(module)
 
   def decode_losses(params, z, batch):
@@ -180,11 +180,11 @@ def nnx_task_functions(
     return losses
 
   def predict(params, model_state, batch):
-    return outputs(build(params, model_state, train=False), batch[input_key])
+    return outputs(build(params, model_state, train=False), x_of(batch))
 
   def shared(params):
     def is_trunk(path, _):
-      names = tuple(_key_name(e) for e in path)
+      names = tuple(_tree.key_name(e) for e in path)
       return any(names[: len(p)] == p for p in paths)
 
     return jax.tree_util.tree_map_with_path(is_trunk, params)
@@ -202,6 +202,7 @@ def nnx_task_functions(
     predict,
     shared,
     init,
+    has_state=True,
   )
 
 

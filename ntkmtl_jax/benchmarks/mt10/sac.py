@@ -203,14 +203,16 @@ def make_agent(config, obs_dim: int, action_dim: int, num_tasks: int,
         return adam
       return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adam)
   hparams = config.hparams()
-  critic_method = ntkmtl_jax.methods.get(config.method, num_tasks, **hparams)
+  # The SAC networks have no task heads: every parameter is shared, said so explicitly.
+  critic_method = ntkmtl_jax.methods.get(config.method, num_tasks, shared=True, **hparams)
   if critic_method.needs.uses_representation:
     raise ValueError(f"{config.method} works at a shared representation, which MT10's SAC "
                      "networks do not split off (the paper does not run NTKMTL-SR on MT10); "
                      "use method='ntkmtl'.")
   actor_method_name = ACTOR_METHOD_FALLBACK.get(config.method, config.method)
   actor_method = ntkmtl_jax.methods.get(
-      actor_method_name, num_tasks, **(hparams if actor_method_name == config.method else {}))
+      actor_method_name, num_tasks, shared=True,
+      **(hparams if actor_method_name == config.method else {}))
   critic_step = ntkmtl_jax.make_train_step(critic_task_losses(networks, num_tasks),
                                            critic_method, optimizer(config.critic_lr),
                                            jit=False)
