@@ -76,6 +76,11 @@ def _hard_batch(rng, num_tasks, scales):
   return {"x": jnp.asarray(x, jnp.float32), "y": jnp.asarray(y, jnp.float32)}
 
 
+def _jitted_weights(apply_fn, shared):
+  """`ntk_weights(...).weights` as one compiled call (n = 1)."""
+  return jax.jit(lambda p, b: nm.ntk_weights(apply_fn, p, b, shared=shared).weights)
+
+
 # ------------------------------------------------------------------------------ the mask
 
 
@@ -106,11 +111,11 @@ def test_prefix_callable_and_path_masks_give_the_numpy_weights(seed, scales):
   want = _numpy_weights(params, batch, ["trunk"])
   with warnings.catch_warnings():
     warnings.simplefilter("error", nm.AllSharedWarning)
-    got = nm.ntk_weights(_linen_losses, params, batch, shared=prefix).weights
+    got = _jitted_weights(_linen_losses, prefix)(params, batch)
   np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4)
   # All shared (True, or None with its warning): the heads' gradients enter the norms.
   everything = _numpy_weights(params, batch, ["trunk", *heads])
-  got = nm.ntk_weights(_linen_losses, params, batch, shared=True).weights
+  got = _jitted_weights(_linen_losses, True)(params, batch)
   np.testing.assert_allclose(np.asarray(got), everything, rtol=2e-4)
   assert not np.allclose(everything, want, rtol=1e-3)  # the mask changes the numbers
 
@@ -298,8 +303,8 @@ def test_ntk_weights_warns_for_shared_none_and_true_is_the_same_numbers():
   model = TanhMLP(np.random.default_rng(2), num_tasks=3, task_scales=(1.0, 1e2, 1e4))
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    implicit = nm.ntk_weights(model.loss_fn, model.params, model.batch).weights
-    explicit = nm.ntk_weights(model.loss_fn, model.params, model.batch, shared=True).weights
+    implicit = _jitted_weights(model.loss_fn, None)(model.params, model.batch)
+    explicit = _jitted_weights(model.loss_fn, True)(model.params, model.batch)
   caught = [w for w in caught if issubclass(w.category, nm.AllSharedWarning)]
   assert len(caught) == 1 and "ntk_weights: shared=None" in str(caught[0].message)
   np.testing.assert_array_equal(np.asarray(implicit), np.asarray(explicit))
@@ -439,8 +444,8 @@ def test_ntk_weights_given_stateful_functions_names_losses_at(nnx_fns):
   for apply_fn in (nnx_fns.loss_fn, nnx_fns):
     with pytest.raises(TypeError, match=r"ntk_weights .*pass fns\.losses_at\(model_state\)"):
       nm.ntk_weights(apply_fn, params, _batch(), shared=nnx_fns.shared)
-  ok = nm.ntk_weights(nnx_fns.losses_at(model_state), params, _batch(), shared=nnx_fns.shared)
-  assert np.all(np.isfinite(ok.weights))
+  ok = _jitted_weights(nnx_fns.losses_at(model_state), nnx_fns.shared)(params, _batch())
+  assert np.all(np.isfinite(ok))
 
 
 @pytest.mark.parametrize("builder", ["nnx_task_functions", "task_functions"])
