@@ -526,7 +526,9 @@ def make_train_step(
   if needs.uses_representation and (model.encode is None or model.decode is None):
     raise ValueError(
       f"{name} takes the kernel at the shared representation: give "
-      "make_train_step encode=... and decode=... instead of (or with) loss_fn."
+      "make_train_step encode=... and decode=... instead of (or with) loss_fn (for "
+      "nnx_task_functions, give the model encode/decode methods or its encode= and "
+      "decode= options)."
     )
   oracle = ORACLES[needs.kind]
   optimizer = optax.with_extra_args_support(optimizer)

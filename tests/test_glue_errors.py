@@ -488,3 +488,22 @@ def test_integer_parameters_are_refused_in_one_line():
   assert "\n" not in str(info.value)
   with pytest.raises(TypeError, match="ntk_weights: " + message):
     nm.ntk_weights(model.loss_fn, params, model.batch, shared=model.shared)
+
+
+def test_representation_methods_without_encode_decode_name_the_options():
+  class Whole(nnx.Module):  # no encode/decode methods: the losses come from model(x)
+    def __init__(self, rngs):
+      self.encoder = nnx.Linear(4, 8, rngs=rngs)
+      self.out = nnx.Linear(8, K, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(self.encoder(x))
+
+  fns = nnx_task_functions(Whole(nnx.Rngs(0)), _task_losses, trunk="encoder")
+  assert fns.decode is None
+  with pytest.raises(
+    ValueError,
+    match=r"ntkmtl_sr takes the kernel at the shared "
+    r"representation: .*its encode= and decode= options",
+  ):
+    fns.train_step(nm.ntkmtl_sr(K), optax.sgd(0.1))
