@@ -112,5 +112,7 @@ from ntkmtl_jax.methods import dual_cone as _dual_cone  # noqa: E402,F401
 from ntkmtl_jax.methods import alignment as _alignment  # noqa: E402,F401
 from ntkmtl_jax.methods import conflict as _conflict  # noqa: E402,F401
 from ntkmtl_jax.methods import robust as _robust  # noqa: E402,F401
+from ntkmtl_jax.methods import composite as _composite  # noqa: E402,F401
+from ntkmtl_jax.methods import excess_risk as _excess_risk  # noqa: E402,F401
 from ntkmtl_jax.methods import weighted_allocation as _weighted_allocation  # noqa: E402,F401
 from ntkmtl_jax.methods import stochastic as _stochastic  # noqa: E402,F401

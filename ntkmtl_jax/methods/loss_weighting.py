@@ -1,24 +1,27 @@
 """Loss weightings: the weights are read off the task losses alone.
 
-LS, STL, SI, RLW, DWA, UW, FAMO and STCH choose w from the k task losses (and their own
-state), never from the task gradients (`Needs("losses")`), so the train step runs one
-backward pass of the weighted loss sum_i w_i l_i per step and task-specific parameters get
-the same weighted gradient (`Weighting`'s default `head_gradients="weighted"`).
+LS, STL, SI, RLW, DWA, UW, FAMO, STCH, Constant, GLS (GeometricMean), RGW, PBI and
+GO4Align choose w from the k task losses (and their own state), never from the task
+gradients (`Needs("losses")`), so the train step runs one backward pass of the weighted
+loss sum_i w_i l_i per step and task-specific parameters get the same weighted gradient
+(`Weighting`'s default `head_gradients="weighted"`; RGW gives them their plain gradients).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ntkmtl_jax._tree import SharedSpec
 from ntkmtl_jax.methods import register
-from ntkmtl_jax.methods._common import check_losses, check_num_tasks, method_optimizer
+from ntkmtl_jax.methods._common import (check_losses, check_num_tasks, method_optimizer,
+                                        preference_vector)
 from ntkmtl_jax.method import Needs, TaskStats, Weighting
 
 
@@ -455,3 +458,252 @@ def smooth_tchebycheff(num_tasks: int, *, mu: float = 1.0, warmup_epochs: int = 
                    shared=shared,
                    hparams=dict(mu=mu, warmup_epochs=warmup_epochs,
                                 steps_per_epoch=steps_per_epoch))
+
+
+# ------------------------------------------------- fixed, geometric and random scalarisations
+
+
+@register("constant", properties=("linear_under_scaling",))
+def constant(num_tasks: int, *, weights=None, shared: SharedSpec = None,
+             head_gradients: str = "weighted") -> Weighting:
+  """Constant: fixed user weights, the update sum_i w_i g_i (torchjd's `Constant`).
+
+  Args:
+    num_tasks: number of tasks k.
+    weights: (k,) finite weights (default all 1, which is LS).
+    shared: which parameters are shared (None: all).
+    head_gradients: "weighted" (the backward pass of sum_i w_i l_i) or "sum".
+
+  Returns:
+    A `Weighting` with state `WeightsState`.
+
+  References:
+    torchjd's `aggregation.Constant` and `scalarization.Constant` (Quinton, Rey, "Jacobian
+    Descent for Multi-Objective Optimization", 2024).
+  """
+  check_num_tasks(num_tasks)
+  w = np.ones(num_tasks) if weights is None else np.asarray(weights, np.float64)
+  if w.shape != (num_tasks,) or not np.all(np.isfinite(w)):
+    raise ValueError(f"constant: weights must be {num_tasks} finite numbers, got {weights!r}.")
+  return Weighting(name="constant", needs=Needs("losses"), init=_weights_init(num_tasks),
+                   weights=_fixed(w), shared=shared, head_gradients=head_gradients,
+                   hparams=dict(weights=w.tolist()))
+
+
+def _geometric_mean(name: str, num_tasks: int, shared: SharedSpec) -> Weighting:
+  check_num_tasks(num_tasks)
+
+  def weighting(stats: TaskStats, state: WeightsState):
+    check_losses(stats, name, num_tasks)
+    # In log space; a zero loss is floored at the smallest normal number (its weight is then
+    # large and finite instead of 0 / 0).
+    logs = jnp.log(jnp.maximum(stats.losses, jnp.finfo(stats.losses.dtype).tiny))
+    w = jnp.exp(jnp.mean(logs) - logs) / num_tasks
+    return w, WeightsState(state.count + 1, w.astype(jnp.float32))
+
+  return Weighting(name=name, needs=Needs("losses"), init=_weights_init(num_tasks),
+                   weights=weighting, shared=shared)
+
+
+@register("gls", properties=("permutation_equivariant", "direction_scale_invariant"))
+def geometric_loss_strategy(num_tasks: int, *, shared: SharedSpec = None) -> Weighting:
+  """GLS: the geometric mean of the task losses, (prod_i l_i) ** (1/k).
+
+  Its gradient is sum_i w_i g_i with w_i = (prod_j l_j) ** (1/k) / (k l_i), computed in log
+  space (the product of 40 losses under- or overflows). Multiplying one loss by c multiplies
+  the objective by c ** (1/k) and leaves the update's direction (that of sum_i g_i / l_i)
+  unchanged. LibMTL's `GLS` backpropagates the same objective (the weights it reports,
+  l_i / (k prod_j l_j), are not the ones its gradient applies); torchjd calls it
+  `GeometricMean` (registered here as "geometric_mean" too).
+
+  Returns:
+    A `Weighting` (needs "losses") with state `WeightsState`; `num_tasks` and `shared` as
+    for every loss weighting.
+
+  References:
+    Chennupati, Sistu, Yogamani, Rawashdeh, "MultiNet++: Multi-Stream Feature Aggregation
+    and Geometric Loss Strategy for Multi-Task Learning", CVPR Workshops 2019.
+  """
+  return _geometric_mean("gls", num_tasks, shared)
+
+
+@register("geometric_mean", properties=("permutation_equivariant", "direction_scale_invariant"))
+def geometric_mean(num_tasks: int, *, shared: SharedSpec = None) -> Weighting:
+  """GeometricMean (torchjd's name for GLS): the geometric mean of the task losses.
+
+  The same method as `geometric_loss_strategy` ("gls"), under torchjd's name.
+
+  Returns:
+    A `Weighting` with state `WeightsState`.
+
+  References:
+    Chennupati et al., "MultiNet++", CVPR Workshops 2019; torchjd's
+    `scalarization.GeometricMean`.
+  """
+  return _geometric_mean("geometric_mean", num_tasks, shared)
+
+
+@register("rgw", properties=("linear_under_scaling",))
+def random_gradient_weighting(num_tasks: int, *, seed: int = 0,
+                              shared: SharedSpec = None) -> Weighting:
+  """RGW: random weights on the task gradients, softmax of standard normals, every step.
+
+  The RLW paper's gradient form: the shared parameters get sum_i w_i g_i with w drawn as in
+  `random_loss_weighting`, the task-specific parameters their plain gradients (LibMTL's
+  `RGW`, whose per-task backward passes leave the heads unweighted). On the shared
+  parameters this is RLW's update; the weights need no gradient, so the step runs the
+  weighted backward pass plus one for the heads, never k.
+
+  Args and returns: as `random_loss_weighting` (state `RLWState`).
+
+  References:
+    Lin et al., TMLR 2022 (the RLW paper's "RGW").
+  """
+  rlw = random_loss_weighting(num_tasks, seed=seed, shared=shared)
+  return dataclasses.replace(rlw, name="rgw", head_gradients="sum")
+
+
+@register("pbi", properties=("permutation_equivariant",))
+def penalty_boundary_intersection(num_tasks: int, *, theta: float = 5.0, preference=None,
+                                  reference=None, shared: SharedSpec = None) -> Weighting:
+  """PBI: penalty-based boundary intersection, d1 + theta d2, of the loss vector.
+
+  With f = l - z (z the reference point) and u = p / ||p|| (p the preference vector),
+  d1 = <f, u> is the distance along the preference direction and d2 = ||f - d1 u|| the
+  distance to it, computed as sqrt(||f - d1 u||^2 + 1e-12) as torchjd does, so that it stays
+  differentiable on the line. The update is sum_i w_i g_i with
+  w = u + theta (f - d1 u) / d2, the gradient of the scalarisation: a task ahead of the
+  preference line gets a smaller (possibly negative) weight. MOEA/D updates z to the best
+  losses seen; torchjd keeps a fixed reference (default the origin), as here.
+
+  Args:
+    num_tasks: number of tasks k.
+    theta: the penalty on d2 (5, the value of the MOEA/D paper's experiments).
+    preference: (k,) non-negative preference vector p (default uniform).
+    reference: (k,) reference point z, a lower bound of the losses (default 0).
+    shared: which parameters are shared (None: all).
+
+  Returns:
+    A `Weighting` with state `WeightsState`.
+
+  References:
+    Zhang, Li, "MOEA/D: A Multiobjective Evolutionary Algorithm Based on Decomposition",
+    IEEE TEVC 2007; torchjd's `scalarization.PBI`.
+  """
+  check_num_tasks(num_tasks)
+  if not (math.isfinite(theta) and theta >= 0):
+    raise ValueError(f"pbi: theta must be non-negative and finite, got {theta!r}.")
+  pref = preference_vector(preference, num_tasks, 1.0)
+  if not pref.any():
+    raise ValueError("pbi: the preference vector must have a positive entry.")
+  unit = pref / np.linalg.norm(pref)
+  ref = np.zeros(num_tasks) if reference is None else np.asarray(reference, np.float64)
+  if ref.shape != (num_tasks,) or not np.all(np.isfinite(ref)):
+    raise ValueError(f"pbi: reference must be {num_tasks} finite numbers, got {reference!r}.")
+
+  def weighting(stats: TaskStats, state: WeightsState):
+    check_losses(stats, "pbi", num_tasks)
+    u = jnp.asarray(unit, stats.losses.dtype)
+    f = stats.losses - jnp.asarray(ref, stats.losses.dtype)
+    off_line = f - jnp.dot(f, u) * u
+    w = u + theta * off_line / jnp.sqrt(jnp.dot(off_line, off_line) + 1e-12)
+    return w, WeightsState(state.count + 1, w.astype(jnp.float32))
+
+  return Weighting(name="pbi", needs=Needs("losses"), init=_weights_init(num_tasks),
+                   weights=weighting, shared=shared,
+                   hparams=dict(theta=theta, preference=pref.tolist(), reference=ref.tolist()))
+
+
+# --------------------------------------------------------------------------------- GO4Align
+
+
+def kmeans_1d(values: jax.Array, num_groups: int) -> jax.Array:
+  """Each value replaced by the mean of its group in the optimal 1-D k-means partition.
+
+  In one dimension the optimal groups are contiguous runs of the sorted values, so dynamic
+  programming over the k + 1 cut positions finds the partition of least within-group sum of
+  squares exactly (O(k^2 num_groups), jittable); `num_groups` is capped at k.
+  """
+  k = values.shape[0]
+  groups = min(int(num_groups), k)
+  order = jnp.argsort(values)
+  xs = values[order]
+  pos = jnp.arange(k + 1)
+  # cost[i, j]: sum of squares of xs[i:j] about its mean (inf unless i < j).
+  inside = (pos[:-1][None, None, :] >= pos[:, None, None]) & \
+      (pos[:-1][None, None, :] < pos[None, :, None])
+  size = jnp.sum(inside, axis=-1)
+  mean = jnp.sum(jnp.where(inside, xs, 0.0), axis=-1) / jnp.maximum(size, 1)
+  cost = jnp.sum(jnp.where(inside, (xs - mean[..., None]) ** 2, 0.0), axis=-1)
+  cost = jnp.where(size > 0, cost, jnp.inf)
+  best = jnp.where(pos == 0, 0.0, jnp.inf).astype(values.dtype)  # 0 groups cover 0 values
+  cuts = []
+  for _ in range(groups):
+    total = best[:, None] + cost
+    cuts.append(jnp.argmin(total, axis=0))
+    best = jnp.min(total, axis=0)
+  out, end = jnp.zeros_like(xs), jnp.asarray(k)
+  for cut in reversed(cuts):
+    start = cut[end]
+    out = jnp.where((pos[:-1] >= start) & (pos[:-1] < end), mean[start, end], out)
+    end = start
+  return jnp.zeros_like(values).at[order].set(out)
+
+
+class GO4AlignState(NamedTuple):
+  """State of GO4Align: step count, last weights and the risk-guided task probabilities."""
+  count: jax.Array
+  weights: jax.Array
+  probabilities: jax.Array
+
+
+@register("go4align", properties=("permutation_equivariant",))
+def go4align(num_tasks: int, *, num_groups: int = 5, robust_step_size: float = 1e-4,
+             shared: SharedSpec = None) -> Weighting:
+  """GO4Align: risk-guided task weights, pooled within groups of similar weight.
+
+  As the authors' code (the NTKMTL repository's `methods/cluster_methods.py`, `GO4ALIGN`)
+  does each step: the probabilities p move by p_i <- p_i exp(-eta l_i), renormalised to sum
+  to 1; the raw weight of task i is (sum_j l_j / l_i) p_i; the k raw weights are grouped
+  into `num_groups` clusters by k-means and every task gets its cluster's mean weight (with
+  one group, the mean of all). Their code clusters with scikit-learn's KMeans (k-means++
+  from random_state 42, Lloyd iterations: a local optimum, and an error when k is smaller
+  than the number of groups); here the optimal 1-D partition is found exactly
+  (`kmeans_1d`) and the groups are capped at k, so that each task is then its own group.
+
+  Args:
+    num_tasks: number of tasks k.
+    num_groups: the number of groups (the authors' default 5).
+    robust_step_size: eta (the authors' default 1e-4).
+    shared: which parameters are shared (None: all).
+
+  Returns:
+    A `Weighting` with state `GO4AlignState`.
+
+  References:
+    Shen, Wang, Oosterhuis, Zhen, Snoek, "GO4Align: Group Optimization for Multi-Task
+    Alignment", NeurIPS 2024.
+  """
+  check_num_tasks(num_tasks)
+  if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+    raise ValueError(f"go4align: num_groups must be a positive integer, got {num_groups!r}.")
+  if not (math.isfinite(robust_step_size) and robust_step_size >= 0):
+    raise ValueError(f"go4align: robust_step_size must be >= 0, got {robust_step_size!r}.")
+
+  def init(params):
+    del params
+    return GO4AlignState(jnp.zeros([], jnp.int32), jnp.ones(num_tasks, jnp.float32),
+                         jnp.full(num_tasks, 1.0 / num_tasks, jnp.float32))
+
+  def weighting(stats: TaskStats, state: GO4AlignState):
+    check_losses(stats, "go4align", num_tasks)
+    losses = stats.losses
+    p = state.probabilities.astype(losses.dtype) * jnp.exp(-robust_step_size * losses)
+    p = p / jnp.sum(p)
+    positive = jnp.maximum(losses, jnp.finfo(losses.dtype).tiny)
+    w = kmeans_1d(jnp.sum(losses) / positive * p, num_groups)
+    return w, GO4AlignState(state.count + 1, w.astype(jnp.float32), p.astype(jnp.float32))
+
+  return Weighting(name="go4align", needs=Needs("losses"), init=init, weights=weighting,
+                   shared=shared,
+                   hparams=dict(num_groups=num_groups, robust_step_size=robust_step_size))
