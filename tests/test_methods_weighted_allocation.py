@@ -76,3 +76,16 @@ def test_pivrg_refuses_bad_hyperparameters():
     methods.get("pivrg", 3, bound=1.0)
   with pytest.raises(ValueError, match="scores"):
     methods.get("pivrg", 3, scores="accuracy")
+
+
+def test_pivrg_a_zero_first_loss_stays_finite():
+  rng = np.random.default_rng(0)
+  jac = random_jacobian(rng, k=3, p=20)
+  agg = methods.get("pivrg", 3)
+  _, state = run_gram_weighting(agg, gram32(jac), losses=jnp.asarray([0.0, 1.0, 2.0]))
+  weights, state = run_gram_weighting(
+    agg, gram32(jac), losses=jnp.asarray([0.5, 1.0, 2.0]), state=state
+  )
+  assert np.all(np.isfinite(weights)) and np.all(weights > 0)
+  priorities = np.asarray(state.priorities)
+  np.testing.assert_allclose(priorities.max() / priorities.min(), 2.0, rtol=1e-4)

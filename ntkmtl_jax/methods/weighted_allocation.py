@@ -163,8 +163,10 @@ def pivrg(num_tasks: int, *, bound: float = 2.0, min_temperature: float = 10.0,
     check_losses(stats, "pivrg", num_tasks)
     losses = stats.losses.astype(initial_losses.dtype)
     if scores == "loss_ratio":
-      tiny = jnp.finfo(initial_losses.dtype).tiny
-      values = 100.0 * losses / jnp.maximum(jnp.abs(initial_losses), tiny)
+      # A first loss of 0 (a task solved at the start) would make the ratio inf and the
+      # softmax 0 / 0; floored, that task just gets the largest priority, `bound` times
+      # the smallest.
+      values = 100.0 * losses / jnp.maximum(jnp.abs(initial_losses), 1e-12)
     else:
       values = losses
     return pivrg_priorities(values, bound, min_temperature)
