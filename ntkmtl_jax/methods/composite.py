@@ -194,7 +194,10 @@ def log_mgda(num_tasks: int, *, eps: float = 1e-8, normalization: str = "none",
   Args:
     num_tasks: k.
     eps: added to the losses before the log (the authors' 1e-8).
-    normalization, solver, max_iters, tol: as `mgda`.
+    normalization: the gradient normaliser of `mgda` ("none", as theirs).
+    solver: `mgda`'s min-norm solver.
+    max_iters: the solver's iteration bound.
+    tol: the solver's certified relative error.
     shared: which parameters are shared.
     head_gradients: "weighted" (the backward pass of the weighted log loss, as theirs) or
       "sum".
@@ -229,7 +232,11 @@ def log_cagrad(num_tasks: int, *, eps: float = 0.0, c: float = 0.4, rescale: int
   Args:
     num_tasks: k.
     eps: added to the losses before the log.
-    c, rescale, scale_by_num_tasks, max_iters, tol: as `cagrad`.
+    c: CAGrad's radius relative to ||g0|| (0.4).
+    rescale: `cagrad`'s 0, 1 (divide by 1 + c^2) or 2.
+    scale_by_num_tasks: multiply the update by k.
+    max_iters: bound on `cagrad`'s solver steps.
+    tol: `cagrad`'s solver tolerance.
     shared: which parameters are shared.
     head_gradients: "sum" or "weighted".
 
@@ -321,7 +328,8 @@ def imtl_l(num_tasks: int, *, learning_rate: float = 0.025,
 
   Args:
     num_tasks: number of tasks k.
-    learning_rate, optimizer: for the s_i, as `uncertainty_weighting`'s.
+    learning_rate: Adam's learning rate for the s_i (ignored when `optimizer` is given).
+    optimizer: any optax transformation for the s_i instead of Adam.
     shared: which parameters are shared (None: all).
 
   Returns:
@@ -353,7 +361,8 @@ def imtl(num_tasks: int, *, learning_rate: float = 0.025,
 
   Args:
     num_tasks: number of tasks k.
-    learning_rate, optimizer: for the s_i, as `imtl_l`'s.
+    learning_rate: as `imtl_l`'s, for the s_i.
+    optimizer: as `imtl_l`'s.
     shared: which parameters are shared (None: all).
     head_gradients: "weighted" or "sum".
 
