@@ -662,26 +662,27 @@ def go4align(num_tasks: int, *, num_groups: int = 5, robust_step_size: float = 1
              shared: SharedSpec = None) -> Weighting:
   """GO4Align: risk-guided task weights, pooled within groups of similar weight.
 
-  As the authors' code (the NTKMTL repository's `methods/cluster_methods.py`, `GO4ALIGN`)
-  does each step: the probabilities p move by p_i <- p_i exp(-eta l_i), renormalised to sum
-  to 1; the raw weight of task i is (sum_j l_j / l_i) p_i; the k raw weights are grouped
-  into `num_groups` clusters by k-means and every task gets its cluster's mean weight (with
-  one group, the mean of all). Their code clusters with scikit-learn's KMeans (k-means++
+  As the NTKMTL repository's `methods/cluster_methods.py` (`GO4ALIGN`, the code behind its
+  go4align baseline; the GO4Align authors' own code was not compared) does each step: the
+  probabilities p move by p_i <- p_i exp(-eta l_i), renormalised to sum to 1; the raw
+  weight of task i is (sum_j l_j / l_i) p_i; the k raw weights are grouped into
+  `num_groups` clusters by k-means and every task gets its cluster's mean weight (with one
+  group, the mean of all). That code clusters with scikit-learn's KMeans (k-means++
   from random_state 42, Lloyd iterations: a local optimum, and an error when k is smaller
   than the number of groups); here the optimal 1-D partition is found exactly
   (`kmeans_1d`) and the groups are capped at k, so that each task is then its own group.
 
   Args:
     num_tasks: number of tasks k.
-    num_groups: the number of groups (the authors' default 5).
-    robust_step_size: eta (the authors' default 1e-4).
+    num_groups: the number of groups (that code's default 5).
+    robust_step_size: eta (that code's default 1e-4).
     shared: which parameters are shared (None: all).
 
   Returns:
     A `Weighting` with state `GO4AlignState`.
 
   References:
-    Shen, Wang, Oosterhuis, Zhen, Snoek, "GO4Align: Group Optimization for Multi-Task
+    Shen, Wang, Xiao, van Noord, Worring, "GO4Align: Group Optimization for Multi-Task
     Alignment", NeurIPS 2024.
   """
   check_num_tasks(num_tasks)
