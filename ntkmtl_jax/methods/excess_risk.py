@@ -67,7 +67,7 @@ def excess_mtl(num_tasks: int, *, robust_step_size: float = 1e-2, eps: float = 1
     A `GradientRule` with state `ExcessMTLState`.
 
   References:
-    He, Zhou, Zhao, Zhang, Zhao, "Robust Multi-Task Learning with Excess Risks", ICML 2024.
+    He et al., "Robust Multi-Task Learning with Excess Risks", ICML 2024.
   """
   check_num_tasks(num_tasks)
   if not (math.isfinite(robust_step_size) and robust_step_size > 0):
