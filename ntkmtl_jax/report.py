@@ -475,7 +475,10 @@ def plot_eigenvalues(
     return False
   panels = []
   for label, group in members.items():
-    index = [np.searchsorted(r.history.eigen_steps, grid) for r in group]
+    index = [
+      np.minimum(np.searchsorted(r.history.eigen_steps, grid), len(r.history.eigen_steps) - 1)
+      for r in group
+    ]
     lam = np.stack([r.history.eigenvalues[i] for r, i in zip(group, index)])  # (seeds, E, k)
     step_index = np.clip(grid.astype(int) - 1, 0, None)
     weights = np.stack(
