@@ -60,12 +60,12 @@ def assert_products_at_full_precision(lowered):
   ]
 
 
-# Every registered weighting of the Gram matrix but IMTL-G (a linear solve) and PCGrad
-# (elementwise sums), which form no matrix product.
+# Every registered weighting of the Gram matrix but IMTL-G (a linear solve), the methods on
+# IMTL-G (imtl, log_imtl) and PCGrad (elementwise sums), which form no matrix product.
 GRAM_PRODUCTS = tuple(
   n
   for n in methods.names()
-  if n not in ("imtl_g", "pcgrad")
+  if n not in ("imtl_g", "imtl", "log_imtl", "pcgrad")
   and methods.get(n, 3).needs.kind in ("gram", "representation_gram")
 )
 
@@ -75,7 +75,7 @@ def test_solver_products_run_at_full_precision(name):
   # TPUs (bf16 passes) and TF32 GPUs would otherwise round the k x k products far above
   # the solvers' tolerances.
   agg = methods.get(name, 3)
-  stats = TaskStats(gram=jnp.eye(3), key=jax.random.key(0))
+  stats = TaskStats(gram=jnp.eye(3), losses=jnp.ones(3), key=jax.random.key(0))
   assert_products_at_full_precision(jax.jit(agg.weights).lower(stats, agg.init(None)))
 
 
