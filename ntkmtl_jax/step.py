@@ -389,14 +389,18 @@ def _streamed_stats(model, params, ms, batch, mask, pull, k, dtype, full_gram, s
 def _method_update(method, obs: Observation, method_state, params, mask):
   """The method's update of all parameters from an oracle's observation."""
   if not isinstance(method, Weighting):  # a GradientRule or any optax aggregator
-    return method.update(obs.task_grads, method_state, params, losses=obs.losses, key=obs.stats.key)
+    with jax.named_scope("weights"):
+      return method.update(
+        obs.task_grads, method_state, params, losses=obs.losses, key=obs.stats.key
+      )
   stats = obs.stats._replace(
     **{
       f: _at_least_float32(getattr(obs.stats, f))
       for f in ("losses", "sq_norms", "gram", "eigenvalues")
     }
   )
-  weights, method_state = method.weights(stats, method_state)
+  with jax.named_scope("weights"):
+    weights, method_state = method.weights(stats, method_state)
   check_weights(method.name, weights, obs.losses.shape[0])
   if obs.task_grads is not None:
     return combine(obs.task_grads, weights, mask, method.head_gradients), method_state
@@ -537,50 +541,54 @@ def make_train_step(
     params, ms = state.params, state.model_state
     mask = _tree.resolve_mask(shared, params)
     key = jax.random.fold_in(state.key, state.step)
-    obs = oracle(model, needs, strategy, params, ms, batch, mask, key)
-    update, method_state = _method_update(method, obs, state.method_state, params, mask)
-    updates, opt_state = optimizer.update(
-      update, state.optimizer_state, params, value=jnp.sum(obs.losses)
-    )
-    new_params = optax.apply_updates(params, updates)
-
-    losses_ok = _tree.all_finite(obs.losses)
-    update_ok = _floating_finite(update)
-    state_ok = _floating_finite((new_params, opt_state, method_state, obs.model_state))
-    finite = losses_ok & update_ok & state_ok
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = TrainState(
-      params=keep(new_params, params),
-      model_state=keep(obs.model_state, ms) if ms is not None else None,
-      method_state=keep(method_state, state.method_state),
-      optimizer_state=keep(opt_state, state.optimizer_state),
-      step=state.step + 1,
-      skipped=state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
-      key=state.key,
-    )
-    losses = obs.losses
-    metrics = dict(
-      losses=losses,
-      finite=finite,
-      skipped=new_state.skipped,
-      nonfinite_losses=~losses_ok,
-      nonfinite_update=losses_ok & ~update_ok,
-      nonfinite_state=losses_ok & update_ok & ~state_ok,
-      grad_norm=jnp.sqrt(_tree.sq_norm(update, mask)),
-    )
-    # Every method's state records its last weights; NTK methods also their eigenvalues,
-    # solvers their diagnostics (conflicting pairs, iterations, failures): report every
-    # scalar or per-task field of the state, never the large buffers some methods keep.
-    weights_now = getattr(method_state, "weights", None)
-    metrics["weights"] = weights_now if weights_now is not None else jnp.ones_like(losses)
-    for name, value in getattr(method_state, "_asdict", dict)().items():
-      if (
-        name not in metrics
-        and name != "count"
-        and isinstance(value, jax.Array)
-        and (value.ndim == 0 or value.shape == losses.shape)
-      ):
-        metrics[name] = value
+    with jax.named_scope("oracle"):
+      obs = oracle(model, needs, strategy, params, ms, batch, mask, key)
+    with jax.named_scope("update"):
+      update, method_state = _method_update(method, obs, state.method_state, params, mask)
+    with jax.named_scope("optimizer"):
+      updates, opt_state = optimizer.update(
+        update, state.optimizer_state, params, value=jnp.sum(obs.losses)
+      )
+      new_params = optax.apply_updates(params, updates)
+    with jax.named_scope("finite_gate"):
+      losses_ok = _tree.all_finite(obs.losses)
+      update_ok = _floating_finite(update)
+      state_ok = _floating_finite((new_params, opt_state, method_state, obs.model_state))
+      finite = losses_ok & update_ok & state_ok
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+      new_state = TrainState(
+        params=keep(new_params, params),
+        model_state=keep(obs.model_state, ms) if ms is not None else None,
+        method_state=keep(method_state, state.method_state),
+        optimizer_state=keep(opt_state, state.optimizer_state),
+        step=state.step + 1,
+        skipped=state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
+        key=state.key,
+      )
+    with jax.named_scope("metrics"):
+      losses = obs.losses
+      metrics = dict(
+        losses=losses,
+        finite=finite,
+        skipped=new_state.skipped,
+        nonfinite_losses=~losses_ok,
+        nonfinite_update=losses_ok & ~update_ok,
+        nonfinite_state=losses_ok & update_ok & ~state_ok,
+        grad_norm=jnp.sqrt(_tree.sq_norm(update, mask)),
+      )
+      # Every method's state records its last weights; NTK methods also their eigenvalues,
+      # solvers their diagnostics (conflicting pairs, iterations, failures): report every
+      # scalar or per-task field of the state, never the large buffers some methods keep.
+      weights_now = getattr(method_state, "weights", None)
+      metrics["weights"] = weights_now if weights_now is not None else jnp.ones_like(losses)
+      for name, value in getattr(method_state, "_asdict", dict)().items():
+        if (
+          name not in metrics
+          and name != "count"
+          and isinstance(value, jax.Array)
+          and (value.ndim == 0 or value.shape == losses.shape)
+        ):
+          metrics[name] = value
     return new_state, metrics
 
   return TrainStep(step_fn, method, needs, optimizer, jit=jit, donate=donate, strategy=strategy)
