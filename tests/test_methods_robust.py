@@ -102,3 +102,13 @@ def test_trimmed_mean_ignores_one_outlier_per_coordinate():
   assert np.all(np.abs(out - 1.0) < 0.05)
   out, _ = update(methods.get("trimmed_mean", 2), jac[:2])  # two tasks: nothing trimmed
   assert_close(out, jac[:2].mean(0))
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 16, 17])
+def test_sort_tasks_sorts_every_column(k):
+  from ntkmtl_jax.methods.robust import sort_tasks
+
+  rng = np.random.default_rng(k)
+  matrix = rng.normal(size=(k, 50)).astype(np.float32)
+  matrix[:, :5] = np.round(matrix[:, :5])  # ties
+  np.testing.assert_array_equal(np.asarray(sort_tasks(jnp.asarray(matrix))), np.sort(matrix, 0))
