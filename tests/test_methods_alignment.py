@@ -31,6 +31,27 @@ def test_imtl_g_projections_on_unit_gradients_are_equal(seed):
   assert int(state.solver_failures) == 0
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e2, 1e4])
+def test_imtl_g_two_tasks_near_parallel_is_flagged_singular_and_stays_finite(seed, scale):
+  """Two tasks: the system is 1 x 1, ~ ||g|| angle^2 for a near-parallel pair (where every
+  weighting projects equally and float32 returns arbitrary weights); it must be said singular
+  and fall back to the ridge, while a pair at a clear angle (any scale ratio) must not."""
+  rng = np.random.default_rng(seed)
+  g = rng.normal(size=64)
+  for angle in (1e-6, 1e-4, 1e-3):
+    other = g + angle * np.linalg.norm(g) * rng.normal(size=64) / 8.0
+    jac = np.stack([g, scale * other])
+    weights, singular = alignment.imtl_g_weights(gram32(jac))
+    assert bool(singular), (angle, scale)
+    assert np.all(np.isfinite(np.asarray(weights))) and abs(float(weights.sum()) - 1.0) < 1e-5
+  jac = np.stack([g, scale * rng.normal(size=64)])  # about 90 degrees apart
+  weights, singular = alignment.imtl_g_weights(gram32(jac))
+  assert not bool(singular)
+  d = np.asarray(weights, np.float64) @ jac
+  projections = (jac / np.linalg.norm(jac, axis=1, keepdims=True)) @ d
+  np.testing.assert_allclose(projections[0], projections[1], rtol=1e-3)
+
+
 # ---------------------------------------------------------------------------- Aligned-MTL
 
 

@@ -63,9 +63,12 @@ def imtl_g_weights(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
   rest = jnp.linalg.solve(system.T, first)
   # Singular to working precision (a zero, duplicated or dependent gradient: D U^T has a
   # zero row or column, and the solve returns large finite garbage rather than inf): the
-  # smallest singular value below sqrt(eps) of the largest.
+  # smallest singular value below sqrt(eps) of the system's scale, the largest singular value
+  # or the largest gradient norm (its entries are <g, u> ~ ||g||); with two tasks the system
+  # is 1 x 1 and only the norm tells a near-parallel pair, where it is ~ ||g|| angle^2.
   singular_values = jnp.linalg.svd(system, compute_uv=False)
-  singular = ((singular_values[-1] <= jnp.sqrt(jnp.finfo(a.dtype).eps) * singular_values[0])
+  scale = jnp.maximum(singular_values[0], jnp.max(norms))
+  singular = ((singular_values[-1] <= jnp.sqrt(jnp.finfo(a.dtype).eps) * scale)
               | ~jnp.all(jnp.isfinite(rest)))
   ridge = jnp.linalg.solve(system.T + EPS * jnp.eye(k - 1, dtype=a.dtype), first)
   rest = jnp.where(singular, ridge, rest)
