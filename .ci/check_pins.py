@@ -76,7 +76,18 @@ def main(argv: list[str]) -> int:
   if len(argv) < 2:
     print(__doc__, file=sys.stderr)
     return 2
-  pins_file, install_args = argv[0], argv[1:]
+  try:
+    return check(argv[0], argv[1:])
+  except subprocess.CalledProcessError as error:
+    print(
+      f"check_pins: `{' '.join(error.cmd[1:])}` failed (exit {error.returncode}): pip's "
+      "message above names the requirement it could not meet on this Python.",
+      file=sys.stderr,
+    )
+    return 1
+
+
+def check(pins_file: str, install_args: list[str]) -> int:
   pins = read_pins(pins_file)
   seconds = pip_install(["-r", pins_file])
   before = freeze()
