@@ -61,11 +61,12 @@ def assert_products_at_full_precision(lowered):
 
 
 # Every registered weighting of the Gram matrix but IMTL-G (a linear solve), the methods on
-# IMTL-G (imtl, log_imtl) and PCGrad (elementwise sums), which form no matrix product.
+# IMTL-G (imtl, log_imtl), PCGrad and Krum (elementwise sums and distances read off G), which
+# form no matrix product.
 GRAM_PRODUCTS = tuple(
   n
   for n in methods.names()
-  if n not in ("imtl_g", "imtl", "log_imtl", "pcgrad")
+  if n not in ("imtl_g", "imtl", "log_imtl", "pcgrad", "krum")
   and methods.get(n, 3).needs.kind in ("gram", "representation_gram")
 )
 
