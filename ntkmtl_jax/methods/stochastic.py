@@ -72,8 +72,9 @@ def modo(num_tasks: int, *, gamma: float = 0.001, rho: float = 0.1,
   is biased by the gradients' noise) and the heads get that batch's plain gradients. For
   the paper's estimator, split each batch in three and call `update` with the third
   part's task gradients and `gram=J_1 J_2^T`, the (not symmetric) cross Gram matrix of the
-  other two parts' gradients; tests/test_methods_stochastic.py does. gamma multiplies the raw Gram matrix, so its right size scales
-  with the squared gradient norms (MoDo is not invariant to the losses' scales).
+  other two parts' gradients; tests/test_methods_stochastic.py does. gamma multiplies the
+  raw Gram matrix, so its right size scales with the squared gradient norms (MoDo is not
+  invariant to the losses' scales).
 
   Args:
     num_tasks: k.
