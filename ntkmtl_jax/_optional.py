@@ -1,7 +1,8 @@
 """Optional dependencies: imported where they are used, with one message naming the extra.
 
-`pip install ntkmtl-jax` gives the library (kernels, weightings, the train step, the loop);
-the built-in demo data, the plots, the paper's pipelines and the notebooks need extras.
+`pip install -e .` in a checkout gives the library (kernels, weightings, the train step, the
+loop); the built-in demo data, the plots, the paper's pipelines and the notebooks need extras
+(`pip install -e '.[data]'`; `pip install 'ntkmtl-jax[data]'` once the package is on PyPI).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ class MissingExtraError(ImportError):
     self.extra = extra
     for_what = f" for {purpose}" if purpose else ""
     super().__init__(
-      f"{module} is needed{for_what}: pip install 'ntkmtl-jax[{extra}]'", name=module
+      f"{module} is needed{for_what}: install the {extra!r} extra (pip install -e '.[{extra}]' "
+      "in the ntkmtl-jax checkout)",
+      name=module,
     )
 
 

@@ -92,7 +92,7 @@ except MissingExtraError as error:
     [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
   )
   assert done.returncode == 0, done.stderr
-  assert done.stdout.startswith("rl ") and "pip install 'ntkmtl-jax[rl]'" in done.stdout
+  assert done.stdout.startswith("rl ") and "pip install -e '.[rl]'" in done.stdout
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +273,7 @@ def chex_close(actual, expected):
 
 @pytest.fixture(scope="module")
 def mt10_env():
-  pytest.importorskip("metaworld", reason="Meta-World is not installed: pip install ntkmtl-jax[rl]")
+  pytest.importorskip("metaworld", reason="Meta-World is not installed: pip install -e '.[rl]'")
   return environments.make_mt10_env(0, max_episode_steps=6)
 
 
@@ -313,7 +313,7 @@ def test_real_mt10_steps_and_updates(mt10_env):
 
 def test_missing_metaworld_names_the_fix(monkeypatch):
   monkeypatch.setitem(sys.modules, "metaworld", None)  # as if not installed
-  with pytest.raises(MissingExtraError, match=r"metaworld .*pip install 'ntkmtl-jax\[rl\]'") as e:
+  with pytest.raises(MissingExtraError, match=r"metaworld .*pip install -e '\.\[rl\]'") as e:
     environments.require_metaworld()
   assert e.value.extra == "rl"
   with pytest.raises(MissingExtraError):

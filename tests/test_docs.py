@@ -35,7 +35,8 @@ def test_require_names_the_extra():
     _optional.require("no_such_module_ntkmtl.sub", "data", "the demo")
   assert isinstance(error.value, ImportError)
   assert str(error.value) == (
-    "no_such_module_ntkmtl is needed for the demo: pip install 'ntkmtl-jax[data]'"
+    "no_such_module_ntkmtl is needed for the demo: install the 'data' extra "
+    "(pip install -e '.[data]' in the ntkmtl-jax checkout)"
   )
   assert _optional.require("json", "data").dumps([1]) == "[1]"
 

@@ -9,7 +9,7 @@ aggregates the ten per-task losses of each (`ls` is MT-SAC). The modules: `confi
 the per-task replay buffer), `sac` (networks, losses, the jitted update), `loop`
 (`train_and_evaluate`, `run`, checkpoints) and `report` (tables, JSON/CSV, curves).
 
-Running needs the `rl` extra (Meta-World, gymnasium: `pip install 'ntkmtl-jax[rl]'`), the
+Running needs the `rl` extra (Meta-World, gymnasium: `pip install -e '.[rl]'` in a checkout), the
 checkpoints orbax (the `data` extra) and the curves matplotlib (`plots`); they are imported
 when used, so importing this package needs none of them.
 """
