@@ -40,6 +40,12 @@ def check_num_tasks(num_tasks) -> None:
     raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}.")
 
 
+def check_solver_budget(max_iters, tol) -> None:
+  """Raises unless an iterative solver's `max_iters` >= 1 and its tolerance `tol` > 0."""
+  if max_iters < 1 or tol <= 0:
+    raise ValueError(f"max_iters must be >= 1 and tol > 0, got {max_iters} and {tol}.")
+
+
 def check_losses(stats: TaskStats, name: str, num_tasks: int) -> None:
   """Raises unless `stats` holds the losses of the `num_tasks` the method was built for."""
   if stats.losses is None:

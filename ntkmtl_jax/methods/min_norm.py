@@ -29,8 +29,8 @@ from ntkmtl_jax import _tree
 from ntkmtl_jax._tree import SharedSpec
 from ntkmtl_jax.methods import register, solvers
 from ntkmtl_jax.methods._common import (EPS, SolverState, check_losses, check_num_tasks,
-                                        conflicting_pairs, full_precision, gram_of,
-                                        initial_state, normalized)
+                                        check_solver_budget, conflicting_pairs, full_precision,
+                                        gram_of, initial_state, normalized)
 from ntkmtl_jax.method import GradientRule, Needs, TaskStats, Weighting
 
 _MGDA_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
@@ -49,8 +49,7 @@ def _mgda(name, needs, num_tasks, normalization, scale_by_num_tasks, solver, max
   if normalization not in _MGDA_NORMALIZATIONS:
     raise ValueError(f"normalization must be one of {_MGDA_NORMALIZATIONS}, got "
                      f"{normalization!r}.")
-  if max_iters < 1 or tol <= 0:
-    raise ValueError(f"max_iters must be >= 1 and tol > 0, got {max_iters} and {tol}.")
+  check_solver_budget(max_iters, tol)
 
   @full_precision
   def weights(stats: TaskStats, state: SolverState):

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 
 from ntkmtl_jax._tree import SharedSpec
 from ntkmtl_jax.methods import register, solvers
-from ntkmtl_jax.methods._common import (check_num_tasks, conflicting_pairs, full_precision,
-                                        gram_of, initial_state)
+from ntkmtl_jax.methods._common import (check_num_tasks, check_solver_budget,
+                                        conflicting_pairs, full_precision, gram_of,
+                                        initial_state)
 from ntkmtl_jax.method import Needs, TaskStats, Weighting
 
 
@@ -151,8 +152,7 @@ def cr_mogm(num_tasks: int, *, alpha: float = 0.1, scale_by_num_tasks: bool = Fa
   check_num_tasks(num_tasks)
   if not 0 < alpha <= 1:
     raise ValueError(f"alpha must lie in (0, 1], got {alpha}.")
-  if max_iters < 1 or tol <= 0:
-    raise ValueError(f"max_iters must be >= 1 and tol > 0, got {max_iters} and {tol}.")
+  check_solver_budget(max_iters, tol)
   factor = float(num_tasks) if scale_by_num_tasks else 1.0
 
   @full_precision

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 
 from ntkmtl_jax._tree import SharedSpec
 from ntkmtl_jax.methods import register, solvers
-from ntkmtl_jax.methods._common import (check_losses, check_num_tasks, conflicting_pairs,
-                                        full_precision, gram_of, initial_state)
+from ntkmtl_jax.methods._common import (check_losses, check_num_tasks, check_solver_budget,
+                                        conflicting_pairs, full_precision, gram_of,
+                                        initial_state)
 from ntkmtl_jax.method import Needs, TaskStats, Weighting
 
 PIVRG_SCORES = ("loss_ratio", "loss")
@@ -105,11 +106,6 @@ def _allocation(name, num_tasks, priorities_of, scale_by_num_tasks, max_iters, t
                    head_gradients=head_gradients, hparams=hparams)
 
 
-def _check_solver(max_iters, tol):
-  if max_iters < 1 or tol <= 0:
-    raise ValueError(f"max_iters must be >= 1 and tol > 0, got {max_iters} and {tol}.")
-
-
 @register("pivrg", properties=("permutation_equivariant", "non_conflicting"))
 def pivrg(num_tasks: int, *, bound: float = 2.0, min_temperature: float = 10.0,
           scores: str = "loss_ratio", scale_by_num_tasks: bool = True, max_iters: int = 50,
@@ -152,7 +148,7 @@ def pivrg(num_tasks: int, *, bound: float = 2.0, min_temperature: float = 10.0,
     for the system it weights.
   """
   check_num_tasks(num_tasks)
-  _check_solver(max_iters, tol)
+  check_solver_budget(max_iters, tol)
   if not bound > 1 or not min_temperature > 0:
     raise ValueError(f"bound must be > 1 and min_temperature > 0, got {bound} and "
                      f"{min_temperature}.")
@@ -213,7 +209,7 @@ def consmtl(num_tasks: int, *, scale_by_num_tasks: bool = True, max_iters: int =
     (class ConsMTL); Ban, Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024.
   """
   check_num_tasks(num_tasks)
-  _check_solver(max_iters, tol)
+  check_solver_budget(max_iters, tol)
   equal = lambda stats, initial_losses: jnp.ones(num_tasks, initial_losses.dtype)
   return _allocation("consmtl", num_tasks, equal, scale_by_num_tasks, max_iters, tol, shared,
                      head_gradients, dict(scale_by_num_tasks=scale_by_num_tasks))
